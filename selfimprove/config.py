@@ -56,7 +56,7 @@ class TaskConfig:
                                      lambda v: None if 1 <= len(v) <= 4 and all(w >= 0 for w in v) and sum(v) > 0
                                      else "must be 1-4 non-negative weights with a positive sum")
     min_value: int = knob(1, "arithmetic: smallest number in a problem", non_negative)
-    max_value: int = knob(20, "arithmetic: largest number in a problem", positive)
+    max_value: int = knob(15, "arithmetic: largest number in a problem", positive)
     operations: str = knob("+-", "arithmetic: operations used, a subset of '+-*'",
                            lambda v: None if v and set(v) <= set("+-*") else "must be a non-empty subset of '+-*'")
     variety: int = knob(4, "arithmetic: how many phrasings of each operation to draw from (1 = one template)", positive)
@@ -77,7 +77,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = knob(0.85, "GPU only: share of GPU memory vLLM may take", unit_interval)
     tensor_parallel_size: int = knob(1, "GPUs per engine (GPU only)", positive)
     cpu_kvcache_gib: int = knob(2, "CPU only: GiB of KV cache per engine", positive)
-    cpu_threads: int = knob(0, "CPU only: threads per engine (0 = all cores)", non_negative)
+    cpus_per_actor: int = knob(0, "CPU only: cores each engine binds to (0 = the node's cores / num_actors)", non_negative)
+    num_actors: int = knob(1, "vLLM engines in the Ray Data actor pool", positive)
+    batch_size: int = knob(64, "prompts per Ray Data batch sent to an engine", positive)
     enable_prefix_caching: bool = knob(True, "reuse KV cache of shared prompt prefixes")
 
 

@@ -57,11 +57,11 @@ def run_eval(cfg: Config, out: Path | None = None) -> dict:
     model = resolve_model(cfg.model)
     llm = build_llm(model, cfg.rollout)
     prompts = chat_prompts(llm.get_tokenizer(), [task.prompt(p) for p in problems])
-    greedy = llm.generate(prompts, sampling_params(cfg.rollout, 1, 0.0, task.stop), use_tqdm=_progress("greedy"))
+    greedy = llm.generate(prompts, sampling_params(cfg.rollout, 1, 0.0, task.stop))
     sampled = [None] * len(problems)
     if cfg.eval.k > 1:
         params = sampling_params(cfg.rollout, cfg.eval.k, cfg.eval.temperature, task.stop)
-        sampled = llm.generate(prompts, params, use_tqdm=_progress(f"maj@{cfg.eval.k}"))
+        sampled = llm.generate(prompts, params)
     rows = []
     for problem, g, s in zip(problems, greedy, sampled, strict=True):
         texts = [c.text for c in s.outputs] if s is not None else []
@@ -76,11 +76,3 @@ def run_eval(cfg: Config, out: Path | None = None) -> dict:
         tmp.rename(out)
     return metrics
 
-
-def _progress(label: str):
-    """vLLM's own tqdm bar, labelled with the pass it belongs to."""
-    from functools import partial
-
-    from tqdm import tqdm
-
-    return partial(tqdm, desc=f"eval {label}")

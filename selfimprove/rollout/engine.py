@@ -20,9 +20,9 @@ def on_cpu() -> bool:
 
 
 def set_cpu_env(cfg: RolloutConfig, cores: str | None = None) -> None:
-    """Pin this process's engine to `cores` (e.g. "0-1" or "1"); default: the first cpu_threads cores, or all."""
+    """Pin this process's engine to `cores` (e.g. "0-1" or "1"); default: the first cpus_per_actor cores, or all."""
     if cores is None:
-        count = cfg.cpu_threads or os.cpu_count() or 1
+        count = cfg.cpus_per_actor or os.cpu_count() or 1
         cores = f"0-{count - 1}" if count > 1 else "0"
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"

@@ -55,14 +55,18 @@ class Task(ABC):
         """All rows of a split (question, answer, solution), in source order; UserError on bad data."""
 
     def prompt(self, row: dict) -> list[dict]:
-        """One user message: the instruction, the worked example, then this row's question."""
+        """The worked example as a first chat turn, then this row's question.
+
+        On the bundled 135M model a real user/assistant turn for the example beats putting it
+        in one message (arithmetic greedy accuracy 0.145 vs 0.120, and 7 vs 34 of 200 answers
+        that state no final answer).
+        """
         example_question, example_solution = self.example
-        content = (
-            f"{self.instruction}\n\n"
-            f"Question: {example_question}\nAnswer: {example_solution}\n\n"
-            f"Question: {row['question']}\nAnswer:"
-        )
-        return [{"role": "user", "content": content}]
+        return [
+            {"role": "user", "content": f"{self.instruction}\n\nQuestion: {example_question}"},
+            {"role": "assistant", "content": example_solution},
+            {"role": "user", "content": f"Question: {row['question']}"},
+        ]
 
     @abstractmethod
     def verify(self, text: str, gold: str) -> bool:

@@ -31,7 +31,7 @@ def test_loads_jsonl_and_prompts_with_options(write_jsonl, task_config):
     task = build_task(task_config(name="arc", data=write_jsonl("arc.jsonl", [RAW])))
     (row,) = task.load("validation")
     assert row["id"] == "arc-validation-00000"
-    assert task.prompt(row)[0]["content"].endswith("B. carbon dioxide\nC. helium\nD. neon\nAnswer:")
+    assert task.prompt(row)[-1]["content"].endswith("B. carbon dioxide\nC. helium\nD. neon")
 
 
 @pytest.mark.parametrize(

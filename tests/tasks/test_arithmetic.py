@@ -81,13 +81,14 @@ def test_example_is_not_a_generated_problem(task_config):
     assert Arithmetic.example[0] not in {r["question"] for r in task.load("train") + task.load("test")}
 
 
-def test_prompt_is_one_shot_and_ends_with_the_question(task_config):
+def test_prompt_is_one_shot_as_a_chat_turn(task_config):
     task = make(task_config)
     row = task.load("test")[0]
-    (message,) = task.prompt(row)
-    assert message["role"] == "user"
-    assert message["content"].count("Question:") == 2
-    assert message["content"].endswith(f"Question: {row['question']}\nAnswer:")
+    example, solution, question = task.prompt(row)
+    assert [m["role"] for m in (example, solution, question)] == ["user", "assistant", "user"]
+    assert example["content"] == f"{Arithmetic.instruction}\n\nQuestion: {Arithmetic.example[0]}"
+    assert solution["content"] == Arithmetic.example[1]
+    assert question["content"] == f"Question: {row['question']}"
     assert task.stop == ("\nQuestion:",)
 
 

@@ -1,0 +1,151 @@
+"""Ray Data callable classes that turn prompt rows into sample rows.
+
+Input batch columns: `problem_id`, `prompt` (chat messages as JSON), and optionally `n` and
+`temperature` per row (so one engine serves greedy and sampled passes in one go); any
+other column is passed through to every sample of its row.
+Output: one row per sample with `sample_index`, `text`, `prompt_tokens`,
+`completion_tokens`, `finish_reason` and `status` ("ok", or "skipped=too_long" for a prompt
+that leaves no room in the context: kept, with empty text, so counts add up).
+
+`VLLMGenerator` builds one vLLM engine per actor in `__init__`. `HFGenerator` has the same
+interface over transformers `generate`: for machines without vLLM, and the baseline of
+benchmarks/rollout.py.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from selfimprove.config import RolloutConfig
+
+SKIPPED = "skipped=too_long"
+
+
+class _Generator:
+    """What both generators share: chat templating, context checks, fanning out n samples."""
+
+    def __init__(self, cfg: RolloutConfig, stop: tuple[str, ...]):
+        self.cfg = cfg
+        self.stop = tuple(stop)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        size = len(batch["problem_id"])
+        ns = [int(x) for x in batch["n"]] if "n" in batch else [self.cfg.n] * size
+        temps = [float(x) for x in batch["temperature"]] if "temperature" in batch else [self.cfg.temperature] * size
+        prompts = [self.tokenizer.apply_chat_template(json.loads(p), tokenize=False, add_generation_prompt=True)
+                   for p in batch["prompt"]]
+        lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        # A prompt must leave room for at least one new token.
+        fits = [i for i in range(size) if lengths[i] < self.cfg.max_model_len]
+        results = dict(zip(fits, self.generate([prompts[i] for i in fits], [ns[i] for i in fits],
+                                               [temps[i] for i in fits]), strict=True))
+        # The chat-message JSON is replaced by the templated text the model actually saw.
+        keep = [k for k in batch if k != "prompt"]
+        out: dict[str, list] = {k: [] for k in (*keep, "prompt_text", "sample_index", "text",
+                                                "prompt_tokens", "completion_tokens", "finish_reason", "status")}
+        for i in range(size):
+            samples = results.get(i) or [("", 0, SKIPPED)] * ns[i]
+            for j, (text, tokens, reason) in enumerate(samples):
+                for key in keep:
+                    value = batch[key][i]
+                    out[key].append(value.item() if isinstance(value, np.generic) else value)
+                out["prompt_text"].append(prompts[i])
+                out["sample_index"].append(j)
+                out["text"].append(text)
+                out["prompt_tokens"].append(lengths[i])
+                out["completion_tokens"].append(tokens)
+                out["finish_reason"].append(reason)
+                out["status"].append(SKIPPED if reason == SKIPPED else "ok")
+        return out
+
+    def generate(self, prompts: list[str], ns: list[int], temps: list[float]) -> list[list[tuple[str, int, str]]]:
+        """For each prompt, its samples as (text, completion tokens, finish reason)."""
+        raise NotImplementedError
+
+
+class VLLMGenerator(_Generator):
+    """One vLLM engine per Ray actor, built once."""
+
+    def __init__(self, model: str, cfg: RolloutConfig, stop: tuple[str, ...] = (), cores_per_actor: int = 0):
+        super().__init__(cfg, stop)
+        from selfimprove.rollout.engine import build_llm, on_cpu
+
+        # CPU actors of one node bind their engines to disjoint cores: each holds a lock on
+        # its slot for its whole life, and the OS drops the lock if the actor dies.
+        cores = None
+        if on_cpu() and cores_per_actor:
+            slot, self._slot_lock = _claim_slot(os.cpu_count() // cores_per_actor)
+            first = slot * cores_per_actor
+            cores = f"{first}-{first + cores_per_actor - 1}" if cores_per_actor > 1 else str(first)
+        self.llm = build_llm(model, cfg, cpu_cores=cores)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts, ns, temps):
+        from selfimprove.rollout.engine import sampling_params
+
+        params = [sampling_params(self.cfg, n, t, self.stop) for n, t in zip(ns, temps, strict=True)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[(c.text, len(c.token_ids), c.finish_reason or "") for c in o.outputs] for o in outputs]
+
+
+class HFGenerator(_Generator):
+    """transformers `generate` on left-padded batches: the same rows, no vLLM needed."""
+
+    def __init__(self, model: str, cfg: RolloutConfig, stop: tuple[str, ...] = ()):
+        super().__init__(cfg, stop)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+        dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype[cfg.dtype]).eval()
+
+    def generate(self, prompts, ns, temps):
+        import torch
+
+        results = []
+        for prompt, n, temp in zip(prompts, ns, temps, strict=True):
+            enc = self.tokenizer([prompt] * n, return_tensors="pt", padding=True, add_special_tokens=False)
+            sample = temp > 0
+            with torch.no_grad():
+                out = self.model.generate(
+                    **enc, max_new_tokens=self.cfg.max_tokens, do_sample=sample,
+                    temperature=temp if sample else None, top_p=self.cfg.top_p if sample else None,
+                    stop_strings=list(self.stop) or None, tokenizer=self.tokenizer,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            results.append([self._finish(ids) for ids in out[:, enc["input_ids"].shape[1]:]])
+        return results
+
+    def _finish(self, ids) -> tuple[str, int, str]:
+        """Text up to the first stop string or end-of-sequence, as vLLM reports it."""
+        ids = ids.tolist()
+        eos = self.tokenizer.eos_token_id
+        reason = "length"
+        if eos in ids:
+            ids, reason = ids[: ids.index(eos)], "stop"
+        while ids and ids[-1] == self.tokenizer.pad_token_id:
+            ids.pop()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in self.stop:
+            if s in text:
+                text, reason = text[: text.index(s)], "stop"
+        return text, len(ids), reason
+
+
+def _claim_slot(slots: int):
+    """(slot index, open lock file) for the first free CPU slot on this machine."""
+    for slot in range(max(slots, 1)):
+        f = open(os.path.join(tempfile.gettempdir(), f"selfimprove-cpu-slot-{slot}.lock"), "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return slot, f
+        except BlockingIOError:
+            f.close()
+    raise RuntimeError(f"all {slots} CPU slots are taken: the pool has more actors than the node has core groups")

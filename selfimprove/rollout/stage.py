@@ -1,0 +1,89 @@
+"""The rollout stage: problem rows -> scored sample rows, on Ray Data over a vLLM actor pool.
+
+1. Problems become one Ray Data row each (prompt as chat-message JSON, gold answer, and the
+   pass's `n` and `temperature`, so one engine start serves several passes).
+2. `map_batches(VLLMGenerator, compute=ActorPoolStrategy(size=num_actors))`: one engine per
+   actor; on GPU an actor asks for `tensor_parallel_size` GPUs, on CPU for its cores.
+3. `map_batches(verify_batch)` adds the extracted answer and `correct` with the task's verify.
+4. Ray Data writes Parquet into a scratch folder that becomes `samples/` with `_SUCCESS` last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from selfimprove.config import RolloutConfig
+from selfimprove.errors import UserError
+from selfimprove.io import read_table, stage_output
+from selfimprove.rollout.generator import VLLMGenerator
+from selfimprove.tasks.base import Task
+
+SAMPLE_ORDER = ("pass", "problem_id", "sample_index")
+
+
+def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, float]]) -> list[dict]:
+    """One row per (pass, problem): `passes` maps a pass name to its (n, temperature)."""
+    if not problems:
+        raise UserError(f"no problems to roll out for task '{task.name}'")
+    return [
+        {"pass": name, "problem_id": p["id"], "question": p["question"], "answer": p["answer"],
+         "prompt": json.dumps(task.prompt(p)), "n": n, "temperature": temperature}
+        for name, (n, temperature) in passes.items() for p in problems
+    ]
+
+
+def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarray]:
+    """Add `extracted` (the stated answer, canonical) and `correct` to a batch of samples."""
+    texts, golds, status = batch["text"], batch["answer"], batch["status"]
+    batch["extracted"] = np.array([task.answer_key(t) if s == "ok" else None for t, s in zip(texts, status)],
+                                  dtype=object)
+    batch["correct"] = np.array([s == "ok" and task.verify(t, g) for t, g, s in zip(texts, golds, status)])
+    return batch
+
+
+def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: Path):
+    """Generate and verify samples for `rows` (from `request_rows`) into `out`; return them as an Arrow table."""
+    import ray
+
+    cpu = _cpu_only()
+    actors = cfg.num_actors
+    cores = cfg.cpus_per_actor or max((os.cpu_count() or 1) // actors, 1)
+    resources = {"num_cpus": cores} if cpu else {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}
+    batches = max(len(rows) // cfg.batch_size, actors)
+    ds = ray.data.from_items(rows, override_num_blocks=batches)
+    ds = ds.map_batches(
+        VLLMGenerator,
+        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": task.stop, "cores_per_actor": cores if cpu else 0},
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        **resources,
+    )
+    # Light Python work: it must not wait for cores the engines hold.
+    ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=0)
+    try:
+        with stage_output(out) as scratch:
+            ds.write_parquet(str(scratch))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"rollout failed: {_root_cause(e)}") from e
+    return read_table(out, SAMPLE_ORDER)
+
+
+def _cpu_only() -> bool:
+    """Whether this cluster has no GPUs: decided from Ray's resources, not the driver's own device."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) == 0
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's first line: Ray wraps an actor's error several times."""
+    while getattr(e, "cause", None) is not None or e.__cause__ is not None:
+        e = getattr(e, "cause", None) or e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:300]
