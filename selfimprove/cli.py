@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, help="samples per problem for maj@n (1: greedy only; default 8)")
     e.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
     e.add_argument("--config", help="YAML config whose rollout and task settings to use")
-    e.add_argument("--out", help="metrics JSON path (default: runs/eval/<model>-<task>.json)")
+    e.add_argument("--out", help="folder for samples/ and metrics.json (default: runs/eval/<model>-<task>)")
     e.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rollout.max_tokens=128")
     e.set_defaults(func=_eval)
 
@@ -68,21 +68,29 @@ def _eval(args) -> int:
             overrides.append(f"{key}={value}")
     overrides.append(f"model={args.model}")
     cfg = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.model).name}-{cfg.task.name}.json"
+    out = Path(args.out or f"runs/eval/{Path(args.model).name}-{cfg.task.name}")
 
     from rich.console import Console
     from rich.table import Table
 
     from selfimprove.evaluate import run_eval
+    from selfimprove.models import resolve_model
+    from selfimprove.runtime import init_ray
+    from selfimprove.tasks import build_task
 
-    metrics = run_eval(cfg, out)
+    # Everything that can be wrong with the input fails here, before Ray starts.
+    task = build_task(cfg.task)
+    problems = task.load(cfg.eval.split)
+    model = resolve_model(cfg.model)
+    init_ray()
+    metrics = run_eval(cfg, model, task, problems, out)
     table = Table(title=f"{cfg.model} on {cfg.task.name} ({cfg.eval.split}, {metrics['problems']} problems)")
     for key in metrics:
         if "@" in key:
             table.add_column(key, justify="right")
     table.add_row(*(f"{v:.3f}" for k, v in metrics.items() if "@" in k))
     Console().print(table)
-    print(f"wrote {out}")
+    print(f"wrote {out / 'metrics.json'}")
     return 0
 
 

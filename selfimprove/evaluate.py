@@ -1,21 +1,20 @@
-"""Held-out accuracy: greedy pass@1 and maj@k.
+"""Held-out accuracy: greedy pass@1 and maj@k, through the same rollout path as training.
 
-1. pass@1 is the share of problems whose greedy (temperature 0) answer verifies.
+1. pass@1 is the share of problems whose greedy (temperature 0) sample verifies.
 2. maj@k samples k answers per problem, votes on the extracted final answers (samples
    with no stated answer do not vote; ties go to the answer seen first) and checks the
    winner; pass@k (any of the k verifies) is reported beside it.
+3. Both passes go through one rollout, so one engine start serves both.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from selfimprove.config import Config
-from selfimprove.models import resolve_model
-from selfimprove.rollout.engine import build_llm, chat_prompts, sampling_params
-from selfimprove.tasks import build_task
+from selfimprove.rollout.stage import request_rows, rollout
 from selfimprove.tasks.base import Task
 
 
@@ -28,20 +27,28 @@ def majority(keys: list[str | None]) -> int | None:
     return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
 
 
-def score_problem(task: Task, gold: str, greedy: str, samples: list[str]) -> dict:
-    """Per-problem results of one greedy text and k sampled texts."""
-    row = {"greedy_answer": task.answer_key(greedy), "greedy_correct": task.verify(greedy, gold)}
-    if samples:
-        keys = [task.answer_key(s) for s in samples]
-        winner = majority(keys)
-        row["majority_answer"] = None if winner is None else keys[winner]
-        row["majority_correct"] = winner is not None and task.verify(samples[winner], gold)
-        row["any_correct"] = any(task.verify(s, gold) for s in samples)
-    return row
+def problem_results(samples: list[dict]) -> list[dict]:
+    """Per-problem results from verified sample rows of the `greedy` and (optional) `sample` passes."""
+    by_problem: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for s in samples:
+        by_problem[s["problem_id"]][s["pass"]].append(s)
+    rows = []
+    for pid, passes in by_problem.items():
+        (greedy,) = passes["greedy"]
+        row = {"id": pid, "gold": greedy["answer"], "greedy_answer": greedy["extracted"],
+               "greedy_correct": greedy["correct"]}
+        sampled = sorted(passes.get("sample", []), key=lambda s: s["sample_index"])
+        if sampled:
+            winner = majority([s["extracted"] for s in sampled])
+            row["majority_answer"] = None if winner is None else sampled[winner]["extracted"]
+            row["majority_correct"] = winner is not None and sampled[winner]["correct"]
+            row["any_correct"] = any(s["correct"] for s in sampled)
+        rows.append(row)
+    return rows
 
 
 def aggregate(rows: list[dict], k: int) -> dict:
-    """Accuracy figures over per-problem results from `score_problem`."""
+    """Accuracy figures over per-problem results from `problem_results`."""
     n = len(rows)
     metrics = {"problems": n, "pass@1": sum(r["greedy_correct"] for r in rows) / n}
     if k > 1:
@@ -50,29 +57,15 @@ def aggregate(rows: list[dict], k: int) -> dict:
     return metrics
 
 
-def run_eval(cfg: Config, out: Path | None = None) -> dict:
-    """Evaluate `cfg.model` on `cfg.task`'s held-out split; write metrics (and per-problem rows) as JSON."""
-    task = build_task(cfg.task)
-    problems = task.load(cfg.eval.split)
-    model = resolve_model(cfg.model)
-    llm = build_llm(model, cfg.rollout)
-    prompts = chat_prompts(llm.get_tokenizer(), [task.prompt(p) for p in problems])
-    greedy = llm.generate(prompts, sampling_params(cfg.rollout, 1, 0.0, task.stop))
-    sampled = [None] * len(problems)
+def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Path) -> dict:
+    """Evaluate a resolved model on `problems`; writes `out/samples/` and `out/metrics.json`."""
+    passes = {"greedy": (1, 0.0)}
     if cfg.eval.k > 1:
-        params = sampling_params(cfg.rollout, cfg.eval.k, cfg.eval.temperature, task.stop)
-        sampled = llm.generate(prompts, params)
-    rows = []
-    for problem, g, s in zip(problems, greedy, sampled, strict=True):
-        texts = [c.text for c in s.outputs] if s is not None else []
-        rows.append({"id": problem["id"], "gold": problem["answer"],
-                     **score_problem(task, problem["answer"], g.outputs[0].text, texts)})
-    metrics = {"model": cfg.model, "task": cfg.task.name, "split": cfg.eval.split,
-               **aggregate(rows, cfg.eval.k)}
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"metrics": metrics, "problems": rows}, indent=1))
-        tmp.rename(out)
+        passes["sample"] = (cfg.eval.k, cfg.eval.temperature)
+    table = rollout(model, cfg.rollout, task, request_rows(task, problems, passes, cfg.rollout.seed), out / "samples")
+    rows = problem_results(table.to_pylist())
+    metrics = {"model": cfg.model, "task": cfg.task.name, "split": cfg.eval.split, **aggregate(rows, cfg.eval.k)}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"metrics": metrics, "problems": rows}, indent=1))
+    tmp.rename(out / "metrics.json")
     return metrics
-

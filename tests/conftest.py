@@ -25,3 +25,15 @@ def llm(bundled_model):
     engine = build_llm(bundled_model, RolloutConfig(max_model_len=1024))
     yield engine
     del engine
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session, as `selfimprove` starts it."""
+    import ray
+
+    from selfimprove.runtime import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()

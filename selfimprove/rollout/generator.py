@@ -1,8 +1,9 @@
 """Ray Data callable classes that turn prompt rows into sample rows.
 
-Input batch columns: `problem_id`, `prompt` (chat messages as JSON), and optionally `n` and
-`temperature` per row (so one engine serves greedy and sampled passes in one go); any
-other column is passed through to every sample of its row.
+Input batch columns: `problem_id`, `prompt` (chat messages as JSON), and optionally `n`,
+`temperature` and `seed` per row (so one engine serves greedy and sampled passes in one
+go, and a row's samples do not depend on the actor that drew them); any other column is
+passed through to every sample of its row.
 Output: one row per sample with `sample_index`, `text`, `prompt_tokens`,
 `completion_tokens`, `finish_reason` and `status` ("ok", or "skipped=too_long" for a prompt
 that leaves no room in the context: kept, with empty text, so counts add up).
@@ -37,13 +38,14 @@ class _Generator:
         size = len(batch["problem_id"])
         ns = [int(x) for x in batch["n"]] if "n" in batch else [self.cfg.n] * size
         temps = [float(x) for x in batch["temperature"]] if "temperature" in batch else [self.cfg.temperature] * size
+        seeds = [int(x) for x in batch["seed"]] if "seed" in batch else [None] * size
         prompts = [self.tokenizer.apply_chat_template(json.loads(p), tokenize=False, add_generation_prompt=True)
                    for p in batch["prompt"]]
         lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         # A prompt must leave room for at least one new token.
         fits = [i for i in range(size) if lengths[i] < self.cfg.max_model_len]
         results = dict(zip(fits, self.generate([prompts[i] for i in fits], [ns[i] for i in fits],
-                                               [temps[i] for i in fits]), strict=True))
+                                               [temps[i] for i in fits], [seeds[i] for i in fits]), strict=True))
         # The chat-message JSON is replaced by the templated text the model actually saw.
         keep = [k for k in batch if k != "prompt"]
         out: dict[str, list] = {k: [] for k in (*keep, "prompt_text", "sample_index", "text",
@@ -63,7 +65,8 @@ class _Generator:
                 out["status"].append(SKIPPED if reason == SKIPPED else "ok")
         return out
 
-    def generate(self, prompts: list[str], ns: list[int], temps: list[float]) -> list[list[tuple[str, int, str]]]:
+    def generate(self, prompts: list[str], ns: list[int], temps: list[float],
+                 seeds: list[int | None]) -> list[list[tuple[str, int, str]]]:
         """For each prompt, its samples as (text, completion tokens, finish reason)."""
         raise NotImplementedError
 
@@ -85,10 +88,10 @@ class VLLMGenerator(_Generator):
         self.llm = build_llm(model, cfg, cpu_cores=cores)
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts, ns, temps):
+    def generate(self, prompts, ns, temps, seeds):
         from selfimprove.rollout.engine import sampling_params
 
-        params = [sampling_params(self.cfg, n, t, self.stop) for n, t in zip(ns, temps, strict=True)]
+        params = [sampling_params(self.cfg, n, t, self.stop, seed) for n, t, seed in zip(ns, temps, seeds, strict=True)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[(c.text, len(c.token_ids), c.finish_reason or "") for c in o.outputs] for o in outputs]
 
@@ -106,11 +109,13 @@ class HFGenerator(_Generator):
         dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype[cfg.dtype]).eval()
 
-    def generate(self, prompts, ns, temps):
+    def generate(self, prompts, ns, temps, seeds):
         import torch
 
         results = []
-        for prompt, n, temp in zip(prompts, ns, temps, strict=True):
+        for prompt, n, temp, seed in zip(prompts, ns, temps, seeds, strict=True):
+            if seed is not None:
+                torch.manual_seed(seed)
             enc = self.tokenizer([prompt] * n, return_tensors="pt", padding=True, add_special_tokens=False)
             sample = temp > 0
             with torch.no_grad():

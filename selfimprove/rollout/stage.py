@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from selfimprove.config import RolloutConfig
 from selfimprove.errors import UserError
@@ -23,15 +25,29 @@ from selfimprove.rollout.generator import VLLMGenerator
 from selfimprove.tasks.base import Task
 
 SAMPLE_ORDER = ("pass", "problem_id", "sample_index")
+# The one schema of samples/ (every file, whatever its batch held: a batch where no sample
+# states an answer must not write `extracted` as a null column).
+SAMPLE_SCHEMA = pa.schema([
+    ("pass", pa.string()), ("problem_id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+    ("n", pa.int64()), ("temperature", pa.float64()), ("seed", pa.int64()), ("prompt_text", pa.string()),
+    ("sample_index", pa.int64()), ("text", pa.string()), ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()), ("finish_reason", pa.string()), ("status", pa.string()),
+    ("extracted", pa.string()), ("correct", pa.bool_()),
+])
 
 
-def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, float]]) -> list[dict]:
-    """One row per (pass, problem): `passes` maps a pass name to its (n, temperature)."""
+def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, float]], seed: int) -> list[dict]:
+    """One row per (pass, problem): `passes` maps a pass name to its (n, temperature).
+
+    Each row's sampling seed is a hash of (seed, pass, problem id): the same problem gets the
+    same samples whatever else is in the run.
+    """
     if not problems:
         raise UserError(f"no problems to roll out for task '{task.name}'")
     return [
         {"pass": name, "problem_id": p["id"], "question": p["question"], "answer": p["answer"],
-         "prompt": json.dumps(task.prompt(p)), "n": n, "temperature": temperature}
+         "prompt": json.dumps(task.prompt(p)), "n": n, "temperature": temperature,
+         "seed": int.from_bytes(hashlib.sha256(f"{seed}:{name}:{p['id']}".encode()).digest()[:4], "little") >> 1}
         for name, (n, temperature) in passes.items() for p in problems
     ]
 
@@ -66,7 +82,7 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=0)
     try:
         with stage_output(out) as scratch:
-            ds.write_parquet(str(scratch))
+            ds.write_parquet(str(scratch), schema=SAMPLE_SCHEMA)
     except UserError:
         raise
     except Exception as e:

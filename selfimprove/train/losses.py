@@ -1,0 +1,219 @@
+"""Training losses as pure functions of per-sequence log-probabilities.
+
+No model lives here: the trainer runs the forward passes, sums the response tokens'
+log-probabilities (prompt tokens masked) and hands the sums over in a `SequenceLogps`.
+Every loss is `LOSSES[name](logps, **hyperparameters) -> LossOutput`, so the trainer
+never branches on the loss.
+
+Choices:
+1. One call shape. Every loss takes a `SequenceLogps` (policy and reference sums for
+   chosen and rejected, plus response token counts) and keyword-only hyperparameters.
+   Fields a loss does not use may be None; a missing field it does use raises a
+   ValueError that names it. `needs_reference(name)` tells the trainer whether to
+   compute reference log-probs at all; `needs_rejected(name)` whether to run the
+   rejected responses.
+2. Per-example output. A loss returns `LossOutput(losses, chosen_rewards,
+   rejected_rewards)`, all shape [batch]; the trainer takes `losses.mean()`. Rewards
+   are detached and only logged (`reward_metrics`).
+3. float32 arithmetic: inputs are cast with `.float()`. That cannot restore digits lost
+   earlier, so the trainer sums token log-probs in float32 too (bf16 keeps under three
+   significant digits: −312.7 becomes −312). Lengths are clamped to >= 1, as TRL does.
+4. sft: NLL per response token, `-logp_c / |c|`. Rewards are the summed policy
+   log-probs (rejected ones are zero when no rejected response is given): SFT has no
+   implicit reward, and the chosen log-prob is the number worth watching.
+5. dpo: sigmoid DPO, `-log σ(β·((pc − rc) − (pr − rr)))`; rewards `β·(policy − ref)`.
+   `label_smoothing` ε > 0 gives conservative DPO (cDPO): `-(1−ε)·log σ(z) − ε·log σ(−z)`,
+   the form older TRL releases used for "sigmoid". TRL 1.16 ignores `label_smoothing`
+   for "sigmoid" (it feeds "robust" and "exo_pair" only), so compare with TRL at ε = 0.
+6. rpo: IRPO (Pang et al., 2024), `dpo + α·(−logp_c / |c|)`, β = 0.1 and α = 1 by
+   default. The paper divides each winner's NLL by its own length. TRL expresses
+   RPO as `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, α]`, and its "sft" term is
+   one mean over all chosen tokens of the micro-batch, `−Σ_i logp_c,i / Σ_i |c_i|`,
+   which weights long winners more. `nll_norm="batch_tokens"` reproduces that: each
+   example's NLL becomes its share `−logp_c,i · B / Σ_j |c_j|`, so `losses.mean()` equals
+   TRL's value (a share depends on the rest of the batch). The two agree when every
+   winner in the batch has the same length.
+7. orpo: `−logp_c/|c| + λ·(−log σ(log odds_c − log odds_l))`, where
+   `log odds(y) = m − log(1 − e^m)` and `m = logp/|y|` is the mean token log-prob
+   (Hong et al., 2024). `log(1 − e^m)` is computed without cancellation on both sides
+   of m = −ln 2 (log1p(−exp) below, log(−expm1) above; Mächler 2012, as TRL's
+   `log1mexp`), after clamping m to <= −1e-7: float32 cannot resolve a token log-prob
+   closer to 0 than ~6e-8, and the clamp caps log odds at ~16.1 with finite gradients.
+   Rewards `λ·m`, as TRL's ORPOTrainer. TRL's NLL term is a token mean over the batch
+   that also covers prompt tokens; ours is the response only (`nll_norm` as in rpo).
+8. ipo: `(δ − 1/(2β))²` with δ the difference of the length-averaged log-ratios,
+   `(pc − rc)/|c| − (pr − rr)/|r|`, exactly TRL 1.16's "ipo" (the normalisation the IPO
+   authors used). `length_normalize=False` uses the summed log-ratios instead.
+   Rewards are `β·(policy − ref)` on the sums, as TRL logs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# float32 resolves log p near 0 only to ~6e-8 (1 - p rounds to 0 below that): a mean
+# token log-prob closer to 0 is noise, and log(1 - e^m) would run to -inf at m = 0.
+MAX_MEAN_LOGP = -1e-7
+NLL_NORMS = ("sequence", "batch_tokens")
+
+
+@dataclass(frozen=True)
+class SequenceLogps:
+    """Summed response log-probs, shape [batch] each; None where a loss does not need it."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor | None = None
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+    chosen_lengths: Tensor | None = None  # response tokens counted in policy_chosen
+    rejected_lengths: Tensor | None = None
+
+
+class LossOutput(NamedTuple):
+    losses: Tensor  # [batch], with grad; the trainer takes the mean
+    chosen_rewards: Tensor  # [batch], detached
+    rejected_rewards: Tensor  # [batch], detached
+
+
+def _fields(logps: SequenceLogps, loss: str, *names: str) -> list[Tensor]:
+    """The named fields as float32, or a ValueError naming every missing one."""
+    missing = [n for n in names if getattr(logps, n) is None]
+    if missing:
+        raise ValueError(f"loss {loss!r} needs SequenceLogps.{', '.join(missing)}")
+    out = [getattr(logps, n).float() for n in names]
+    shape = out[0].shape
+    if len(shape) != 1 or any(t.shape != shape for t in out):
+        got = ", ".join(f"{n}={tuple(t.shape)}" for n, t in zip(names, out, strict=True))
+        raise ValueError(f"loss {loss!r} needs 1-D tensors of one shape [batch]; got {got}")
+    return out
+
+
+def _lengths(lengths: Tensor) -> Tensor:
+    return lengths.float().clamp(min=1.0)
+
+
+def _nll(logp: Tensor, lengths: Tensor, nll_norm: str) -> Tensor:
+    """Per-example NLL of the winner: per sequence (paper) or its share of a batch token mean (TRL)."""
+    if nll_norm == "sequence":
+        return -logp / lengths
+    if nll_norm == "batch_tokens":
+        return -logp * (logp.numel() / lengths.sum())
+    raise ValueError(f"nll_norm must be one of {NLL_NORMS}, got {nll_norm!r}")
+
+
+def _dpo_losses(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    z = beta * ((pc - rc) - (pr - rr))
+    losses = -F.logsigmoid(z)
+    if label_smoothing > 0:  # cDPO: the label is wrong with probability ε
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-z)
+    return losses
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x < 0, accurate on both sides of -ln 2; x is first clamped to <= MAX_MEAN_LOGP.
+
+    Each branch sees only inputs where it is finite, so torch.where passes no NaN
+    gradient back from the branch it discards.
+    """
+    x = x.clamp(max=MAX_MEAN_LOGP)
+    near_zero = x > -math.log(2)
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(x)),  # 1 - e^x is small: expm1 keeps its digits
+        torch.log1p(-torch.exp(x)),  # e^x is small: log1p keeps the digits of 1 - e^x
+    )
+
+
+def sft(logps: SequenceLogps, *, nll_norm: str = "sequence") -> LossOutput:
+    """Negative log-likelihood of the chosen response per token: `-policy_chosen / chosen_lengths`."""
+    pc, lc = _fields(logps, "sft", "policy_chosen", "chosen_lengths")
+    rejected = logps.policy_rejected.float().detach() if logps.policy_rejected is not None else torch.zeros_like(pc)
+    return LossOutput(_nll(pc, _lengths(lc), nll_norm), pc.detach(), rejected)
+
+
+def dpo(logps: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+    """Sigmoid DPO (Rafailov et al., 2023); cDPO when label_smoothing > 0."""
+    pc, pr, rc, rr = _fields(logps, "dpo", "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+    losses = _dpo_losses(pc, pr, rc, rr, beta, label_smoothing)
+    return LossOutput(losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach())
+
+
+def rpo(
+    logps: SequenceLogps,
+    *,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+    nll_norm: str = "sequence",
+) -> LossOutput:
+    """IRPO's loss: DPO plus α times the winner's length-normalised NLL (see choice 6 for TRL's variant)."""
+    pc, pr, rc, rr, lc = _fields(
+        logps, "rpo", "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_lengths"
+    )
+    losses = _dpo_losses(pc, pr, rc, rr, beta, label_smoothing) + alpha * _nll(pc, _lengths(lc), nll_norm)
+    return LossOutput(losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach())
+
+
+def orpo(logps: SequenceLogps, *, lam: float = 0.1, nll_norm: str = "sequence") -> LossOutput:
+    """ORPO (Hong et al., 2024): winner NLL + λ·(−log σ(log odds ratio)) on mean token log-probs; no reference."""
+    pc, pr, lc, lr = _fields(logps, "orpo", "policy_chosen", "policy_rejected", "chosen_lengths", "rejected_lengths")
+    lc, lr = _lengths(lc), _lengths(lr)
+    mc, mr = pc / lc, pr / lr
+    log_odds = (mc - mr) - (log1mexp(mc) - log1mexp(mr))
+    losses = _nll(pc, lc, nll_norm) - lam * F.logsigmoid(log_odds)
+    return LossOutput(losses, (lam * mc).detach(), (lam * mr).detach())
+
+
+def ipo(logps: SequenceLogps, *, beta: float = 0.1, length_normalize: bool = True) -> LossOutput:
+    """IPO (Azar et al., 2023) as TRL computes it: `(δ − 1/(2β))²` on length-averaged log-ratios."""
+    names = ["policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"]
+    if length_normalize:
+        names += ["chosen_lengths", "rejected_lengths"]
+    pc, pr, rc, rr, *lengths = _fields(logps, "ipo", *names)
+    chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    if length_normalize:
+        delta = chosen_ratio / _lengths(lengths[0]) - rejected_ratio / _lengths(lengths[1])
+    else:
+        delta = chosen_ratio - rejected_ratio
+    losses = (delta - 1 / (2 * beta)) ** 2
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+LOSSES = {"sft": sft, "dpo": dpo, "rpo": rpo, "orpo": orpo, "ipo": ipo}
+_REFERENCE_FREE = {"sft", "orpo"}
+_CHOSEN_ONLY = {"sft"}
+
+
+def _known(name: str) -> str:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return name
+
+
+def needs_reference(name: str) -> bool:
+    """True when the loss reads ref_chosen/ref_rejected (dpo, rpo, ipo)."""
+    return _known(name) not in _REFERENCE_FREE
+
+
+def needs_rejected(name: str) -> bool:
+    """True when the loss reads the rejected response (all but sft)."""
+    return _known(name) not in _CHOSEN_ONLY
+
+
+def reward_metrics(out: LossOutput) -> dict[str, float]:
+    """Batch means of the rewards, their margin, and how often chosen beats rejected (strictly), under TRL's keys."""
+    chosen, rejected = out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()
+    return {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+    }

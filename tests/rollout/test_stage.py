@@ -1,0 +1,122 @@
+"""The rollout stage for real: Ray local mode, Ray Data, vLLM engines in actors, the bundled model.
+
+Two rollouts share this module: one actor with batches of 2, then two actors with the same
+batches. Per-request seeds make their samples identical, which is what a resumed or
+re-run iteration relies on.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from selfimprove.config import RolloutConfig, TaskConfig
+from selfimprove.errors import UserError
+from selfimprove.io import is_done
+from selfimprove.rollout.generator import SKIPPED
+from selfimprove.rollout.stage import request_rows, rollout, verify_batch
+from selfimprove.tasks import build_task
+
+N = 3
+CFG = RolloutConfig(n=N, max_tokens=48, batch_size=2, max_model_len=512, cpu_kvcache_gib=1)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task(TaskConfig(generated_train=20, generated_test=20))
+
+
+@pytest.fixture(scope="module")
+def problems(task):
+    rows = task.load("test")[:3]
+    # About 1,500 tokens: more than max_model_len, so it must come back skipped, not crash.
+    long = dict(rows[0], id="arithmetic-test-long", question="Tom has 3 apples. " * 250 + "How many apples?")
+    return rows + [long]
+
+
+@pytest.fixture(scope="module")
+def one_actor(ray_local, bundled_model, task, problems, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "samples"
+    table = rollout(bundled_model, CFG, task, request_rows(task, problems, {"sample": (N, 0.8)}, seed=7), out)
+    return out, table
+
+
+@pytest.mark.engine
+def test_rows_schema_and_marker(one_actor, problems):
+    out, table = one_actor
+    assert is_done(out) and not out.with_name("samples.partial").exists()
+    assert table.num_rows == len(problems) * N
+    types = dict(zip(table.schema.names, table.schema.types))
+    assert {k: types[k] for k in ("problem_id", "sample_index", "text", "prompt_tokens", "completion_tokens",
+                                  "finish_reason", "status", "extracted", "correct")} == {
+        "problem_id": pa.string(), "sample_index": pa.int64(), "text": pa.string(), "prompt_tokens": pa.int64(),
+        "completion_tokens": pa.int64(), "finish_reason": pa.string(), "status": pa.string(),
+        "extracted": pa.string(), "correct": pa.bool_()}
+    rows = table.to_pylist()
+    assert sorted((r["problem_id"], r["sample_index"]) for r in rows) == sorted(
+        (p["id"], j) for p in problems for j in range(N))
+
+
+@pytest.mark.engine
+def test_correct_is_the_tasks_verdict(one_actor, task):
+    rows = [r for r in one_actor[1].to_pylist() if r["status"] == "ok"]
+    assert len(rows) == 3 * N
+    assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in rows)
+    assert [r["correct"] for r in rows] == [task.verify(r["text"], r["answer"]) for r in rows]
+    assert [r["extracted"] for r in rows] == [task.answer_key(r["text"]) for r in rows]
+
+
+@pytest.mark.engine
+def test_too_long_prompt_is_kept_as_skipped(one_actor):
+    rows = [r for r in one_actor[1].to_pylist() if r["problem_id"] == "arithmetic-test-long"]
+    assert len(rows) == N
+    assert all(r["status"] == SKIPPED and r["text"] == "" and not r["correct"] for r in rows)
+    assert all(r["prompt_tokens"] >= CFG.max_model_len for r in rows)
+
+
+@pytest.mark.engine
+def test_two_actors_give_the_same_samples(one_actor, ray_local, bundled_model, task, problems, tmp_path):
+    cfg = dataclasses.replace(CFG, num_actors=2)
+    table = rollout(bundled_model, cfg, task, request_rows(task, problems, {"sample": (N, 0.8)}, seed=7),
+                    tmp_path / "samples")
+    assert table.column("text").to_pylist() == one_actor[1].column("text").to_pylist()
+
+
+@pytest.mark.engine
+def test_engine_that_fails_to_start_leaves_no_finished_output(ray_local, bundled_model, task, problems, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    config = json.loads((__import__("pathlib").Path(bundled_model) / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(dict(config, architectures=["NoSuchModelForCausalLM"])))
+    with pytest.raises(UserError, match="rollout failed: "):
+        rollout(str(broken), CFG, task, request_rows(task, problems[:1], {"sample": (1, 0.8)}, seed=0),
+                tmp_path / "samples")
+    assert not (tmp_path / "samples").exists()
+
+
+def test_request_rows_seed_per_pass_and_problem(task):
+    problems = task.load("test")[:2]
+    rows = request_rows(task, problems, {"greedy": (1, 0.0), "sample": (4, 0.8)}, seed=0)
+    assert [(r["pass"], r["problem_id"], r["n"], r["temperature"]) for r in rows] == [
+        ("greedy", problems[0]["id"], 1, 0.0), ("greedy", problems[1]["id"], 1, 0.0),
+        ("sample", problems[0]["id"], 4, 0.8), ("sample", problems[1]["id"], 4, 0.8)]
+    assert len({r["seed"] for r in rows}) == 4 and all(0 <= r["seed"] < 2**31 for r in rows)
+    assert rows == request_rows(task, problems, {"greedy": (1, 0.0), "sample": (4, 0.8)}, seed=0)
+    assert rows[0]["seed"] != request_rows(task, problems, {"greedy": (1, 0.0)}, seed=1)[0]["seed"]
+    assert json.loads(rows[0]["prompt"]) == task.prompt(problems[0])
+
+
+def test_empty_problem_set(task):
+    with pytest.raises(UserError, match="no problems to roll out for task 'arithmetic'"):
+        request_rows(task, [], {"sample": (4, 0.8)}, seed=0)
+
+
+def test_verify_batch_skipped_rows_are_wrong(task):
+    batch = {"text": np.array(["so 2 + 3 = 5. The answer is 5.", "The answer is 6.", ""], dtype=object),
+             "answer": np.array(["5", "5", "5"], dtype=object),
+             "status": np.array(["ok", "ok", SKIPPED], dtype=object)}
+    out = verify_batch(batch, task)
+    assert out["correct"].tolist() == [True, False, False]
+    assert out["extracted"].tolist() == ["5", "6", None]
