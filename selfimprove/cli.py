@@ -19,7 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options (`eval M --limit 4 rollout.n=2`), which argparse's
+    # positional matching does not allow with subcommands: collect them by hand.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args) or 0
     except UserError as e:
@@ -115,6 +122,8 @@ def _show_config(args) -> int:
 
     from selfimprove.config import describe, load_config, to_dict
 
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None
     if args.config or args.overrides:
         print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
         return 0

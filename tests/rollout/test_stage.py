@@ -1,8 +1,8 @@
 """The rollout stage for real: Ray local mode, Ray Data, vLLM engines in actors, the bundled model.
 
-Two rollouts share this module: one actor with batches of 2, then two actors with the same
-batches. Per-request seeds make their samples identical, which is what a resumed or
-re-run iteration relies on.
+The module's main rollout runs one actor with batches of 2 over a greedy and a sampled
+pass; a second rollout spreads the same batches over two actors, and a third repeats a
+small rollout to show that the same config and seed give the same samples.
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ from selfimprove.tasks import build_task
 
 N = 3
 CFG = RolloutConfig(n=N, max_tokens=48, batch_size=2, max_model_len=512, cpu_kvcache_gib=1)
+PASSES = {"greedy": (1, 0.0), "sample": (N, 0.8)}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def problems(task):
 @pytest.fixture(scope="module")
 def one_actor(ray_local, bundled_model, task, problems, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "samples"
-    table = rollout(bundled_model, CFG, task, request_rows(task, problems, {"sample": (N, 0.8)}, seed=7), out)
+    table = rollout(bundled_model, CFG, task, request_rows(task, problems, PASSES, seed=7), out)
     return out, table
 
 
@@ -47,7 +48,7 @@ def one_actor(ray_local, bundled_model, task, problems, tmp_path_factory):
 def test_rows_schema_and_marker(one_actor, problems):
     out, table = one_actor
     assert is_done(out) and not out.with_name("samples.partial").exists()
-    assert table.num_rows == len(problems) * N
+    assert table.num_rows == len(problems) * (1 + N)
     types = dict(zip(table.schema.names, table.schema.types))
     assert {k: types[k] for k in ("problem_id", "sample_index", "text", "prompt_tokens", "completion_tokens",
                                   "finish_reason", "status", "extracted", "correct")} == {
@@ -55,14 +56,14 @@ def test_rows_schema_and_marker(one_actor, problems):
         "completion_tokens": pa.int64(), "finish_reason": pa.string(), "status": pa.string(),
         "extracted": pa.string(), "correct": pa.bool_()}
     rows = table.to_pylist()
-    assert sorted((r["problem_id"], r["sample_index"]) for r in rows) == sorted(
-        (p["id"], j) for p in problems for j in range(N))
+    assert sorted((r["pass"], r["problem_id"], r["sample_index"]) for r in rows) == sorted(
+        [("greedy", p["id"], 0) for p in problems] + [("sample", p["id"], j) for p in problems for j in range(N)])
 
 
 @pytest.mark.engine
 def test_correct_is_the_tasks_verdict(one_actor, task):
     rows = [r for r in one_actor[1].to_pylist() if r["status"] == "ok"]
-    assert len(rows) == 3 * N
+    assert len(rows) == 3 * (1 + N)
     assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in rows)
     assert [r["correct"] for r in rows] == [task.verify(r["text"], r["answer"]) for r in rows]
     assert [r["extracted"] for r in rows] == [task.answer_key(r["text"]) for r in rows]
@@ -71,16 +72,25 @@ def test_correct_is_the_tasks_verdict(one_actor, task):
 @pytest.mark.engine
 def test_too_long_prompt_is_kept_as_skipped(one_actor):
     rows = [r for r in one_actor[1].to_pylist() if r["problem_id"] == "arithmetic-test-long"]
-    assert len(rows) == N
+    assert len(rows) == 1 + N
     assert all(r["status"] == SKIPPED and r["text"] == "" and not r["correct"] for r in rows)
     assert all(r["prompt_tokens"] >= CFG.max_model_len for r in rows)
 
 
 @pytest.mark.engine
-def test_two_actors_give_the_same_samples(one_actor, ray_local, bundled_model, task, problems, tmp_path):
+def test_two_actors_share_the_work(one_actor, ray_local, bundled_model, task, problems, tmp_path):
+    """Greedy decoding draws no random numbers, so each batch must come out as it did on one actor."""
     cfg = dataclasses.replace(CFG, num_actors=2)
-    table = rollout(bundled_model, cfg, task, request_rows(task, problems, {"sample": (N, 0.8)}, seed=7),
-                    tmp_path / "samples")
+    table = rollout(bundled_model, cfg, task, request_rows(task, problems, PASSES, seed=7), tmp_path / "samples")
+    mine, before = table.to_pylist(), one_actor[1].to_pylist()
+    assert [(r["pass"], r["problem_id"], r["sample_index"]) for r in mine] == [
+        (r["pass"], r["problem_id"], r["sample_index"]) for r in before]
+    assert [r["text"] for r in mine if r["pass"] == "greedy"] == [r["text"] for r in before if r["pass"] == "greedy"]
+
+
+@pytest.mark.engine
+def test_same_config_and_seed_same_samples(one_actor, ray_local, bundled_model, task, problems, tmp_path):
+    table = rollout(bundled_model, CFG, task, request_rows(task, problems, PASSES, seed=7), tmp_path / "samples")
     assert table.column("text").to_pylist() == one_actor[1].column("text").to_pylist()
 
 

@@ -1,0 +1,96 @@
+"""Rollout throughput: the Ray Data vLLM actor pool against batched transformers `generate`.
+
+Same prompts (arithmetic test problems, chat template applied), same sampling (n=8,
+temperature 0.8, at most 128 new tokens, same stop strings), bundled model, this machine.
+
+1. Engine start-up is timed on its own: a Ray actor builds a VLLMGenerator and answers once.
+2. The pool figure is the whole `rollout` stage (Ray Data, engines, verification, Parquet),
+   reported end to end and as steady state (end to end minus one start-up).
+3. HF `generate` runs in this process on a subset of the problems (it is slow), in padded
+   batches of 64 sequences; tokens/s is a rate, so the subset does not bias it.
+4. Pool shapes: one actor on all cores, and one actor per core.
+
+Usage: python benchmarks/rollout.py [--problems 64] [--hf-problems 16] [--n 8] [--max-tokens 128]
+The last line is `rollout_speedup_vs_hf=<steady-state pool tokens/s / HF tokens/s>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--hf-problems", type=int, default=16)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+    import ray
+
+    from selfimprove.config import Config
+    from selfimprove.models import resolve_model
+    from selfimprove.rollout.generator import HFGenerator, VLLMGenerator
+    from selfimprove.rollout.stage import request_rows, rollout
+    from selfimprove.runtime import init_ray
+    from selfimprove.tasks import build_task
+
+    cfg = Config()
+    cfg.rollout = dataclasses.replace(cfg.rollout, n=args.n, max_tokens=args.max_tokens, batch_size=16)
+    task = build_task(cfg.task)
+    problems = task.load("test")[: args.problems]
+    model = resolve_model(cfg.model)
+    rows = request_rows(task, problems, {"sample": (args.n, cfg.rollout.temperature)}, cfg.rollout.seed)
+    init_ray()
+    cores = os.cpu_count() or 1
+    results = {}
+
+    for actors in sorted({1, cores}):
+        rcfg = dataclasses.replace(cfg.rollout, num_actors=actors)
+        start = time.perf_counter()
+        probe = ray.remote(num_cpus=cores // actors)(VLLMGenerator).remote(model, rcfg, task.stop, cores // actors)
+        ray.get(probe.__ray_ready__.remote())
+        startup = time.perf_counter() - start
+        ray.kill(probe)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            table = rollout(model, rcfg, task, rows, Path(tmp) / "samples")
+            total = time.perf_counter() - start
+        tokens = sum(table.column("completion_tokens").to_pylist())
+        results[f"vllm_pool_{actors}x{cores // actors}cpu"] = {
+            "startup_s": round(startup, 1), "total_s": round(total, 1), "tokens": tokens,
+            "end_to_end_tok_s": round(tokens / total, 1),
+            "steady_tok_s": round(tokens / max(total - startup, 1e-9), 1),
+        }
+        print(json.dumps({f"vllm_pool_{actors}x{cores // actors}cpu": results[f"vllm_pool_{actors}x{cores // actors}cpu"]}), flush=True)
+    ray.shutdown()
+
+    start = time.perf_counter()
+    hf = HFGenerator(model, cfg.rollout, task.stop)
+    hf_startup = time.perf_counter() - start
+    hf_rows = rows[: args.hf_problems]
+    batch = {k: [r[k] for r in hf_rows] for k in hf_rows[0]}
+    start = time.perf_counter()
+    out = hf(batch)
+    hf_total = time.perf_counter() - start
+    hf_tokens = sum(out["completion_tokens"])
+    results["hf_generate"] = {"startup_s": round(hf_startup, 1), "total_s": round(hf_total, 1),
+                              "tokens": hf_tokens, "steady_tok_s": round(hf_tokens / hf_total, 1)}
+    print(json.dumps({"hf_generate": results["hf_generate"]}), flush=True)
+
+    best = max((v for k, v in results.items() if k.startswith("vllm")), key=lambda v: v["steady_tok_s"])
+    print(f"problems={args.problems} n={args.n} max_tokens={args.max_tokens} hf_problems={args.hf_problems}")
+    print(f"best pool end-to-end speedup (start-up included): {best['end_to_end_tok_s'] / results['hf_generate']['steady_tok_s']:.2f}")
+    print(f"rollout_speedup_vs_hf={best['steady_tok_s'] / results['hf_generate']['steady_tok_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

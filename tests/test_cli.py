@@ -1,0 +1,101 @@
+"""The command line: each bad input is one line on stderr, exit code 2, no traceback, no Ray started."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfimprove.io import read_table
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "selfimprove", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(done, fragment):
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("selfimprove: error: "), done.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def files(tmp_path):
+    def write(name, text):
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+    return write
+
+
+@pytest.mark.parametrize("yaml_text, fragment", [
+    ("rollout:\n  nn: 1\n", "c.yaml: unknown key 'rollout.nn'"),
+    ("rollout:\n  n: many\n", "c.yaml: 'rollout.n' must be int, got str 'many'"),
+    ("task:\n  name: chess\n", "unknown task 'chess' (known: arithmetic, arc, gsm8k, math)"),
+])
+def test_bad_config(files, yaml_text, fragment):
+    assert_one_line_error(run("eval", "smollm2-135m-instruct", "--config", files("c.yaml", yaml_text)), fragment)
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(run("eval", "smollm2-135m-instruct", "--config", tmp_path / "nope.yaml"),
+                          "config file not found:")
+
+
+def test_unknown_task_flag():
+    assert_one_line_error(run("eval", "smollm2-135m-instruct", "--task", "chess"), "unknown task 'chess'")
+
+
+def test_dataset_path_missing(tmp_path):
+    assert_one_line_error(run("eval", "smollm2-135m-instruct", "--task", "gsm8k", "--data", tmp_path / "none.jsonl"),
+                          "dataset path not found:")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"question": "q", "answer": "a\\n#### 1"}\n{not json\n', "test.jsonl:2: not valid JSON"),
+    ('{"answer": "x\\n#### 1"}\n', "test.jsonl:1: row has no 'question'"),
+    ('{"question": "q"}\n', "test.jsonl:1: row has no 'answer'"),
+])
+def test_bad_dataset_rows(files, content, fragment):
+    done = run("eval", "smollm2-135m-instruct", "--task", "gsm8k", "--data", files("test.jsonl", content))
+    assert_one_line_error(done, fragment)
+
+
+def test_empty_dataset_says_empty(files):
+    done = run("eval", "smollm2-135m-instruct", "--task", "gsm8k", "--data", files("test.jsonl", ""))
+    assert_one_line_error(done, "test.jsonl: split 'test' has no rows")
+
+
+def test_model_that_resolves_to_nothing():
+    assert_one_line_error(run("eval", "./no/such/model"), "model './no/such/model' resolves to nothing")
+
+
+def test_corrupted_gguf(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFIMPROVE_HOME", str(tmp_path / "home"))
+    junk = files("junk.gguf", "GGUF? no." * 50)
+    assert_one_line_error(run("prepare-model", junk), "corrupted or truncated GGUF file")
+
+
+def test_prepare_model_unknown_name():
+    assert_one_line_error(run("prepare-model", "gpt-17"), "'gpt-17' is neither a bundled model")
+
+
+@pytest.mark.engine
+def test_eval_end_to_end(tmp_path, bundled_model):
+    out = tmp_path / "eval"
+    done = run("eval", "smollm2-135m-instruct", "--task", "arithmetic", "--limit", 4, "--n", 2, "--out", out,
+               "rollout.max_tokens=64", "rollout.batch_size=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pass@1" in done.stdout and "maj@2" in done.stdout
+    report = json.loads((out / "metrics.json").read_text())
+    samples = read_table(out / "samples").to_pylist()
+    assert len(samples) == 4 * 1 + 4 * 2
+    greedy = [s for s in samples if s["pass"] == "greedy"]
+    assert report["metrics"]["problems"] == 4
+    assert report["metrics"]["pass@1"] == sum(s["correct"] for s in greedy) / 4
+    assert {r["id"] for r in report["problems"]} == {s["problem_id"] for s in greedy}
+    assert Path(out / "samples" / "_SUCCESS").is_file()
