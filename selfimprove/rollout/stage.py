@@ -39,8 +39,8 @@ SAMPLE_SCHEMA = pa.schema([
 def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, float]], seed: int) -> list[dict]:
     """One row per (pass, problem): `passes` maps a pass name to its (n, temperature).
 
-    Each row's sampling seed is a hash of (seed, pass, problem id): on GPU the same problem
-    gets the same samples whatever else is in the run (on CPU the engine seed applies).
+    Each row's sampling seed is a hash of (seed, pass, problem id): the same problem gets the
+    same samples whatever else is in the run.
     """
     if not problems:
         raise UserError(f"no problems to roll out for task '{task.name}'")

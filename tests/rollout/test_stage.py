@@ -78,14 +78,14 @@ def test_too_long_prompt_is_kept_as_skipped(one_actor):
 
 
 @pytest.mark.engine
-def test_two_actors_share_the_work(one_actor, ray_local, bundled_model, task, problems, tmp_path):
-    """Greedy decoding draws no random numbers, so each batch must come out as it did on one actor."""
+def test_two_actors_give_the_same_samples(one_actor, ray_local, bundled_model, task, problems, tmp_path):
+    """Each batch is seeded by its content, so it must come out as it did on one actor."""
     cfg = dataclasses.replace(CFG, num_actors=2)
     table = rollout(bundled_model, cfg, task, request_rows(task, problems, PASSES, seed=7), tmp_path / "samples")
     mine, before = table.to_pylist(), one_actor[1].to_pylist()
     assert [(r["pass"], r["problem_id"], r["sample_index"]) for r in mine] == [
         (r["pass"], r["problem_id"], r["sample_index"]) for r in before]
-    assert [r["text"] for r in mine if r["pass"] == "greedy"] == [r["text"] for r in before if r["pass"] == "greedy"]
+    assert [r["text"] for r in mine] == [r["text"] for r in before]
 
 
 @pytest.mark.engine
