@@ -26,7 +26,7 @@ model: install
 	$(VENV)/bin/selfimprove prepare-model smollm2-135m-instruct
 
 demo: model
-	$(VENV)/bin/selfimprove eval smollm2-135m-instruct --task arithmetic
+	$(VENV)/bin/selfimprove run configs/local.yaml
 
 test: model
 	$(PY) -m pytest

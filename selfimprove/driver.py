@@ -1,0 +1,145 @@
+"""The iteration loop: rollout -> pairs -> train -> evaluate -> promote, T times.
+
+1. Iteration 0 only evaluates the starting model. Iteration t >= 1 samples from model t-1,
+   which is also its DPO reference, as Iterative RPO does; its trained model is model t.
+2. Every stage writes `run_dir/iter_<t>/<stage>/` through `io.stage_output`, so a folder is
+   complete (with `_SUCCESS`) or absent. The driver skips a finished stage: a killed run
+   resumes where it stopped and never redoes a finished rollout.
+3. The run's resolved config is saved as `run_dir/config.yaml`; rerunning into the same
+   folder with a different config is refused, since finished stages would not match it.
+4. `metrics.jsonl` is rewritten from the finished eval stages after each iteration: it is
+   derived data, never the only copy of a figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from selfimprove.config import Config, to_dict
+from selfimprove.errors import UserError
+from selfimprove.io import is_done, read_table, stage_output
+
+
+def run(cfg: Config) -> list[dict]:
+    """Run (or resume) `cfg.iterations` iterations into `cfg.run_dir`; return the metrics rows."""
+    from selfimprove.models import resolve_model
+    from selfimprove.tasks import build_task
+
+    run_dir = Path(cfg.run_dir)
+    claim_run_dir(run_dir, cfg)
+    task = build_task(cfg.task)
+    train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
+    policy = resolve_model(cfg.model)
+
+    from selfimprove.runtime import init_ray
+
+    init_ray()
+    _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems)
+    for t in range(1, cfg.iterations + 1):
+        it = run_dir / f"iter_{t}"
+        temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
+        _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature)
+        _stage(it / "pairs", _pairs, cfg, train_problems, it / "rollout")
+        _stage(it / "train", _train, cfg, policy, it / "pairs")
+        policy = str((it / "train" / "model").resolve())
+        _stage(it / "eval", _evaluate, cfg, policy, task, test_problems)
+        write_metrics(run_dir)
+    return write_metrics(run_dir)
+
+
+def claim_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Save the resolved config in a new run dir, or check an existing run dir was made with it."""
+    saved = run_dir / "config.yaml"
+    mine = to_dict(cfg)
+    if saved.is_file():
+        theirs = yaml.safe_load(saved.read_text())
+        if theirs != mine:
+            diff = _first_difference(theirs, mine)
+            raise UserError(f"{run_dir} holds a run made with another config ({diff}); "
+                            "pass the same config, or a new run_dir=...")
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(mine, sort_keys=False))
+    except OSError as e:
+        raise UserError(f"cannot write the run dir {run_dir}: {e.strerror}") from None
+
+
+def write_metrics(run_dir: Path) -> list[dict]:
+    """`metrics.jsonl`: one row per finished eval stage, with that iteration's pair and stage figures."""
+    rows = []
+    for t in range(0, 1 + len(list(run_dir.glob("iter_*")))):
+        it = run_dir / f"iter_{t}"
+        if not is_done(it / "eval"):
+            continue
+        row = {"iteration": t, **json.loads((it / "eval" / "metrics.json").read_text())["metrics"]}
+        if is_done(it / "pairs"):
+            row["pairs"] = json.loads((it / "pairs" / "stats.json").read_text())
+        row["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
+                                for p in sorted(it.glob("*/timing.json"))}
+        rows.append(row)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _stage(folder: Path, fn, *args) -> None:
+    """Run `fn(*args, scratch)` unless `folder` is finished; time it and mark it finished."""
+    if is_done(folder):
+        return
+    start = time.perf_counter()
+    try:
+        with stage_output(folder) as scratch:
+            fn(*args, scratch)
+            (scratch / "timing.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 2)}))
+    except OSError as e:
+        raise UserError(f"cannot write stage {folder}: {e.strerror}; rerun to redo only this stage") from None
+
+
+def _rollout(cfg: Config, policy: str, task, problems: list[dict], temperature: float, out: Path) -> None:
+    from selfimprove.rollout.stage import request_rows, rollout
+
+    rows = request_rows(task, problems, {"train": (cfg.rollout.n, temperature)}, cfg.rollout.seed)
+    rollout(policy, cfg.rollout, task, rows, out / "samples")
+
+
+def _pairs(cfg: Config, problems: list[dict], rollout_dir: Path, out: Path) -> None:
+    from selfimprove.pairs import outcome_pairs
+
+    samples = read_table(rollout_dir / "samples").to_pylist()
+    gold = {p["id"]: p["solution"] for p in problems} if cfg.pairs.include_gold else None
+    pairs, stats = outcome_pairs(samples, cfg.pairs.pairs_per_problem, gold)
+    if not pairs:
+        raise UserError(
+            f"no preference pairs in {rollout_dir}: of {stats['problems']} problems, {stats['no_winner']} had no "
+            f"correct sample and {stats['no_loser']} no incorrect one; raise rollout.n or rollout.temperature, "
+            "use easier problems, or set pairs.include_gold=true")
+    pq.write_table(pa.Table.from_pylist(pairs), out / "pairs.parquet")
+    (out / "stats.json").write_text(json.dumps(stats))
+
+
+def _train(cfg: Config, policy: str, pairs_dir: Path, out: Path) -> None:
+    from selfimprove.train.trainer import train
+
+    # `out` is the stage's scratch folder: the trainer writes its model folder inside it.
+    train(dataclasses.replace(cfg, model=policy), pairs_dir / "pairs.parquet", out / "model")
+
+
+def _evaluate(cfg: Config, policy: str, task, problems: list[dict], out: Path) -> None:
+    from selfimprove.evaluate import run_eval
+
+    run_eval(cfg, policy, task, problems, out)
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"

@@ -1,0 +1,179 @@
+"""Training rows -> token ids -> padded batches, checked on the driver before Ray starts.
+
+1. Input is a Parquet file or a folder of them (a finished stage folder, or one holding
+   `pairs.parquet` / `sft.parquet`). The columns decide the kind: `prompt, chosen, rejected`
+   are preference pairs, `prompt, response` are SFT rows (the response becomes `chosen`, with
+   no rejected). Other columns are ignored; a null in a used column is an error.
+2. `prompt` is the chat-templated text the model saw (the rollout stage's `prompt_text`), so it
+   is tokenised without special tokens: the template already holds them. Completions are
+   tokenised on their own, as TRL does, so chosen and rejected share the prompt's exact ids.
+3. Every completion ends with the tokenizer's EOS (not added twice): the model learns to stop.
+4. Pairs whose chosen and rejected texts are equal, or become equal when truncated, carry no
+   preference: they are dropped and counted. Nothing left is an error.
+5. Longer than `max_len` (prompt + the longer completion): `response` keeps the prompt and cuts
+   the completions' ends; `prompt` cuts the prompt's start, one cut for both completions so they
+   keep the same context (and the completions too if even one prompt token does not fit);
+   `drop` drops the pair. A prompt that leaves no room for one response token is dropped in
+   every mode. All counted.
+6. A batch holds the chosen sequences, then the rejected ones, right-padded to the longest
+   sequence in the batch (not to max_len). `response_mask` marks the tokens whose
+   log-probabilities count: prompt and padding are masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selfimprove.errors import UserError
+
+KINDS = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response")}
+TRUNCATIONS = ("response", "prompt", "drop")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair as token ids; `rejected` is None for an SFT row."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int] | None = None
+
+
+@dataclass
+class Counts:
+    rows: int = 0  # rows read
+    identical: int = 0  # dropped: chosen == rejected (as text, or as ids after truncation)
+    too_long: int = 0  # dropped: over max_len (truncation=drop, or no room left after the prompt)
+    truncated: int = 0  # kept, cut to max_len
+    examples: int = 0  # kept
+
+
+@dataclass(frozen=True)
+class Batch:
+    """`n` pairs as 2n (or n, chosen only) right-padded sequences: chosen rows first."""
+
+    input_ids: object  # LongTensor [rows, length]
+    attention_mask: object  # LongTensor [rows, length]
+    response_mask: object  # BoolTensor [rows, length]: tokens whose log-probs count
+    start: int  # the first position any row has a response token at (the shortest prompt's length)
+    pairs: int
+    tokens: int  # real (non-pad) tokens, prompt included
+
+
+def read_rows(path: str | Path) -> tuple[str, pa.Table]:
+    """The kind ("pairs" or "sft") and the used columns of a Parquet file or folder."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise UserError(f"no .parquet files in {path} (expected pairs.parquet or sft.parquet)")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"training data not found: {path}")
+    try:
+        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"{path}: not readable Parquet ({str(e).splitlines()[0][:200]})") from None
+    kind = next((k for k, cols in KINDS.items() if set(cols) <= set(table.column_names)), None)
+    if kind is None:
+        raise UserError(f"{path}: columns {', '.join(table.column_names) or '(none)'}; expected "
+                        f"{', '.join(KINDS['pairs'])} (pairs) or {', '.join(KINDS['sft'])} (SFT rows)")
+    if table.num_rows == 0:
+        raise UserError(f"{path}: no rows to train on (an empty {kind} file)")
+    table = table.select(list(KINDS[kind]))
+    for name in table.column_names:
+        nulls = table.column(name).null_count
+        if nulls:
+            raise UserError(f"{path}: column '{name}' has {nulls} null value(s)")
+    return kind, table
+
+
+def tokenize(table: pa.Table, tokenizer, max_len: int, truncation: str) -> tuple[list[Example], Counts]:
+    """Examples from `read_rows`' table, with counts of what was dropped and truncated."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    cols = table.to_pydict()
+    prompts = cols["prompt"]
+    chosen = cols.get("chosen", cols.get("response"))
+    rejected = cols.get("rejected")
+    counts = Counts(rows=len(prompts))
+    if rejected is not None:
+        keep = [i for i in range(len(prompts)) if chosen[i] != rejected[i]]
+        counts.identical = len(prompts) - len(keep)
+        prompts, chosen, rejected = ([xs[i] for i in keep] for xs in (prompts, chosen, rejected))
+    empty = sum(1 for p in prompts if not p)
+    if empty:
+        raise UserError(f"{empty} row(s) have an empty prompt: a response needs a prompt to be scored against")
+
+    ids = _encode(tokenizer, prompts)
+    chosen_ids = [_with_eos(x, tokenizer.eos_token_id) for x in _encode(tokenizer, chosen)]
+    rejected_ids = [_with_eos(x, tokenizer.eos_token_id) for x in _encode(tokenizer, rejected)] if rejected is not None else None
+
+    examples = []
+    for i, prompt in enumerate(ids):
+        completions = [chosen_ids[i]] + ([rejected_ids[i]] if rejected_ids is not None else [])
+        fitted = fit(prompt, completions, max_len, truncation)
+        if fitted is None:
+            counts.too_long += 1
+            continue
+        prompt_cut, (c, *r) = fitted
+        if r and r[0] == c:  # truncation cut away everything that told them apart
+            counts.identical += 1
+            continue
+        if fitted[0] != prompt or fitted[1] != completions:
+            counts.truncated += 1
+        examples.append(Example(prompt_cut, c, r[0] if r else None))
+    counts.examples = len(examples)
+    if not examples:
+        raise UserError(f"nothing left to train on: of {counts.rows} rows, {counts.identical} have chosen == "
+                        f"rejected and {counts.too_long} do not fit train.max_len={max_len}")
+    return examples, counts
+
+
+def fit(prompt: list[int], completions: list[list[int]], max_len: int,
+        truncation: str) -> tuple[list[int], list[list[int]]] | None:
+    """Prompt and completions cut so each prompt + completion is at most max_len; None to drop the pair."""
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_len:
+        return prompt, completions
+    if truncation == "drop" or (truncation == "response" and len(prompt) >= max_len):
+        return None
+    if truncation == "response":
+        room = max_len - len(prompt)
+        return prompt, [c[:room] for c in completions]
+    keep = max(max_len - longest, 1)  # truncation == "prompt": keep the prompt's end
+    room = max_len - keep
+    return prompt[-keep:], [c[:room] for c in completions]
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Chosen rows, then rejected rows (when present), right-padded to the longest of them."""
+    import torch
+
+    rows = [(e.prompt, e.chosen) for e in examples]
+    if examples[0].rejected is not None:
+        rows += [(e.prompt, e.rejected) for e in examples]
+    length = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        response_mask[i, len(p):n] = True
+    return Batch(input_ids, attention_mask, response_mask, start=min(len(p) for p, _ in rows),
+                 pairs=len(examples), tokens=int(attention_mask.sum()))
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    return ids if ids and ids[-1] == eos else ids + [eos]

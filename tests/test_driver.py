@@ -1,0 +1,100 @@
+"""Driver bookkeeping without engines: run-dir claims, stage markers, metrics rows.
+
+The stage functions here are stand-ins (named `fake_*`): these tests are about the driver's
+order and skipping logic only; tests/test_run.py runs the real stages.
+"""
+
+import json
+
+import pytest
+
+from selfimprove.config import load_config
+from selfimprove.driver import _stage, claim_run_dir, write_metrics
+from selfimprove.errors import UserError
+from selfimprove.evaluate import write_report
+from selfimprove.io import is_done
+
+
+def test_claim_saves_config_and_accepts_the_same(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path / 'r'}"])
+    claim_run_dir(tmp_path / "r", cfg)
+    assert (tmp_path / "r" / "config.yaml").is_file()
+    claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}"]))
+
+
+def test_claim_refuses_another_config(tmp_path):
+    claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}"]))
+    other = load_config(None, [f"run_dir={tmp_path / 'r'}", "rollout.n=4"])
+    with pytest.raises(UserError, match=r"holds a run made with another config \(rollout.n: 8 then, 4 now\)"):
+        claim_run_dir(tmp_path / "r", other)
+
+
+def test_claim_unwritable_path_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write the run dir .*file/r"):
+        claim_run_dir(tmp_path / "file" / "r", load_config())
+
+
+def test_finished_stage_is_skipped_and_failed_stage_leaves_nothing(tmp_path):
+    calls = []
+
+    def fake_stage(value, out):
+        calls.append(value)
+        (out / "result.txt").write_text(value)
+
+    _stage(tmp_path / "s", fake_stage, "first")
+    _stage(tmp_path / "s", fake_stage, "second")
+    assert calls == ["first"] and (tmp_path / "s" / "result.txt").read_text() == "first"
+    assert json.loads((tmp_path / "s" / "timing.json").read_text())["seconds"] >= 0
+
+    def fake_failing_stage(out):
+        (out / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        _stage(tmp_path / "t", fake_failing_stage)
+    assert not (tmp_path / "t").exists() and not is_done(tmp_path / "t")
+
+
+def test_disk_full_is_one_line_and_leaves_no_marker(tmp_path):
+    def fake_disk_full_stage(out):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match=r"cannot write stage .*s: No space left on device; rerun to redo only this stage"):
+        _stage(tmp_path / "s", fake_disk_full_stage)
+    assert not is_done(tmp_path / "s")
+
+
+def test_metrics_rows_from_finished_eval_stages(tmp_path):
+    def fake_eval(metrics, out):
+        (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "problems": []}))
+
+    _stage(tmp_path / "iter_0" / "eval", fake_eval, {"pass@1": 0.2})
+    _stage(tmp_path / "iter_1" / "pairs", lambda out: (out / "stats.json").write_text('{"pairs": 7}'))
+    _stage(tmp_path / "iter_1" / "eval", fake_eval, {"pass@1": 0.3})
+    (tmp_path / "iter_2" / "rollout").mkdir(parents=True)  # unfinished iteration: no row
+    rows = write_metrics(tmp_path)
+    assert [(r["iteration"], r["pass@1"], r.get("pairs")) for r in rows] == [(0, 0.2, None), (1, 0.3, {"pairs": 7})]
+    assert set(rows[1]["stage_seconds"]) == {"pairs", "eval"}
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
+
+
+def test_report_from_metrics(tmp_path):
+    rows = [{"iteration": 0, "model": "m", "task": "arithmetic", "split": "test", "problems": 10, "pass@1": 0.2,
+             "maj@4": 0.1, "stage_seconds": {"eval": 5.0}},
+            {"iteration": 1, "model": "m", "task": "arithmetic", "split": "test", "problems": 10, "pass@1": 0.4,
+             "maj@4": 0.3, "pairs": {"pairs": 12, "no_winner": 3, "no_loser": 1, "problems": 9},
+             "stage_seconds": {"rollout": 10.0, "pairs": 1.0, "train": 20.0, "eval": 5.0}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(tmp_path)
+    assert report.read_text().splitlines()[4:] == [
+        "| iteration | pass@1 | maj@4 | pairs | problems without a winner | without a loser | seconds |",
+        "|---|---|---|---|---|---|---|",
+        "| 0 | 0.200 | 0.100 |  |  |  | 5 |",
+        "| 1 | 0.400 | 0.300 | 12 | 3 | 1 | 36 |"]
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_metrics(tmp_path):
+    with pytest.raises(UserError, match="has no metrics.jsonl"):
+        write_report(tmp_path)

@@ -1,0 +1,231 @@
+"""The train stage: checks that fail before Ray starts, the log-prob arithmetic, and real runs.
+
+The `engine` tests train the bundled SmolLM2-135M-Instruct with Ray Train + DeepSpeed on CPU
+(2 workers, ZeRO-2, LoRA), then load the saved folder in vLLM in a subprocess.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from selfimprove.config import LOSS_NAMES, Config, TrainConfig, load_config
+from selfimprove.errors import UserError
+from selfimprove.io import is_done
+from selfimprove.train.data import Example, collate
+from selfimprove.train.losses import LOSSES
+from selfimprove.train.trainer import (
+    check_lora_targets,
+    check_settings,
+    deepspeed_config,
+    learning_rate,
+    loss_kwargs,
+    sequence_logps,
+    train,
+)
+
+PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def write_pairs(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows],
+                             "rejected": [r[2] for r in rows]}), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast: no Ray, no DeepSpeed.
+
+
+def test_config_loss_names_match_the_losses():
+    assert set(LOSS_NAMES) == set(LOSSES)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=4", r"'train.zero_stage' must be 0, 1, 2 or 3, got 4"),
+    ("train.zero_stage=-1", r"'train.zero_stage' must be 0, 1, 2 or 3, got -1"),
+    ("train.loss=kto", r"'train.loss' must be one of sft, dpo, rpo, orpo, ipo"),
+    ("train.truncation=left", r"'train.truncation' must be one of response, prompt, drop"),
+    ("train.label_smoothing=0.5", r"'train.label_smoothing' must be in \[0, 0.5\)"),
+    ("train.lora_targets=[]", r"'train.lora_targets' must name at least one module"),
+])
+def test_bad_train_knobs_fail_at_load(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_cross_field_checks():
+    check_settings(TrainConfig(batch_size=4, micro_batch_size=2, num_workers=2))
+    with pytest.raises(UserError, match=r"train.batch_size=6 must be a multiple of train.micro_batch_size x "
+                                        r"train.num_workers = 2 x 2"):
+        check_settings(TrainConfig(batch_size=6, micro_batch_size=2, num_workers=2))
+    with pytest.raises(UserError, match="train.offload_optimizer needs train.zero_stage 1, 2 or 3"):
+        check_settings(TrainConfig(zero_stage=0, offload_optimizer=True))
+
+
+def test_lora_targets_are_named_when_missing(bundled_model):
+    check_lora_targets(bundled_model, ["q_proj", "v_proj", "model.layers.0.mlp.down_proj"])
+    check_lora_targets(bundled_model, ["all-linear"])
+    with pytest.raises(UserError, match=r"train.lora_targets: qkv_proj, c_attn not in LlamaForCausalLM \(its linear "
+                                        r"layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        check_lora_targets(bundled_model, ["q_proj", "qkv_proj", "c_attn"])
+
+
+def test_bad_input_fails_before_ray(tmp_path, bundled_model, monkeypatch):
+    def no_ray():
+        raise AssertionError("Ray started before the input was checked")
+
+    monkeypatch.setattr("selfimprove.runtime.init_ray", no_ray)
+    cfg = Config(model=bundled_model)
+    empty = write_pairs(tmp_path / "empty" / "pairs.parquet", [])
+    with pytest.raises(UserError, match=r"no rows to train on \(an empty pairs file\)"):
+        train(cfg, empty, tmp_path / "model")
+    same = write_pairs(tmp_path / "same" / "pairs.parquet", [(PROMPT, "5", "5")] * 3)
+    with pytest.raises(UserError, match="nothing left to train on: of 3 rows, 3 have chosen == rejected"):
+        train(cfg, same, tmp_path / "model")
+    few = write_pairs(tmp_path / "few" / "pairs.parquet", [(PROMPT, "5", "6")] * 3)
+    with pytest.raises(UserError, match=r"only 3 usable examples .* fewer than train.batch_size=4"):
+        train(cfg, few, tmp_path / "model")
+    bad_lora = dataclasses.replace(cfg, train=TrainConfig(lora=True, lora_targets=["nope"]))
+    with pytest.raises(UserError, match="train.lora_targets: nope not in LlamaForCausalLM"):
+        train(bad_lora, write_pairs(tmp_path / "ok" / "pairs.parquet", [(PROMPT, "5", "6")] * 4), tmp_path / "model")
+    sft = tmp_path / "sft.parquet"
+    pq.write_table(pa.table({"prompt": [PROMPT] * 4, "response": ["5"] * 4}), sft)
+    with pytest.raises(UserError, match=r"holds SFT rows .* train.loss=rpo needs pairs; use train.loss=sft"):
+        train(cfg, sft, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_deepspeed_config_from_knobs():
+    tc = TrainConfig(batch_size=8, micro_batch_size=2, num_workers=2, zero_stage=3, offload_optimizer=True,
+                     precision="fp32", warmup_steps=5, grad_clip=0.5)
+    ds = deepspeed_config(tc, world=2, use_gpu=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 2e-5 and "torch_adam" not in ds["optimizer"]["params"]
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 5
+    ds = deepspeed_config(TrainConfig(lora=True), world=2, use_gpu=False)
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
+    assert "scheduler" not in ds
+    assert ds["bf16"] == {"enabled": True} and learning_rate(TrainConfig(lora=True)) == 2e-4
+    assert learning_rate(TrainConfig(lora=True, lr=1e-3)) == 1e-3
+
+
+def test_loss_kwargs_only_what_the_loss_takes():
+    assert loss_kwargs(TrainConfig(loss="rpo", beta=0.2, alpha=0.5)) == {
+        "beta": 0.2, "alpha": 0.5, "label_smoothing": 0.0, "nll_norm": "sequence"}
+    assert loss_kwargs(TrainConfig(loss="orpo", orpo_lambda=0.3)) == {"lam": 0.3, "nll_norm": "sequence"}
+    assert loss_kwargs(TrainConfig(loss="ipo")) == {"beta": 0.1}
+    assert loss_kwargs(TrainConfig(loss="sft")) == {"nll_norm": "sequence"}
+
+
+def test_sequence_logps_sum_response_tokens_only():
+    """Against log_softmax over the full logits, position by position, on a tiny random Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    examples = [Example([5, 6, 7], [8, 9, 2], [10, 2]), Example([5, 11], [12, 2], [13, 14, 15, 2])]
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        logps, lengths = sequence_logps(model, batch, torch.device("cpu"))
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.log_softmax(-1)
+    expected = []
+    for row, (p, c) in enumerate([(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]):
+        tokens = p + c
+        expected.append(sum(full[row, t - 1, tokens[t]].item() for t in range(len(p), len(tokens))))
+    torch.testing.assert_close(logps, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert lengths.tolist() == [3, 2, 2, 4] and logps.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs: Ray Train, DeepSpeed, the bundled model; then vLLM on the saved folder.
+
+# One pair repeated: each step sees it again, so its loss must fall. Plus a pair with
+# chosen == rejected (dropped) and one too long for max_len (truncated).
+GOOD = (PROMPT, "2 + 3 = 5. The answer is 5.", "2 + 3 = 6. The answer is 6.")
+ACCEPTANCE = dict(num_workers=2, zero_stage=2, lora=True, lr=1e-3, batch_size=4, micro_batch_size=1, epochs=3,
+                  max_len=64, report_every=3, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def extensions_dir():
+    """DeepSpeed's JIT-built CPU comm op is reused across runs from here (as `make` sets it)."""
+    from selfimprove.models import home
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / "torch_extensions"))
+
+
+@pytest.fixture(scope="module")
+def trained(extensions_dir, ray_local, bundled_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    rows = [GOOD] * 7 + [(PROMPT, "5", "5"), (PROMPT, "The answer is 5. " * 20, "The answer is 6.")]
+    data = write_pairs(root / "pairs" / "pairs.parquet", rows)
+    cfg = Config(model=bundled_model, train=TrainConfig(**ACCEPTANCE))
+    summary = train(cfg, data, root / "model")
+    return root / "model", summary
+
+
+@pytest.mark.engine
+def test_acceptance_loss_falls_and_counts(trained):
+    folder, summary = trained
+    assert is_done(folder) and not folder.with_name("model.partial").exists()
+    assert not folder.with_name("model.ray").exists()  # checkpoints cleared once the model is saved
+    log = json.loads((folder / "train_metrics.json").read_text())
+    losses = [s["loss"] for s in log["steps"]]
+    print("acceptance run:", json.dumps({k: v for k, v in summary.items() if k != "final"}), losses)
+    # 8 usable pairs (9 rows, one identical), 4 per step, 3 epochs: 6 steps.
+    assert (summary["rows"], summary["identical"], summary["truncated"], summary["examples"]) == (9, 1, 1, 8)
+    assert summary["steps"] == 6 and len(losses) == 6 and summary["workers"] == 2
+    # Step 1: LoRA's B starts at 0, so the policy is the reference: DPO term log 2, rewards 0.
+    assert abs(log["steps"][0]["rewards/margins"]) < 0.05
+    assert losses[-1] < losses[0] - 0.1
+    assert log["steps"][-1]["rewards/margins"] > log["steps"][0]["rewards/margins"]
+    assert summary["tokens_per_s"] > 0 and all(0 < m < 8 for m in summary["peak_memory_gib"])
+
+
+@pytest.mark.engine
+def test_saved_folder_is_a_bf16_model_that_vllm_generates_with(trained, bundled_model):
+    folder, _ = trained
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "lora" not in json.dumps(config)
+    assert (folder / "chat_template.jinja").is_file() and (folder / "tokenizer.json").is_file()
+    assert not list(folder.glob("adapter_*"))
+    script = textwrap.dedent(f"""
+        import json
+        from selfimprove.config import RolloutConfig
+        from selfimprove.rollout.engine import build_llm, sampling_params
+        if __name__ == "__main__":
+            llm = build_llm({str(folder)!r}, RolloutConfig(max_model_len=256, cpu_kvcache_gib=1))
+            out = llm.generate([{PROMPT!r}], sampling_params(RolloutConfig(max_tokens=16), 1, 0.0, ()))
+            print("GENERATED" + json.dumps(out[0].outputs[0].text))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("GENERATED")), None)
+    assert line is not None, done.stderr[-2000:]
+    assert json.loads(line[len("GENERATED"):]).strip()
+
+
+@pytest.mark.engine
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(extensions_dir, ray_local, bundled_model,
+                                                                         tmp_path):
+    """lr = 1e30: after step 1 the LoRA weights overflow bf16, so step 2's loss is not finite."""
+    data = write_pairs(tmp_path / "pairs.parquet", [GOOD] * 8)
+    tc = TrainConfig(**(ACCEPTANCE | dict(lr=1e30, checkpoint_every=1, report_every=100)))
+    with pytest.raises(UserError, match=r"loss is (nan|inf|-inf) at step 2: training stopped; the last good "
+                                        r"checkpoint \(step 1\) is kept in .*model.ray/train-\w+/step-000001"):
+        train(Config(model=bundled_model, train=tc), data, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    kept = list((tmp_path / "model.ray").glob("train-*/step-000001"))
+    assert len(kept) == 1 and (kept[0] / "latest").is_file() and (kept[0] / "reference-1.pt").is_file()
