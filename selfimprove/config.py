@@ -249,6 +249,12 @@ def _coerce(value: Any, typ, dotted: str, where: str) -> Any:
         return [_coerce(v, args[0], dotted, where) for v in value]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):

@@ -72,3 +72,9 @@ def test_every_knob_has_help():
     rows = describe()
     assert ("rollout.n", 8, "samples per problem") in rows
     assert all(help for _, _, help in rows)
+
+
+def test_exponent_without_dot_is_a_float():
+    assert load_config(None, ["rollout.temperature=1e-1"]).rollout.temperature == 0.1
+    with pytest.raises(UserError, match=r"'rollout.temperature' must be float, got str 'hot'"):
+        load_config(None, ["rollout.temperature=hot"])
