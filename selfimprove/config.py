@@ -33,6 +33,11 @@ def positive(v) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
+def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """`check`, for a field that may also be None."""
+    return lambda v: None if v is None else check(v)
+
+
 def non_negative(v) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
@@ -49,8 +54,8 @@ def one_of(*choices) -> Callable[[Any], str | None]:
 class TaskConfig:
     name: str = knob("arithmetic", "task: arithmetic, gsm8k, math or arc")
     data: str | None = knob(None, "local file/folder (JSONL or Parquet) or Hugging Face dataset name; none = built-in")
-    train_size: int | None = knob(None, "use at most this many training problems (none = all)", lambda v: positive(v) if v is not None else None)
-    test_size: int | None = knob(None, "use at most this many held-out problems (none = all)", lambda v: positive(v) if v is not None else None)
+    train_size: int | None = knob(None, "use at most this many training problems (none = all)", optional(positive))
+    test_size: int | None = knob(None, "use at most this many held-out problems (none = all)", optional(positive))
     seed: int = knob(0, "seed of the arithmetic generator and of any subsampling")
     step_weights: list[float] = knob([0.7, 0.3], "arithmetic: relative frequency of problems with 1, 2, 3, 4 steps",
                                      lambda v: None if 1 <= len(v) <= 4 and all(w >= 0 for w in v) and sum(v) > 0
@@ -109,7 +114,7 @@ class TrainConfig:
     nll_norm: str = knob("sequence", "rpo/orpo/sft: NLL per winner ('sequence', the paper) or per batch token ('batch_tokens', TRL)",
                          one_of("sequence", "batch_tokens"))
     lr: float | None = knob(None, "peak learning rate (none: 2e-5 for full fine-tuning, 2e-4 with LoRA)",
-                            lambda v: positive(v) if v is not None else None)
+                            optional(positive))
     warmup_steps: int = knob(0, "optimizer steps of linear warm-up from 0 to lr, then constant", non_negative)
     weight_decay: float = knob(0.0, "AdamW weight decay", non_negative)
     grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = no clipping)", non_negative)
@@ -117,7 +122,7 @@ class TrainConfig:
     micro_batch_size: int = knob(2, "pairs per forward pass on one worker (batch_size must divide by it x num_workers)", positive)
     epochs: int = knob(1, "passes over the training pairs", positive)
     max_steps: int | None = knob(None, "stop after this many optimizer steps (none = all epochs)",
-                                 lambda v: positive(v) if v is not None else None)
+                                 optional(positive))
     max_len: int = knob(512, "most tokens of prompt + response; longer ones are cut as train.truncation says", lambda v: None if v >= 2 else "must be >= 2")
     truncation: str = knob("response", "over max_len: cut the response's end, the prompt's start, or drop the pair",
                            one_of("response", "prompt", "drop"))

@@ -28,7 +28,7 @@ def t(*values):
     return torch.tensor(values, dtype=torch.float32)
 
 
-def close(actual, expected):
+def assert_near(actual, expected):
     assert_close(actual, torch.as_tensor(expected, dtype=torch.float32), atol=1e-4, rtol=1e-5)
 
 
@@ -52,9 +52,9 @@ def test_sft_is_nll_per_token():
     Rewards are the summed policy log-probs: chosen (-10, -3); no rejected given -> (0, 0).
     """
     out = sft(SequenceLogps(policy_chosen=t(-10.0, -3.0), chosen_lengths=t(5, 4)))
-    close(out.losses, [2.0, 0.75])
-    close(out.chosen_rewards, [-10.0, -3.0])
-    close(out.rejected_rewards, [0.0, 0.0])
+    assert_near(out.losses, [2.0, 0.75])
+    assert_near(out.chosen_rewards, [-10.0, -3.0])
+    assert_near(out.rejected_rewards, [0.0, 0.0])
 
 
 def test_sft_batch_tokens_is_trl_token_mean():
@@ -63,8 +63,8 @@ def test_sft_batch_tokens_is_trl_token_mean():
     Per-example shares: 10·2/9 = 2.222222 and 3·2/9 = 0.666667, whose mean is 13/9.
     """
     out = sft(SequenceLogps(policy_chosen=t(-10.0, -3.0), chosen_lengths=t(5, 4)), nll_norm="batch_tokens")
-    close(out.losses, [20 / 9, 6 / 9])
-    close(out.losses.mean(), 13 / 9)
+    assert_near(out.losses, [20 / 9, 6 / 9])
+    assert_near(out.losses.mean(), 13 / 9)
 
 
 # --- dpo ---------------------------------------------------------------------------------------
@@ -79,17 +79,17 @@ def test_dpo_hand_values():
     """
     logps = SequenceLogps(t(-10.0, -5.0), t(-12.0, -5.0), t(-11.0, -5.0), t(-11.0, -5.0))
     out = dpo(logps, beta=0.1)
-    close(out.losses, [0.598139, 0.693147])
-    close(out.chosen_rewards, [0.1, 0.0])
-    close(out.rejected_rewards, [-0.1, 0.0])
+    assert_near(out.losses, [0.598139, 0.693147])
+    assert_near(out.chosen_rewards, [0.1, 0.0])
+    assert_near(out.rejected_rewards, [-0.1, 0.0])
 
 
 def test_dpo_beta_scales_logits():
     """β = 0.5: z = 0.5·2 = 1.0, loss = log(1 + e^−1) = 0.313262; rewards 0.5 and −0.5."""
     out = dpo(PAIR, beta=0.5)
-    close(out.losses, [0.313262])
-    close(out.chosen_rewards, [0.5])
-    close(out.rejected_rewards, [-0.5])
+    assert_near(out.losses, [0.313262])
+    assert_near(out.chosen_rewards, [0.5])
+    assert_near(out.rejected_rewards, [-0.5])
 
 
 def test_dpo_label_smoothing_is_conservative_dpo():
@@ -97,7 +97,7 @@ def test_dpo_label_smoothing_is_conservative_dpo():
 
     −log σ(−z) = −log σ(z) + z, so the loss is −log σ(z) + ε·z = 0.598139 + 0.1·0.2 = 0.618139.
     """
-    close(dpo(PAIR, label_smoothing=0.1).losses, [0.618139])
+    assert_near(dpo(PAIR, label_smoothing=0.1).losses, [0.618139])
 
 
 def test_dpo_label_smoothing_range():
@@ -113,11 +113,11 @@ def test_rpo_is_dpo_plus_length_normalised_nll():
 
     α = 0.5: 0.598139 + 0.5·2.0 = 1.598139. Rewards are DPO's: 0.1 and −0.1.
     """
-    close(rpo(PAIR).losses, [2.598139])
+    assert_near(rpo(PAIR).losses, [2.598139])
     out = rpo(PAIR, alpha=0.5)
-    close(out.losses, [1.598139])
-    close(out.chosen_rewards, [0.1])
-    close(out.rejected_rewards, [-0.1])
+    assert_near(out.losses, [1.598139])
+    assert_near(out.chosen_rewards, [0.1])
+    assert_near(out.rejected_rewards, [-0.1])
 
 
 def test_rpo_length_normalisation():
@@ -128,8 +128,8 @@ def test_rpo_length_normalisation():
     10·2/25 = 0.8, so losses 1.398139 each: same mean as the paper's only when the lengths agree.
     """
     logps = SequenceLogps(t(-10.0, -10.0), t(-12.0, -12.0), t(-11.0, -11.0), t(-11.0, -11.0), chosen_lengths=t(5, 20))
-    close(rpo(logps).losses, [2.598139, 1.098139])
-    close(rpo(logps, nll_norm="batch_tokens").losses, [1.398139, 1.398139])
+    assert_near(rpo(logps).losses, [2.598139, 1.098139])
+    assert_near(rpo(logps, nll_norm="batch_tokens").losses, [1.398139, 1.398139])
 
 
 def test_rpo_nll_norm_checked():
@@ -147,7 +147,7 @@ def test_log1mexp_hand_values():
     log1p(−exp(−1e-8)) is log1p(−1) = −inf.
     """
     x = t(-math.log(2), -math.log(4), -1e-3, -50.0, -1e-8)
-    close(log1mexp(x), [-0.693147, -0.287682, -6.908255, 0.0, -16.118096])
+    assert_near(log1mexp(x), [-0.693147, -0.287682, -6.908255, 0.0, -16.118096])
     assert torch.isinf(torch.log1p(-torch.exp(t(-1e-8)))).all()
 
 
@@ -165,10 +165,10 @@ def test_orpo_hand_values():
         rejected_lengths=t(2),
     )
     out = orpo(logps, lam=0.1)
-    close(out.losses, [0.721915])
-    close(out.chosen_rewards, [-0.0693147])
-    close(out.rejected_rewards, [-0.138629])
-    close(orpo(logps, lam=1.0).losses, [0.693147 + 0.287682])
+    assert_near(out.losses, [0.721915])
+    assert_near(out.chosen_rewards, [-0.0693147])
+    assert_near(out.rejected_rewards, [-0.138629])
+    assert_near(orpo(logps, lam=1.0).losses, [0.693147 + 0.287682])
 
 
 def test_orpo_stays_finite_at_the_extremes():
@@ -181,7 +181,7 @@ def test_orpo_stays_finite_at_the_extremes():
     pc = t(-1e-8, -50.0).requires_grad_()
     pr = t(-100.0, -2e-8).requires_grad_()
     out = orpo(SequenceLogps(pc, pr, chosen_lengths=t(1, 1), rejected_lengths=t(2, 2)))
-    close(out.losses, [1e-8, 56.611810])
+    assert_near(out.losses, [1e-8, 56.611810])
     out.losses.sum().backward()
     assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
 
@@ -195,11 +195,11 @@ def test_ipo_hand_values():
     Rewards β·(policy − ref) on the sums: 0.1 and −0.1.
     """
     out = ipo(PAIR, beta=0.1)
-    close(out.losses, [18.49])
-    close(out.chosen_rewards, [0.1])
-    close(out.rejected_rewards, [-0.1])
-    close(ipo(PAIR, beta=0.1, length_normalize=False).losses, [9.0])
-    close(ipo(PAIR, beta=0.5, length_normalize=False).losses, [1.0])  # (2 − 1)²
+    assert_near(out.losses, [18.49])
+    assert_near(out.chosen_rewards, [0.1])
+    assert_near(out.rejected_rewards, [-0.1])
+    assert_near(ipo(PAIR, beta=0.1, length_normalize=False).losses, [9.0])
+    assert_near(ipo(PAIR, beta=0.5, length_normalize=False).losses, [1.0])  # (2 − 1)²
 
 
 # --- metrics, registry, interface --------------------------------------------------------------
@@ -349,7 +349,7 @@ def test_dpo_and_ipo_match_trl(trl_dpo):
     per_token, lengths, logps = _random_pairs(3, [4, 7, 2, 6, 3, 5])
     for loss_types, ours in [(["sigmoid"], dpo(logps, beta=0.1)), (["ipo"], ipo(logps, beta=0.1))]:
         loss, metrics = _trl_dpo_loss(trl_dpo, per_token, lengths, logps, loss_types, [1.0])
-        close(loss, ours.losses.mean())
+        assert_near(loss, ours.losses.mean())
         assert reward_metrics(ours) == pytest.approx({k: metrics[k] for k in reward_metrics(ours)}, abs=1e-5)
 
 
@@ -360,14 +360,14 @@ def test_rpo_matches_trl_sigmoid_plus_sft(trl_dpo):
     """
     per_token, lengths, logps = _random_pairs(3, [4, 7, 2, 6, 3, 5], seed=1)
     loss, _ = _trl_dpo_loss(trl_dpo, per_token, lengths, logps, ["sigmoid", "sft"], [1.0, 0.5])
-    close(loss, rpo(logps, alpha=0.5, nll_norm="batch_tokens").losses.mean())
+    assert_near(loss, rpo(logps, alpha=0.5, nll_norm="batch_tokens").losses.mean())
     assert not torch.isclose(loss, rpo(logps, alpha=0.5).losses.mean(), atol=1e-3)
 
 
 def test_rpo_equals_trl_when_winners_share_a_length(trl_dpo):
     per_token, lengths, logps = _random_pairs(2, [5, 5, 3, 8], seed=2)
     loss, _ = _trl_dpo_loss(trl_dpo, per_token, lengths, logps, ["sigmoid", "sft"], [1.0, 1.0])
-    close(loss, rpo(logps).losses.mean())
+    assert_near(loss, rpo(logps).losses.mean())
 
 
 def test_label_smoothing_matches_trl_aot_for_one_pair(trl_dpo):
@@ -375,7 +375,7 @@ def test_label_smoothing_matches_trl_aot_for_one_pair(trl_dpo):
     (its sort is then a no-op), is exactly our dpo with label_smoothing=ε."""
     per_token, lengths, logps = _random_pairs(1, [4, 6], seed=3)
     loss, _ = _trl_dpo_loss(trl_dpo, per_token, lengths, logps, ["aot"], [1.0], eps=0.2)
-    close(loss, dpo(logps, label_smoothing=0.2).losses.mean())
+    assert_near(loss, dpo(logps, label_smoothing=0.2).losses.mean())
 
 
 def test_orpo_matches_trl(trl_orpo):
@@ -385,8 +385,8 @@ def test_orpo_matches_trl(trl_orpo):
     stand_in = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device=torch.device("cpu")))
     theirs, chosen_rewards, rejected_rewards, _, _ = trl_orpo.ORPOTrainer.odds_ratio_loss(stand_in, mc, mr)
     ours = orpo(logps, lam=0.1)
-    close(ours.losses, -mc - theirs)
-    close(ours.chosen_rewards, chosen_rewards)
-    close(ours.rejected_rewards, rejected_rewards)
+    assert_near(ours.losses, -mc - theirs)
+    assert_near(ours.chosen_rewards, chosen_rewards)
+    assert_near(ours.rejected_rewards, rejected_rewards)
     x = -torch.logspace(-7, math.log10(50), 200)
-    close(log1mexp(x), trl_orpo.log1mexp(x))
+    assert_near(log1mexp(x), trl_orpo.log1mexp(x))
