@@ -165,19 +165,8 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Config from a YAML file (or defaults when path is None) plus `a.b=value` overrides."""
-    raw: dict = {}
-    where = "defaults"
-    if path is not None:
-        where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: the top level must be a mapping of keys to values")
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    where = str(path) if path is not None else "defaults"
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -188,6 +177,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
     return _build(Config, raw, "", where)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; `extends: other.yaml` (relative to the file) is read first and overlaid."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise UserError(f"{path}: 'extends' goes round in a circle ({' -> '.join(map(str, seen))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys to values")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    return _overlay(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(cfg) -> dict:

@@ -1,8 +1,10 @@
 """Config loading: YAML + dotted overrides, and each kind of bad input named with key and file."""
 
+from pathlib import Path
+
 import pytest
 
-from selfimprove.config import Config, describe, load_config
+from selfimprove.config import Config, describe, load_config, to_dict
 from selfimprove.errors import UserError
 
 
@@ -78,3 +80,30 @@ def test_exponent_without_dot_is_a_float():
     assert load_config(None, ["rollout.temperature=1e-1"]).rollout.temperature == 0.1
     with pytest.raises(UserError, match=r"'rollout.temperature' must be float, got str 'hot'"):
         load_config(None, ["rollout.temperature=hot"])
+
+
+def test_extends_overlays_a_base_file_key_by_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("run_dir: runs/a\nrollout:\n  n: 4\n  temperature: 0.5\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.yaml").write_text("extends: ../base.yaml\nrollout:\n  n: 6\n")
+    cfg = load_config(tmp_path / "sub" / "top.yaml", ["rollout.top_p=0.9"])
+    assert (cfg.run_dir, cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p) == ("runs/a", 6, 0.5, 0.9)
+
+
+def test_extends_missing_or_circular_base_is_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(UserError, match=r"config file not found: .*gone.yaml \(extended by .*a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("extends: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("extends: b.yaml\n")
+    with pytest.raises(UserError, match=r"'extends' goes round in a circle"):
+        load_config(tmp_path / "b.yaml")
+
+
+@pytest.mark.parametrize("name, loss", [("local-star.yaml", "sft"), ("local-dpo.yaml", "dpo")])
+def test_baseline_recipes_differ_from_local_only_in_loss_and_run_dir(name, loss):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    local, baseline = to_dict(load_config(configs / "local.yaml")), to_dict(load_config(configs / name))
+    assert baseline["train"]["loss"] == loss and baseline["run_dir"] == f"runs/{name.removesuffix('.yaml')}"
+    baseline["train"]["loss"], baseline["run_dir"] = local["train"]["loss"], local["run_dir"]
+    assert baseline == local

@@ -1,6 +1,6 @@
 """Outcome pairs: winners against losers, K per problem by cycling, problems without either counted."""
 
-from selfimprove.pairs import outcome_pairs
+from selfimprove.pairs import outcome_pairs, winner_rows
 
 
 def s(pid, i, text, correct, status="ok"):
@@ -42,3 +42,18 @@ def test_gold_solution_is_the_first_winner_and_rescues_problems_without_one():
 def test_identical_texts_never_pair():
     pairs, _ = outcome_pairs([s("p", 0, "same", True), s("p", 1, "same", False)], pairs_per_problem=3)
     assert pairs == []
+
+
+def test_winner_rows_take_distinct_correct_samples_and_need_no_loser():
+    """K=2: p1 gives a, b; p2 (no loser) gives c, d; p3 has no winner; p4 gives w."""
+    rows, stats = winner_rows(SAMPLES, rows_per_problem=2)
+    assert [(r["problem_id"], r["prompt"], r["response"]) for r in rows] == [
+        ("p1", "P-p1", "a"), ("p1", "P-p1", "b"), ("p2", "P-p2", "c"), ("p2", "P-p2", "d"), ("p4", "P-p4", "w")]
+    assert stats == {"problems": 4, "no_winner": 1, "rows": 5}
+
+
+def test_winner_rows_put_gold_first_and_drop_repeated_texts():
+    samples = [s("p", 0, "same", True), s("p", 1, "same", True), s("p", 2, "other", True), s("q", 0, "x", False)]
+    rows, stats = winner_rows(samples, rows_per_problem=3, gold={"p": "gold", "q": "gq"})
+    assert [(r["problem_id"], r["response"]) for r in rows] == [("p", "gold"), ("p", "same"), ("p", "other"), ("q", "gq")]
+    assert stats == {"problems": 2, "no_winner": 0, "rows": 4}
