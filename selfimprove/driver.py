@@ -25,6 +25,7 @@ import yaml
 from selfimprove.config import Config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import is_done, read_table, stage_output
+from selfimprove.progress import RunProgress
 
 
 def run(cfg: Config) -> list[dict]:
@@ -41,15 +42,16 @@ def run(cfg: Config) -> list[dict]:
     from selfimprove.runtime import init_ray
 
     init_ray()
-    _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems)
+    progress = RunProgress(run_dir, cfg.iterations)
+    _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
     for t in range(1, cfg.iterations + 1):
         it = run_dir / f"iter_{t}"
         temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
-        _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature)
-        _stage(it / "pairs", _pairs, cfg, train_problems, it / "rollout")
-        _stage(it / "train", _train, cfg, policy, it / "pairs")
+        _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress)
+        _stage(it / "pairs", _pairs, cfg, train_problems, it / "rollout", progress=progress)
+        _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress)
         policy = str((it / "train" / "model").resolve())
-        _stage(it / "eval", _evaluate, cfg, policy, task, test_problems)
+        _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
         write_metrics(run_dir)
     return write_metrics(run_dir)
 
@@ -89,17 +91,27 @@ def write_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _stage(folder: Path, fn, *args) -> None:
-    """Run `fn(*args, scratch)` unless `folder` is finished; time it and mark it finished."""
+def _stage(folder: Path, fn, *args, progress: RunProgress | None = None) -> None:
+    """Run `fn(*args, scratch)` unless `folder` is finished; time it and mark it finished.
+
+    `timing.json` keeps the start time too, so a run's wall time can be set against its stage times.
+    """
     if is_done(folder):
+        if progress:
+            progress.skipped(folder)
         return
-    start = time.perf_counter()
+    if progress:
+        progress.starting(folder)
+    started, start = time.time(), time.perf_counter()
     try:
         with stage_output(folder) as scratch:
             fn(*args, scratch)
-            (scratch / "timing.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 2)}))
+            seconds = round(time.perf_counter() - start, 2)
+            (scratch / "timing.json").write_text(json.dumps({"seconds": seconds, "started": round(started, 2)}))
     except OSError as e:
         raise UserError(f"cannot write stage {folder}: {e.strerror}; rerun to redo only this stage") from None
+    if progress:
+        progress.finished(folder, seconds)
 
 
 def _rollout(cfg: Config, policy: str, task, problems: list[dict], temperature: float, out: Path) -> None:
@@ -110,17 +122,23 @@ def _rollout(cfg: Config, policy: str, task, problems: list[dict], temperature: 
 
 
 def _pairs(cfg: Config, problems: list[dict], rollout_dir: Path, out: Path) -> None:
-    from selfimprove.pairs import outcome_pairs
+    """`pairs.parquet` for preference losses; `sft.parquet` of correct samples for `train.loss=sft` (STaR)."""
+    from selfimprove.pairs import outcome_pairs, winner_rows
+    from selfimprove.train.losses import needs_rejected
 
     samples = read_table(rollout_dir / "samples").to_pylist()
     gold = {p["id"]: p["solution"] for p in problems} if cfg.pairs.include_gold else None
-    pairs, stats = outcome_pairs(samples, cfg.pairs.pairs_per_problem, gold)
-    if not pairs:
+    if needs_rejected(cfg.train.loss):
+        rows, stats = outcome_pairs(samples, cfg.pairs.pairs_per_problem, gold)
+        name, why = "pairs.parquet", f"{stats['no_winner']} had no correct sample and {stats['no_loser']} no incorrect one"
+    else:
+        rows, stats = winner_rows(samples, cfg.pairs.pairs_per_problem, gold)
+        name, why = "sft.parquet", f"{stats['no_winner']} had no correct sample"
+    if not rows:
         raise UserError(
-            f"no preference pairs in {rollout_dir}: of {stats['problems']} problems, {stats['no_winner']} had no "
-            f"correct sample and {stats['no_loser']} no incorrect one; raise rollout.n or rollout.temperature, "
-            "use easier problems, or set pairs.include_gold=true")
-    pq.write_table(pa.Table.from_pylist(pairs), out / "pairs.parquet")
+            f"nothing to train on from {rollout_dir}: of {stats['problems']} problems, {why}; raise rollout.n or "
+            "rollout.temperature, use easier problems, or set pairs.include_gold=true")
+    pq.write_table(pa.Table.from_pylist(rows), out / name)
     (out / "stats.json").write_text(json.dumps(stats))
 
 
@@ -128,7 +146,7 @@ def _train(cfg: Config, policy: str, pairs_dir: Path, out: Path) -> None:
     from selfimprove.train.trainer import train
 
     # `out` is the stage's scratch folder: the trainer writes its model folder inside it.
-    train(dataclasses.replace(cfg, model=policy), pairs_dir / "pairs.parquet", out / "model")
+    train(dataclasses.replace(cfg, model=policy), pairs_dir, out / "model")
 
 
 def _evaluate(cfg: Config, policy: str, task, problems: list[dict], out: Path) -> None:
