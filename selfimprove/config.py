@@ -151,6 +151,29 @@ class PairsConfig:
     include_gold: bool = knob(False, "add the problem's gold chain of thought as a winner")
 
 
+def _scorer(v) -> str | None:
+    # The trained PRM (issue 6) is not built yet: drop the second clause when it is.
+    return one_of("mc", "trained")(v) or ("must be mc for now (the trained PRM is not built yet)" if v == "trained" else None)
+
+
+@dataclass
+class ProcessConfig:
+    scorer: str = knob("mc", "step scorer: mc (Monte Carlo rollouts from each step) or trained (a PRM; not built yet)",
+                       _scorer)
+    split: str = knob("newline", "how a sample is cut into steps: newline, sentence (newlines and '. '), step_marker ('Step k')",
+                      one_of("newline", "sentence", "step_marker"))
+    max_steps: int = knob(8, "most steps per sample; the steps past it are scored as one last step", positive)
+    k: int = knob(4, "mc: completions rolled out from each step prefix", lambda v: None if v >= 1 else "must be >= 1")
+    temperature: float = knob(0.8, "mc: sampling temperature of those completions", non_negative)
+    label: str = knob("soft", "mc full scan: a step's value is the share of completions that reach the gold answer "
+                      "(soft) or 1 if any does (hard)", one_of("soft", "hard"))
+    search: str = knob("full", "mc: roll out from every step (full), or binary-search each wrong sample for its first "
+                       "step of value 0 and label steps 1 before it, 0 from it (first_error: fewer rollouts)",
+                       one_of("full", "first_error"))
+    path_score: str = knob("mean", "a sample's score from its step values: mean or min", one_of("mean", "min"))
+    eta: float = knob(0.1, "process pairs: least score gap between chosen and rejected", non_negative)
+
+
 @dataclass
 class Config:
     model: str = knob("smollm2-135m-instruct", "policy model: bundled name, HF id, local folder or .gguf file")
@@ -160,6 +183,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -44,11 +44,7 @@ class _Generator:
         seeds = [int(x) for x in batch["seed"]] if "seed" in batch else [None] * size
         prompts = [self.tokenizer.apply_chat_template(json.loads(p), tokenize=False, add_generation_prompt=True)
                    for p in batch["prompt"]]
-        lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        # A prompt must leave room for at least one new token.
-        fits = [i for i in range(size) if lengths[i] < self.cfg.max_model_len]
-        results = dict(zip(fits, self.generate([prompts[i] for i in fits], [ns[i] for i in fits],
-                                               [temps[i] for i in fits], [seeds[i] for i in fits]), strict=True))
+        lengths, results = self.generate_raw(prompts, ns, temps, seeds)
         # The chat-message JSON is replaced by the templated text the model actually saw.
         keep = [k for k in batch if k != "prompt"]
         out: dict[str, list] = {k: [] for k in (*keep, "prompt_text", "sample_index", "text",
@@ -67,6 +63,18 @@ class _Generator:
                 out["finish_reason"].append(reason)
                 out["status"].append(SKIPPED if reason == SKIPPED else "ok")
         return out
+
+    def generate_raw(self, prompts: list[str], ns: list[int], temps: list[float], seeds: list[int | None]
+                     ) -> tuple[list[int], dict[int, list[tuple[str, int, str]]]]:
+        """(prompt tokens of each, {index: its samples}) for prompt texts as the model sees them.
+
+        A prompt that leaves no room for one new token in `max_model_len` gets no entry.
+        """
+        lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        fits = [i for i in range(len(prompts)) if lengths[i] < self.cfg.max_model_len]
+        samples = self.generate([prompts[i] for i in fits], [ns[i] for i in fits], [temps[i] for i in fits],
+                                [seeds[i] for i in fits]) if fits else []
+        return lengths, dict(zip(fits, samples, strict=True))
 
     def generate(self, prompts: list[str], ns: list[int], temps: list[float],
                  seeds: list[int | None]) -> list[list[tuple[str, int, str]]]:

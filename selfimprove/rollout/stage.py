@@ -47,9 +47,14 @@ def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, 
     return [
         {"pass": name, "problem_id": p["id"], "question": p["question"], "answer": p["answer"],
          "prompt": json.dumps(task.prompt(p)), "n": n, "temperature": temperature,
-         "seed": int.from_bytes(hashlib.sha256(f"{seed}:{name}:{p['id']}".encode()).digest()[:4], "little") >> 1}
+         "seed": request_seed(seed, name, p["id"])}
         for name, (n, temperature) in passes.items() for p in problems
     ]
+
+
+def request_seed(*parts) -> int:
+    """A request's sampling seed in [0, 2**31): a hash of `parts` (run seed first), stable across runs."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little") >> 1
 
 
 def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarray]:
@@ -65,15 +70,13 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     """Generate and verify samples for `rows` (from `request_rows`) into `out`; return them as an Arrow table."""
     import ray
 
-    cpu = _cpu_only()
     actors = cfg.num_actors
-    cores = cfg.cpus_per_actor or max((os.cpu_count() or 1) // actors, 1)
-    resources = {"num_cpus": cores} if cpu else {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}
+    resources, cores = engine_resources(cfg)
     batches = max(len(rows) // cfg.batch_size, actors)
     ds = ray.data.from_items(rows, override_num_blocks=batches)
     ds = ds.map_batches(
         VLLMGenerator,
-        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": task.stop, "cores_per_actor": cores if cpu else 0},
+        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": task.stop, "cores_per_actor": cores},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         **resources,
@@ -88,6 +91,14 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     except Exception as e:
         raise UserError(f"rollout failed: {_root_cause(e)}") from e
     return read_table(out, SAMPLE_ORDER)
+
+
+def engine_resources(cfg: RolloutConfig) -> tuple[dict, int]:
+    """(Ray resources of one engine actor, cores it binds to on CPU or 0 on GPU), for a pool of `num_actors`."""
+    if _cpu_only():
+        cores = cfg.cpus_per_actor or max((os.cpu_count() or 1) // cfg.num_actors, 1)
+        return {"num_cpus": cores}, cores
+    return {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}, 0
 
 
 def _cpu_only() -> bool:

@@ -1,0 +1,279 @@
+"""Monte Carlo step values: the pure math, the scoring bookkeeping, and a real vLLM engine in a Ray actor.
+
+The fast tests drive `score_samples` with a scripted `complete`: from a prefix whose last
+"r=N" marker says N, it writes N of k completions that state the gold answer 8 and k - N
+that state 0; from a prefix with no marker, empty completions (so only the prefix can reach
+the answer); and nothing for a prompt over LIMIT characters (too long for the context).
+The engine tests put the real engine behind the same `complete`.
+"""
+
+import dataclasses
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from selfimprove.config import ProcessConfig, RolloutConfig, TaskConfig
+from selfimprove.reward.mc_prm import (
+    MCPRM,
+    STEP_SCHEMA,
+    first_error_labels,
+    first_zero,
+    pool_complete,
+    score_samples,
+    search_probe,
+    search_start,
+    search_update,
+    step_value,
+    write_steps,
+)
+from selfimprove.rollout.generator import SKIPPED
+from selfimprove.rollout.stage import request_seed
+from selfimprove.tasks import build_task
+
+K = 4
+LIMIT = 100
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task(TaskConfig(generated_train=20, generated_test=20))
+
+
+def test_step_value_soft_and_hard():
+    assert step_value(2, 4, "soft") == 0.5 and step_value(2, 4, "hard") == 1.0
+    assert step_value(0, 4, "soft") == 0.0 and step_value(0, 4, "hard") == 0.0
+    assert step_value(4, 4, "soft") == 1.0
+
+
+def test_search_finds_the_first_zero_in_log_steps():
+    """Values [1, .5, 0, 0, 0]: bounds (0, 4), probe 2 is 0 -> (0, 2), probe 1 is .5 -> (2, 2): first error 2,
+    2 probes instead of 4. Eight steps with only the last 0: probes 3, 5, 6 -> (7, 7), 3 instead of 7."""
+    values = [1.0, 0.5, 0.0, 0.0, 0.0]
+    lo, hi = search_start(5, correct=False)
+    probes = []
+    while (p := search_probe(lo, hi)) is not None:
+        probes.append(p)
+        lo, hi = search_update(lo, hi, p, values[p] == 0)
+    assert probes == [2, 1] and (lo, hi) == (2, 2) == (first_zero(values),) * 2
+    lo, hi = search_start(8, correct=False)
+    probes = []
+    while (p := search_probe(lo, hi)) is not None:
+        probes.append(p)
+        lo, hi = search_update(lo, hi, p, p == 7)
+    assert probes == [3, 5, 6] and hi == 7
+    assert search_start(3, correct=True) is None and search_probe(*search_start(1, correct=False)) is None
+
+
+def test_first_error_labels_and_first_zero():
+    assert first_error_labels(5, 2) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert first_error_labels(3, None) == [1.0, 1.0, 1.0] and first_error_labels(1, 0) == [0.0]
+    assert first_zero([1.0, 0.5, 0.0, 0.0]) == 2 and first_zero([1.0, None, 0.0]) == 1 and first_zero([1.0]) is None
+
+
+def sample(pid, i, text, correct, status="ok"):
+    return {"problem_id": pid, "sample_index": i, "prompt_text": f"{pid}/{i}|", "text": text, "answer": "8",
+            "status": status, "correct": correct}
+
+
+SAMPLES = [
+    sample("p0", 0, "a r=4\nb r=2\nc r=0\nd r=0\nThe answer is 5.", False),
+    sample("p0", 1, "a r=1\nb r=3\nThe answer is 8.", True),
+    sample("p2", 0, "The answer is 3.", False),                                   # one step
+    sample("p3", 0, " \n", False),                                                # no step
+    sample("p4", 0, "", False, SKIPPED),                                          # never generated
+    sample("p5", 0, "a r=3\n" + "long " * 30 + "r=0\nThe answer is 1.", False),  # step 1 over LIMIT
+    sample("p6", 0, "So the answer is 8.\nwait r=0\nThe answer is 2.", False),    # step 0 states the answer
+]
+
+
+class Scripted:
+    """The scripted `complete`, keeping every call's prompts and seeds."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, seeds, k, temperature):
+        self.calls.append(dict(zip(prompts, seeds)))
+        out = []
+        for p in prompts:
+            r = re.findall(r"r=(\d)", p)
+            out.append(None if len(p) > LIMIT else [""] * k if not r else
+                       ["\nThe answer is 8."] * int(r[-1]) + ["\nThe answer is 0."] * (k - int(r[-1])))
+        return out
+
+
+def by_sample(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["problem_id"], r["sample_index"]), []).append(r)
+    return out
+
+
+def col(rows, key):
+    return [r[key] for r in rows]
+
+
+def test_full_scan(task):
+    """Every step but the last is rolled out K=4 times; the last is the sample's outcome.
+    p0/0: r = 4, 2, 0, 0 -> 1, .5, 0, 0, then outcome 0. p0/1: .25, .75, outcome 1. p2: outcome 0 alone.
+    p5: .75, then too long, outcome 0. p6: the prefix "So the answer is 8." with empty completions
+    reaches 8 (4 of 4); "wait r=0" then states 0 -> 0. Rollouts 4 x (4 + 2 + 1 + 2) = 36, one round."""
+    complete = Scripted()
+    rows, stats = score_samples(complete, SAMPLES, task, ProcessConfig(k=K), seed=3)
+    got = by_sample(rows)
+    assert list(got) == [("p0", 0), ("p0", 1), ("p2", 0), ("p5", 0), ("p6", 0)]
+    assert col(got["p0", 0], "value") == [1.0, 0.5, 0.0, 0.0, 0.0]
+    assert col(got["p0", 0], "reached") == [4, 2, 0, 0, None]
+    assert col(got["p0", 0], "rollouts") == [4, 4, 4, 4, 0]
+    assert col(got["p0", 0], "source") == ["rollout"] * 4 + ["outcome"]
+    assert col(got["p0", 1], "value") == [0.25, 0.75, 1.0]
+    assert col(got["p2", 0], "value") == [0.0] and col(got["p2", 0], "source") == ["outcome"]
+    assert col(got["p5", 0], "value") == [0.75, None, 0.0]
+    assert col(got["p5", 0], "source") == ["rollout", SKIPPED, "outcome"] and col(got["p5", 0], "rollouts") == [4, 0, 0]
+    assert col(got["p6", 0], "value") == [1.0, 0.0, 0.0] and col(got["p6", 0], "reached") == [4, 0, None]
+    assert stats == {"samples": 5, "not_generated": 1, "no_steps": 1, "single_step": 1, "capped": 0, "steps": 15,
+                     "too_long": 1, "rollouts": 36, "rounds": 1}
+    # Spans, texts and the prompt each prefix was rolled out from.
+    first = got["p0", 0][1]
+    assert (first["step_index"], first["start"], first["end"], first["text"]) == (1, 6, 11, "b r=2")
+    (call,) = complete.calls
+    assert call["p0/0|a r=4\nb r=2"] == request_seed(3, "mc", "p0", 0, 1)
+    assert len(call) == 4 + 2 + 2 + 2 and len(set(call.values())) == len(call)
+
+
+def test_hard_labels_and_capped_steps(task):
+    """Hard: p0/1's .25 and .75 become 1. max_steps 3 keeps p0/0's a and b and scores "c ... 5." by its outcome."""
+    rows, stats = score_samples(Scripted(), SAMPLES[:2], task, ProcessConfig(k=K, label="hard", max_steps=3), seed=0)
+    got = by_sample(rows)
+    assert col(got["p0", 0], "value") == [1.0, 1.0, 0.0]
+    assert col(got["p0", 0], "text")[-1] == "c r=0\nd r=0\nThe answer is 5."
+    assert col(got["p0", 1], "value") == [1.0, 1.0, 1.0]
+    assert stats["capped"] == 1 and stats["rollouts"] == 4 * (2 + 2)
+
+
+def test_first_error_search_agrees_with_the_full_scan_in_fewer_rollouts(task):
+    """Right samples are not rolled out. p0/0: probe 2 (0), then 1 (.5): first error 2. p2: one step, error 0.
+    p5: probe 1 is too long (counts as the error), probe 0 is .75: first error 1, and it stays unvalued.
+    p6: probe 1 (0), probe 0 (forced, 1): first error 1. Two rounds; 4 x (2 + 1 + 2) = 20 rollouts, not 36.
+    Same seeds as the full scan for the same steps."""
+    cfg = ProcessConfig(k=K, search="first_error")
+    complete = Scripted()
+    rows, stats = score_samples(complete, SAMPLES, task, cfg, seed=3)
+    got = by_sample(rows)
+    assert col(got["p0", 0], "value") == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert col(got["p0", 0], "source") == ["inferred", "rollout", "rollout", "inferred", "outcome"]
+    assert col(got["p0", 0], "reached") == [None, 2, 0, None, None]
+    assert col(got["p0", 1], "value") == [1.0, 1.0, 1.0]
+    assert col(got["p0", 1], "source") == ["inferred", "inferred", "outcome"]
+    assert col(got["p2", 0], "value") == [0.0]
+    assert col(got["p5", 0], "value") == [1.0, None, 0.0]
+    assert col(got["p5", 0], "source") == ["rollout", SKIPPED, "outcome"]
+    assert col(got["p6", 0], "value") == [1.0, 0.0, 0.0] and col(got["p6", 0], "rollouts") == [4, 4, 0]
+    assert stats["rollouts"] == 20 and stats["rounds"] == 2 and stats["too_long"] == 1
+    assert [sorted(c) for c in complete.calls] == [
+        ["p0/0|a r=4\nb r=2\nc r=0", "p5/0|a r=3\n" + ("long " * 30).strip() + " r=0", "p6/0|So the answer is 8.\nwait r=0"],
+        ["p0/0|a r=4\nb r=2", "p5/0|a r=3", "p6/0|So the answer is 8."]]
+    full = Scripted()
+    full_rows, _ = score_samples(full, SAMPLES, task, ProcessConfig(k=K), seed=3)
+    assert all(full.calls[0][p] == s for c in complete.calls for p, s in c.items())
+    full_got = by_sample(full_rows)
+    assert {key: first_zero(col(r, "value")) for key, r in got.items()} == {
+        key: first_zero(col(r, "value")) for key, r in full_got.items()} == {
+        ("p0", 0): 2, ("p0", 1): None, ("p2", 0): 0, ("p5", 0): 1, ("p6", 0): 1}
+
+
+def test_steps_parquet_schema(task, tmp_path):
+    rows, _ = score_samples(Scripted(), SAMPLES, task, ProcessConfig(k=K), seed=0)
+    write_steps(rows, tmp_path / "steps.parquet")
+    table = pq.read_table(tmp_path / "steps.parquet")
+    assert table.schema == STEP_SCHEMA and table.to_pylist() == rows
+    write_steps([], tmp_path / "empty.parquet")
+    assert pq.read_table(tmp_path / "empty.parquet").schema == STEP_SCHEMA
+
+
+# -- a real engine ------------------------------------------------------------------------------
+
+ENGINE = RolloutConfig(max_tokens=24, max_model_len=512, cpu_kvcache_gib=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine_complete(ray_local, bundled_model, task):
+    """`complete` over one MCPRM actor on the bundled model, keeping what it wrote for failure messages.
+    No core binding: binding waits for a free per-core slot lock, which other engines on the machine may hold."""
+    actor = ray_local.remote(num_cpus=1)(MCPRM).remote(bundled_model, ENGINE, task.stop)
+    written = {}
+
+    def complete(prompts, seeds, k, temperature):
+        outs = pool_complete([actor], prompts, seeds, k, temperature)
+        written.update((p[-60:], o) for p, o in zip(prompts, outs))
+        return outs
+
+    complete.written = written
+    yield complete
+    ray_local.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def engine_samples(task, bundled_model):
+    """A prompt as the rollout stage templates it, and: a wrong sample whose first step is the gold solution
+    in the one-shot example's form and whose second restates its answer; the gold solution one sentence a
+    line (right); a wrong sample whose first step is too long for the context.
+
+    (A bare "The answer is 19." as a first step is no forced case on this model: one of two completions went
+    on to state another answer, and the last stated answer is the one that counts.)"""
+    from transformers import AutoTokenizer
+
+    problem = task.load("test")[0]
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model)
+    prompt = tokenizer.apply_chat_template(task.prompt(problem), tokenize=False, add_generation_prompt=True)
+    gold, wrong = problem["answer"], str(int(problem["answer"]) + 1)
+
+    def row(i, text):
+        return {"problem_id": problem["id"], "sample_index": i, "prompt_text": prompt, "text": text, "answer": gold,
+                "status": "ok", "correct": task.verify(text, gold)}
+
+    return [row(0, f"{problem['solution']}\nSo the answer is {gold}.\nThe answer is {wrong}."),
+            row(1, problem["solution"].replace(". ", ".\n")),
+            row(2, "Tom has 3 apples. " * 150 + f"\nThe answer is {wrong}.")]
+
+
+@pytest.fixture(scope="module")
+def full_and_search(engine_complete, engine_samples, task):
+    cfg = ProcessConfig(k=2, temperature=0.8)
+    full = score_samples(engine_complete, engine_samples, task, cfg, seed=0)
+    search = score_samples(engine_complete, engine_samples, task, dataclasses.replace(cfg, search="first_error"), seed=0)
+    return full, search
+
+
+@pytest.mark.engine
+def test_a_prefix_stating_the_gold_answer_scores_1(full_and_search, engine_complete):
+    (rows, stats), _ = full_and_search
+    forced = [r for r in rows if r["sample_index"] == 0]
+    assert col(forced, "value") == [1.0, 1.0, 0.0], engine_complete.written
+    assert col(forced, "reached") == [2, 2, None] and col(forced, "source") == ["rollout", "rollout", "outcome"]
+    right = [r for r in rows if r["sample_index"] == 1]
+    assert len(right) == 4 and right[-1]["value"] == 1.0
+    assert all(r["rollouts"] == 2 and r["value"] in (0.0, 0.5, 1.0) for r in right[:-1])
+
+
+@pytest.mark.engine
+def test_too_long_prefix_is_skipped_not_fatal(full_and_search):
+    (rows, stats), _ = full_and_search
+    long = [r for r in rows if r["sample_index"] == 2]
+    assert col(long, "value") == [None, 0.0] and col(long, "source") == [SKIPPED, "outcome"]
+    assert stats["too_long"] == 1 and stats["rollouts"] == 2 * (2 + 3)
+
+
+@pytest.mark.engine
+def test_first_error_search_agrees_on_the_forced_case(full_and_search):
+    """Forced: bounds (0, 2), probe 1 states the answer (1): first error 2, as the full scan finds, with 1 probe
+    instead of 2. The right sample is not rolled out; the long one's only probe is too long."""
+    (full, full_stats), (search, search_stats) = full_and_search
+    forced = [r for r in search if r["sample_index"] == 0]
+    assert col(forced, "value") == [1.0, 1.0, 0.0] and col(forced, "source") == ["inferred", "rollout", "outcome"]
+    assert forced[1]["reached"] == [r for r in full if r["sample_index"] == 0][1]["reached"]
+    for i in (0, 2):
+        assert first_zero(col([r for r in search if r["sample_index"] == i], "value")) == first_zero(
+            col([r for r in full if r["sample_index"] == i], "value"))
+    assert search_stats["rollouts"] == 2 < full_stats["rollouts"]
