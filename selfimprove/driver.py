@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from selfimprove.config import Config, to_dict
+from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import is_done, read_table, stage_output
 from selfimprove.progress import RunProgress
@@ -61,7 +61,8 @@ def claim_run_dir(run_dir: Path, cfg: Config) -> None:
     saved = run_dir / "config.yaml"
     mine = to_dict(cfg)
     if saved.is_file():
-        theirs = yaml.safe_load(saved.read_text())
+        # Read back as a config, so keys added since the run was made compare at their defaults.
+        theirs = to_dict(load_config(saved))
         if theirs != mine:
             diff = _first_difference(theirs, mine)
             raise UserError(f"{run_dir} holds a run made with another config ({diff}); "

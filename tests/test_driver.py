@@ -7,6 +7,7 @@ order and skipping logic only; tests/test_run.py runs the real stages.
 import json
 
 import pytest
+import yaml
 
 from selfimprove.config import load_config
 from selfimprove.driver import _stage, claim_run_dir, write_metrics
@@ -98,3 +99,15 @@ def test_report_from_metrics(tmp_path):
 def test_report_without_metrics(tmp_path):
     with pytest.raises(UserError, match="has no metrics.jsonl"):
         write_report(tmp_path)
+
+
+def test_claim_accepts_a_run_saved_before_a_key_existed(tmp_path):
+    """A run dir from an older version lacks the `process` section; at its defaults it is the same config."""
+    cfg = load_config(None, [f"run_dir={tmp_path / 'r'}"])
+    claim_run_dir(tmp_path / "r", cfg)
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    del saved["process"]
+    (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump(saved))
+    claim_run_dir(tmp_path / "r", cfg)
+    with pytest.raises(UserError, match=r"process.k: 4 then, 2 now"):
+        claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}", "process.k=2"]))
