@@ -91,11 +91,11 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     rows = run(cfg)
     table = Table(title=f"{cfg.model} on {cfg.task.name}: held-out accuracy per iteration ({cfg.run_dir})")
-    for column in ("iteration", "pass@1", f"maj@{cfg.eval.k}", "pairs", "seconds"):
+    for column in ("iteration", "pass@1", f"maj@{cfg.eval.k}", "training rows", "seconds"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["iteration"]), f"{row['pass@1']:.3f}", f"{row.get(f'maj@{cfg.eval.k}', float('nan')):.3f}",
-                      str(row.get("pairs", {}).get("pairs", "")), f"{sum(row['stage_seconds'].values()):.0f}")
+                      str(row.get("pairs", {}).get("rows", row.get("pairs", {}).get("pairs", ""))), f"{sum(row['stage_seconds'].values()):.0f}")
     Console().print(table)
     from selfimprove.evaluate import write_report
 

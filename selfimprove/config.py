@@ -149,6 +149,9 @@ class TrainConfig:
 class PairsConfig:
     pairs_per_problem: int = knob(2, "most preference pairs built from one problem's samples", positive)
     include_gold: bool = knob(False, "add the problem's gold chain of thought as a winner")
+    source: str = knob("outcome", "rank samples by their final answer (outcome, IRPO) or by their process score "
+                       "from step values (process, SIPF: adds a process stage)", one_of("outcome", "process"))
+    accumulate: bool = knob(False, "train iteration t on its pairs plus all earlier iterations' (D_t = D_t-1 + new, SIPF)")
 
 
 def _scorer(v) -> str | None:

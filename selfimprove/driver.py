@@ -25,14 +25,18 @@ import yaml
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import is_done, read_table, stage_output
-from selfimprove.progress import RunProgress
+from selfimprove.progress import ITERATION_STAGES, RunProgress
 
 
 def run(cfg: Config) -> list[dict]:
     """Run (or resume) `cfg.iterations` iterations into `cfg.run_dir`; return the metrics rows."""
     from selfimprove.models import resolve_model
     from selfimprove.tasks import build_task
+    from selfimprove.train.losses import needs_rejected
 
+    if cfg.pairs.source == "process" and not needs_rejected(cfg.train.loss):
+        raise UserError(f"pairs.source=process builds preference pairs, which train.loss={cfg.train.loss} does not "
+                        "read; use a preference loss such as train.loss=orpo")
     run_dir = Path(cfg.run_dir)
     claim_run_dir(run_dir, cfg)
     task = build_task(cfg.task)
@@ -42,13 +46,17 @@ def run(cfg: Config) -> list[dict]:
     from selfimprove.runtime import init_ray
 
     init_ray()
-    progress = RunProgress(run_dir, cfg.iterations)
+    stages = ("rollout", "process", "pairs", "train", "eval") if cfg.pairs.source == "process" else ITERATION_STAGES
+    progress = RunProgress(run_dir, cfg.iterations, stages)
     _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
     for t in range(1, cfg.iterations + 1):
         it = run_dir / f"iter_{t}"
         temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
         _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress)
-        _stage(it / "pairs", _pairs, cfg, train_problems, it / "rollout", progress=progress)
+        if "process" in stages:
+            _stage(it / "process", _process, cfg, policy, task, it / "rollout", progress=progress)
+        previous = run_dir / f"iter_{t - 1}" / "pairs" if cfg.pairs.accumulate and t > 1 else None
+        _stage(it / "pairs", _pairs, cfg, train_problems, it, previous, progress=progress)
         _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress)
         policy = str((it / "train" / "model").resolve())
         _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
@@ -122,22 +130,40 @@ def _rollout(cfg: Config, policy: str, task, problems: list[dict], temperature: 
     rollout(policy, cfg.rollout, task, rows, out / "samples")
 
 
-def _pairs(cfg: Config, problems: list[dict], rollout_dir: Path, out: Path) -> None:
-    """`pairs.parquet` for preference losses; `sft.parquet` of correct samples for `train.loss=sft` (STaR)."""
-    from selfimprove.pairs import outcome_pairs, winner_rows
+def _process(cfg: Config, policy: str, task, rollout_dir: Path, out: Path) -> None:
+    """Monte Carlo step values of the iteration's samples, rolled out by the policy that wrote them."""
+    from selfimprove.reward.mc_prm import run_mc_prm
+
+    run_mc_prm(policy, cfg.rollout, cfg.process, task, read_table(rollout_dir / "samples").to_pylist(), out)
+
+
+def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, out: Path) -> None:
+    """Training rows from the iteration's samples: `pairs.parquet` (outcome or process pairs) for
+    preference losses, `sft.parquet` of correct samples for `train.loss=sft` (STaR); with
+    `previous`, the earlier iterations' rows too.
+    """
+    from selfimprove.pairs import accumulate_pairs, outcome_pairs, process_pairs, sample_scores, winner_rows
     from selfimprove.train.losses import needs_rejected
 
-    samples = read_table(rollout_dir / "samples").to_pylist()
+    samples = read_table(it / "rollout" / "samples").to_pylist()
     gold = {p["id"]: p["solution"] for p in problems} if cfg.pairs.include_gold else None
-    if needs_rejected(cfg.train.loss):
+    if cfg.pairs.source == "process":
+        scores = sample_scores(pq.read_table(it / "process" / "steps.parquet").to_pylist(), cfg.process.path_score)
+        rows, stats = process_pairs(samples, scores, cfg.pairs.pairs_per_problem, cfg.process.eta)
+        name, why = "pairs.parquet", f"{stats['no_gap']} had no two samples process.eta={cfg.process.eta} apart"
+    elif needs_rejected(cfg.train.loss):
         rows, stats = outcome_pairs(samples, cfg.pairs.pairs_per_problem, gold)
         name, why = "pairs.parquet", f"{stats['no_winner']} had no correct sample and {stats['no_loser']} no incorrect one"
     else:
         rows, stats = winner_rows(samples, cfg.pairs.pairs_per_problem, gold)
         name, why = "sft.parquet", f"{stats['no_winner']} had no correct sample"
+    if previous is not None:
+        rows = accumulate_pairs(pq.read_table(previous / name).to_pylist(), rows)
+        stats["accumulated"] = len(rows)
+    stats["rows"] = len(rows)  # what the trainer gets
     if not rows:
         raise UserError(
-            f"nothing to train on from {rollout_dir}: of {stats['problems']} problems, {why}; raise rollout.n or "
+            f"nothing to train on from {it / 'rollout'}: of {stats['problems']} problems, {why}; raise rollout.n or "
             "rollout.temperature, use easier problems, or set pairs.include_gold=true")
     pq.write_table(pa.Table.from_pylist(rows), out / name)
     (out / "stats.json").write_text(json.dumps(stats))

@@ -72,6 +72,10 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
     return metrics
 
 
+# Pair-stage stats that count what was kept, not problems dropped for a reason.
+COUNTED_NOT_DROPPED = ("problems", "pairs", "rows", "accumulated")
+
+
 def write_report(run_dir: Path) -> Path:
     """`report.md` with a PNG of held-out accuracy per iteration and pair statistics, from metrics.jsonl."""
     import matplotlib
@@ -98,13 +102,13 @@ def write_report(run_dir: Path) -> Path:
     plt.close(fig)
 
     lines = [f"# Run report: {run_dir}", "", "![held-out accuracy per iteration](accuracy.png)", "",
-             "| iteration | " + " | ".join(keys) + " | pairs | problems without a winner | without a loser | seconds |",
-             "|---" * (len(keys) + 5) + "|"]
+             "| iteration | " + " | ".join(keys) + " | training rows | problems dropped | seconds |",
+             "|---" * (len(keys) + 4) + "|"]
     for r in rows:
         p = r.get("pairs", {})
+        dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
-                     + f" | {p.get('pairs', '')} | {p.get('no_winner', '')} | {p.get('no_loser', '')}"
-                     + f" | {sum(r.get('stage_seconds', {}).values()):.0f} |")
+                     + f" | {p.get('rows', p.get('pairs', ''))} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f} |")
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -1,7 +1,7 @@
 """Where a run is: a status line as each stage starts and ends, with elapsed time and an ETA.
 
-1. A run is a fixed plan of stages: evaluate the base model, then rollout, pairs, train and
-   eval for each iteration.
+1. A run is a fixed plan of stages: evaluate the base model, then rollout, (process,) pairs,
+   train and eval for each iteration.
 2. The ETA sums, over the stages still to run, the mean time this run has taken for a stage of
    the same kind, read from finished stages' `timing.json` (so a resumed run knows its past).
    Until each remaining kind has finished once there is no honest estimate, and the line says so.
@@ -17,9 +17,9 @@ from pathlib import Path
 ITERATION_STAGES = ("rollout", "pairs", "train", "eval")
 
 
-def plan(iterations: int) -> list[tuple[int, str]]:
-    """(iteration, stage) in the order the driver runs them."""
-    return [(0, "eval")] + [(t, kind) for t in range(1, iterations + 1) for kind in ITERATION_STAGES]
+def plan(iterations: int, stages: tuple[str, ...] = ITERATION_STAGES) -> list[tuple[int, str]]:
+    """(iteration, stage) in the order the driver runs them, iterations >= 1 made of `stages`."""
+    return [(0, "eval")] + [(t, kind) for t in range(1, iterations + 1) for kind in stages]
 
 
 def eta_seconds(remaining: list[str], seconds_by_kind: dict[str, list[float]]) -> float | None:
@@ -39,11 +39,11 @@ def clock(seconds: float) -> str:
 class RunProgress:
     """Prints the stage lines of one run; the driver calls it around every stage."""
 
-    def __init__(self, run_dir: Path, iterations: int):
+    def __init__(self, run_dir: Path, iterations: int, stages: tuple[str, ...] = ITERATION_STAGES):
         from rich.console import Console
 
         self.run_dir, self.iterations = Path(run_dir), iterations
-        self.stages = plan(iterations)
+        self.stages = plan(iterations, stages)
         self.start = time.monotonic()
         self.console = Console(stderr=True)
 

@@ -6,11 +6,13 @@ order and skipping logic only; tests/test_run.py runs the real stages.
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from selfimprove.config import load_config
-from selfimprove.driver import _stage, claim_run_dir, write_metrics
+from selfimprove.driver import _pairs, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
 from selfimprove.io import is_done
@@ -89,10 +91,10 @@ def test_report_from_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = write_report(tmp_path)
     assert report.read_text().splitlines()[4:] == [
-        "| iteration | pass@1 | maj@4 | pairs | problems without a winner | without a loser | seconds |",
-        "|---|---|---|---|---|---|---|",
-        "| 0 | 0.200 | 0.100 |  |  |  | 5 |",
-        "| 1 | 0.400 | 0.300 | 12 | 3 | 1 | 36 |"]
+        "| iteration | pass@1 | maj@4 | training rows | problems dropped | seconds |",
+        "|---|---|---|---|---|---|",
+        "| 0 | 0.200 | 0.100 |  |  | 5 |",
+        "| 1 | 0.400 | 0.300 | 12 | no winner 3, no loser 1 | 36 |"]
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -111,3 +113,68 @@ def test_claim_accepts_a_run_saved_before_a_key_existed(tmp_path):
     claim_run_dir(tmp_path / "r", cfg)
     with pytest.raises(UserError, match=r"process.k: 4 then, 2 now"):
         claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}", "process.k=2"]))
+
+
+def _sample(pid, i, text, correct):
+    return {"problem_id": pid, "sample_index": i, "prompt_text": f"P-{pid}", "text": text, "status": "ok",
+            "correct": correct}
+
+
+def _iteration(root, t, samples, steps=None):
+    """An iteration folder with a finished rollout (and process) stage holding these rows."""
+    it = root / f"iter_{t}"
+    (it / "rollout" / "samples").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(samples), it / "rollout" / "samples" / "part.parquet")
+    if steps is not None:
+        (it / "process").mkdir()
+        pq.write_table(pa.Table.from_pylist(steps), it / "process" / "steps.parquet")
+    return it
+
+
+SAMPLES = [_sample("p", 0, "right", True), _sample("p", 1, "wrong", False), _sample("q", 0, "q-right", True)]
+
+
+@pytest.mark.parametrize("loss, name, rows", [
+    ("rpo", "pairs.parquet", [("P-p", "right", "wrong")]),
+    ("sft", "sft.parquet", [("P-p", "right"), ("P-q", "q-right")]),
+])
+def test_pairs_stage_writes_pairs_or_sft_rows_by_loss(tmp_path, loss, name, rows):
+    it = _iteration(tmp_path, 1, SAMPLES)
+    cfg = load_config(None, [f"train.loss={loss}"])
+    _stage(it / "pairs", _pairs, cfg, [], it, None)
+    table = pq.read_table(it / "pairs" / name)
+    assert [tuple(r[c] for c in table.column_names if c != "problem_id") for r in table.to_pylist()] == rows
+
+
+def test_process_pairs_need_the_score_gap_and_accumulate(tmp_path):
+    """Scores: p/0 mean(1, 0.5) = 0.75, p/1 mean(0.5, 0) = 0.25, q/0 = 1, q/1 = 0.95: only p's gap 0.5 >= eta 0.2."""
+    steps = [{"problem_id": pid, "sample_index": i, "value": v}
+             for pid, i, vs in (("p", 0, (1, 0.5)), ("p", 1, (0.5, 0)), ("q", 0, (1,)), ("q", 1, (0.95,))) for v in vs]
+    samples = [*SAMPLES, _sample("q", 1, "q-almost", False)]
+    cfg = load_config(None, ["pairs.source=process", "process.eta=0.2", "pairs.accumulate=true"])
+    first = _iteration(tmp_path, 1, samples, steps)
+    _stage(first / "pairs", _pairs, cfg, [], first, None)
+    assert [(r["chosen"], r["rejected"], r["chosen_score"]) for r in pq.read_table(first / "pairs" / "pairs.parquet").to_pylist()] == [
+        ("right", "wrong", 0.75)]
+    # Iteration 2 finds the same pair again and a new one for q: D_2 = D_1 + new, no repeats.
+    steps2 = [{**s, "value": 0.0} if (s["problem_id"], s["sample_index"]) == ("q", 1) else s for s in steps]
+    second = _iteration(tmp_path, 2, samples, steps2)
+    _stage(second / "pairs", _pairs, cfg, [], second, first / "pairs")
+    assert [(r["chosen"], r["rejected"]) for r in pq.read_table(second / "pairs" / "pairs.parquet").to_pylist()] == [
+        ("right", "wrong"), ("q-right", "q-almost")]
+    assert json.loads((second / "pairs" / "stats.json").read_text())["accumulated"] == 2
+
+
+def test_no_training_rows_stops_saying_why_and_what_to_change(tmp_path):
+    it = _iteration(tmp_path, 1, [_sample("p", 0, "a", False), _sample("p", 1, "b", False)])
+    with pytest.raises(UserError, match=r"nothing to train on .*of 1 problems, 1 had no correct sample and 0 no "
+                                        r"incorrect one; raise rollout.n .*pairs.include_gold=true"):
+        _stage(it / "pairs", _pairs, load_config(), [], it, None)
+    assert not is_done(it / "pairs")
+
+
+def test_process_pairs_with_an_sft_loss_is_refused_before_any_work(tmp_path):
+    cfg = load_config(None, ["pairs.source=process", "train.loss=sft", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(UserError, match=r"pairs.source=process builds preference pairs, which train.loss=sft does not read"):
+        run(cfg)
+    assert not (tmp_path / "r").exists()
