@@ -168,6 +168,7 @@ class ProcessConfig:
     max_steps: int = knob(8, "most steps per sample; the steps past it are scored as one last step", positive)
     k: int = knob(4, "mc: completions rolled out from each step prefix", lambda v: None if v >= 1 else "must be >= 1")
     temperature: float = knob(0.8, "mc: sampling temperature of those completions", non_negative)
+    max_tokens: int = knob(128, "mc: most new tokens per completion (a completion only finishes the solution)", positive)
     label: str = knob("soft", "mc full scan: a step's value is the share of completions that reach the gold answer "
                       "(soft) or 1 if any does (hard)", one_of("soft", "hard"))
     search: str = knob("full", "mc: roll out from every step (full), or binary-search each wrong sample for its first "

@@ -233,7 +233,7 @@ def write_steps(rows: list[dict], path: Path) -> None:
 def run_mc_prm(model: str, rollout_cfg: RolloutConfig, cfg: ProcessConfig, task: Task, samples: list[dict],
                out: Path) -> dict[str, int]:
     """The process stage: score `samples` with the policy `model`; write `out/steps.parquet` and `out/stats.json`."""
-    with prm_actors(model, rollout_cfg, task.stop) as actors:
+    with prm_actors(model, dataclasses.replace(rollout_cfg, max_tokens=cfg.max_tokens), task.stop) as actors:
         rows, stats = score_samples(partial(pool_complete, actors), samples, task, cfg, rollout_cfg.seed)
     write_steps(rows, Path(out) / "steps.parquet")
     (Path(out) / "stats.json").write_text(json.dumps(stats))
