@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -11,8 +12,10 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    # Ray refuses a driver env var that the submitted job's runtime env also sets: the job's wins.
+    job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}).get("env_vars") or {}
     env = {k: os.environ[k] for k in ("VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM", "SELFIMPROVE_HOME",
-                                      "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
+                                      "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ and k not in job_env}
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(include_dashboard=False, num_cpus=os.cpu_count())
@@ -21,3 +24,14 @@ def init_ray() -> None:
 
     # Samples come back in problem order, so a run with the same seed reads the same.
     DataContext.get_current().execution_options.preserve_order = True
+
+
+def node_cpus() -> int:
+    """CPUs of the cluster's largest node: the most one node can give a pool's actors or workers.
+
+    From Ray's view of the nodes, not this process's machine: a driver in a Kubernetes pod sees
+    the host's core count.
+    """
+    import ray
+
+    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)) or os.cpu_count() or 1

@@ -15,15 +15,6 @@ import time
 import pytest
 import yaml
 
-TINY = {
-    "iterations": 1,
-    "task": {"train_size": 8, "test_size": 6},
-    "rollout": {"n": 4, "max_tokens": 64, "batch_size": 8, "max_model_len": 512, "cpu_kvcache_gib": 1},
-    "eval": {"k": 2},
-    "pairs": {"pairs_per_problem": 1, "include_gold": True},
-    "train": {"batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "report_every": 1, "checkpoint_every": 0},
-}
-
 
 def start(config, run_dir):
     return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}"],
@@ -31,9 +22,8 @@ def start(config, run_dir):
 
 
 @pytest.mark.engine
-def test_kill_during_training_then_resume(tmp_path, bundled_model):
-    config, run_dir = tmp_path / "tiny.yaml", tmp_path / "run"
-    config.write_text(yaml.safe_dump(TINY))
+def test_kill_during_training_then_resume(tmp_path, tiny_config, bundled_model):
+    config, run_dir = tiny_config, tmp_path / "run"
     first = start(config, run_dir)
     deadline = time.time() + 900
     while not (run_dir / "iter_1" / "train.partial").exists():
@@ -63,9 +53,8 @@ def test_kill_during_training_then_resume(tmp_path, bundled_model):
     assert "pass@1" in out and "maj@2" in out and "metrics.jsonl" in out
 
 
-def test_rerun_with_another_config_is_refused(tmp_path):
-    config, run_dir = tmp_path / "tiny.yaml", tmp_path / "run"
-    config.write_text(yaml.safe_dump(TINY))
+def test_rerun_with_another_config_is_refused(tmp_path, tiny_config):
+    config, run_dir = tiny_config, tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": "something-else"}))
     done = subprocess.run([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}"],

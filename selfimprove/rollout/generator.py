@@ -93,9 +93,9 @@ class VLLMGenerator(_Generator):
         # its slot for its whole life, and the OS drops the lock if the actor dies.
         cores = None
         if on_cpu() and cores_per_actor:
-            slot, self._slot_lock = _claim_slot(os.cpu_count() // cores_per_actor)
-            first = slot * cores_per_actor
-            cores = f"{first}-{first + cores_per_actor - 1}" if cores_per_actor > 1 else str(first)
+            usable = sorted(os.sched_getaffinity(0))  # in a container, not necessarily 0..n-1
+            slot, self._slot_lock = _claim_slot(len(usable) // cores_per_actor)
+            cores = ",".join(map(str, usable[slot * cores_per_actor:(slot + 1) * cores_per_actor]))
         self.llm = build_llm(model, cfg, cpu_cores=cores)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -164,14 +164,19 @@ class HFGenerator(_Generator):
 
 
 def _claim_slot(slots: int, wait_s: float = 60.0):
-    """(slot index, open lock file) for the first free CPU slot on this machine.
+    """(slot index, open lock file) for the first free CPU slot of this Ray node.
 
-    Waits a while when all are taken: an actor being replaced may not have exited yet.
+    Slots are per Ray node, not per machine: two Ray clusters on one machine (a run and a test)
+    each bind their own engines and merely share the cores. Waits a while when all are taken:
+    an actor being replaced may not have exited yet.
     """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()[:16] if ray.is_initialized() else "no-ray"
     deadline = time.monotonic() + wait_s
     while True:
         for slot in range(max(slots, 1)):
-            f = open(os.path.join(tempfile.gettempdir(), f"selfimprove-cpu-slot-{slot}.lock"), "w")
+            f = open(os.path.join(tempfile.gettempdir(), f"selfimprove-cpu-slot-{node}-{slot}.lock"), "w")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return slot, f

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from selfimprove.config import RolloutConfig
 from selfimprove.errors import UserError
 from selfimprove.io import read_table, stage_output
 from selfimprove.rollout.generator import VLLMGenerator
+from selfimprove.runtime import node_cpus
 from selfimprove.tasks.base import Task
 
 SAMPLE_ORDER = ("pass", "problem_id", "sample_index")
@@ -96,7 +96,7 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
 def engine_resources(cfg: RolloutConfig) -> tuple[dict, int]:
     """(Ray resources of one engine actor, cores it binds to on CPU or 0 on GPU), for a pool of `num_actors`."""
     if _cpu_only():
-        cores = cfg.cpus_per_actor or max((os.cpu_count() or 1) // cfg.num_actors, 1)
+        cores = cfg.cpus_per_actor or max(node_cpus() // cfg.num_actors, 1)
         return {"num_cpus": cores}, cores
     return {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}, 0
 

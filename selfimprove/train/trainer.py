@@ -98,11 +98,11 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selfimprove.runtime import init_ray
+    from selfimprove.runtime import init_ray, node_cpus
 
     init_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cores = tc.cpus_per_worker or (1 if use_gpu else max((os.cpu_count() or 1) // tc.num_workers, 1))
+    cores = tc.cpus_per_worker or (1 if use_gpu else max(node_cpus() // tc.num_workers, 1))
     resources = {"CPU": cores, **({"GPU": 1} if use_gpu else {})}
     run = "train-" + _fingerprint(model_path, tc, examples)
     storage = tc.storage_path or str(out.with_name(out.name + ".ray"))
