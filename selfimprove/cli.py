@@ -87,6 +87,7 @@ def _run(args) -> int:
 
     from selfimprove.config import load_config
     from selfimprove.driver import run
+    from selfimprove.evaluate import training_rows
 
     cfg = load_config(args.config, args.overrides)
     rows = run(cfg)
@@ -95,7 +96,7 @@ def _run(args) -> int:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["iteration"]), f"{row['pass@1']:.3f}", f"{row.get(f'maj@{cfg.eval.k}', float('nan')):.3f}",
-                      str(row.get("pairs", {}).get("rows", row.get("pairs", {}).get("pairs", ""))), f"{sum(row['stage_seconds'].values()):.0f}")
+                      str(training_rows(row.get("pairs", {}))), f"{sum(row['stage_seconds'].values()):.0f}")
     Console().print(table)
     from selfimprove.evaluate import write_report
 

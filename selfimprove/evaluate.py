@@ -76,6 +76,11 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
 COUNTED_NOT_DROPPED = ("problems", "pairs", "rows", "accumulated")
 
 
+def training_rows(stats: dict) -> int | str:
+    """Rows the trainer got from a pairs stage's stats ('pairs' in runs made before 'rows' existed)."""
+    return stats.get("rows", stats.get("pairs", ""))
+
+
 def write_report(run_dir: Path) -> Path:
     """`report.md` with a PNG of held-out accuracy per iteration and pair statistics, from metrics.jsonl."""
     import matplotlib
@@ -108,7 +113,7 @@ def write_report(run_dir: Path) -> Path:
         p = r.get("pairs", {})
         dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
-                     + f" | {p.get('rows', p.get('pairs', ''))} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f} |")
+                     + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f} |")
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
