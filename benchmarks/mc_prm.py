@@ -255,15 +255,16 @@ def main() -> None:
     # (b) first-error steps.
     full_by, search_by = by_sample(full_rows), by_sample(search_rows)
     agree = {"wrong": [0, 0], "right": [0, 0]}
-    nonmonotone = 0
+    nonmonotone, first_errors = 0, Counter()
     for key, rows in full_by.items():
         values = [r["value"] for r in rows]
         full_fe, search_fe = first_zero(values), first_zero([r["value"] for r in search_by[key]])
         kind = "right" if key in right else "wrong"
         agree[kind][0] += full_fe == search_fe
         agree[kind][1] += 1
-        if kind == "wrong" and full_fe is not None and any(v for v in values[full_fe + 1:-1]):
-            nonmonotone += 1
+        if kind == "wrong":
+            first_errors[f"{full_fe}/{len(values)}"] += 1
+            nonmonotone += full_fe is not None and any(v for v in values[full_fe + 1:-1])
     wrong_rollouts = {name: sum(r["rollouts"] for r in rows if (r["problem_id"], r["sample_index"]) not in right)
                       for name, rows in (("full", full_rows), ("search", search_rows))}
 
@@ -289,6 +290,8 @@ def main() -> None:
     (aw, nw), (ar, nr) = agree["wrong"], agree["right"]
     print(f"first-error step agrees: wrong samples {aw}/{nw}; right samples with no 0 step in the full scan {ar}/{nr}; "
           f"all {aw + ar}/{nw + nr}; wrong samples whose full scan has a 0 step then a positive one: {nonmonotone}")
+    print("wrong samples by full-scan first-error step / steps: "
+          + ", ".join(f"{k}: {n}" for k, n in sorted(first_errors.items())))
     load_after = os.getloadavg()[0]
     print(f"load average (1 min) before/after: {load_before:.2f} / {load_after:.2f} on {os.cpu_count()} cores"
           + ("  WARNING: busy box; a 2-core engine suffers most from sharing its cores: timings not comparable"
