@@ -169,6 +169,22 @@ def test_a_checkpoint_with_another_tokenizer_is_refused_in_one_line(bundled_mode
     assert "\n" not in str(e.value)
 
 
+def test_predict_batches_pad_without_changing_a_query(bundled_model):
+    """The bundled model with a fresh (seeded) head: a query's probabilities are the same alone and padded into a
+    batch of longer ones, and come back in query order. No Ray, no training: one CPU forward pass a batch."""
+    from selfimprove.reward.trained_prm import predict
+
+    queries = [([1, 2, 3, 4, 5], [1, 4]), ([7, 8, 9], [2]), ([5, 6], [0, 1])]
+    torch.manual_seed(0)
+    batched = predict(bundled_model, queries, batch_size=2, pad_id=2, cores=1)
+    torch.manual_seed(0)
+    alone = predict(bundled_model, [queries[2], queries[0]], batch_size=1, pad_id=2, cores=1)
+    assert [len(v) for v in batched] == [2, 1, 2]
+    torch.testing.assert_close(torch.tensor(batched[2]), torch.tensor(alone[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(batched[0]), torch.tensor(alone[1]), atol=1e-5, rtol=1e-5)
+    assert all(0 < v < 1 for vs in batched for v in vs)
+
+
 # -- a real run ---------------------------------------------------------------------------------
 
 def _iteration(root, t, samples, steps):
