@@ -251,3 +251,27 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     shutil.rmtree(run_dir / "iter_3" / "process")
     run(cfg)
     assert log == [("trained", "iter_3", prm)]
+
+
+def test_a_prm_backbone_with_another_tokenizer_is_refused_before_ray(tmp_path, bundled_model, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import selfimprove.runtime
+
+    def no_ray():
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(selfimprove.runtime, "init_ray", no_ray)
+    backbone = tmp_path / "backbone"
+    other = AutoTokenizer.from_pretrained(bundled_model)
+    other.add_tokens(["<step>"])
+    other.save_pretrained(backbone)
+    shutil.copy(f"{bundled_model}/config.json", backbone)
+    cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=2",
+                             f"process.prm_backbone={backbone}", f"model={bundled_model}", f"run_dir={tmp_path / 'r'}",
+                             "task.generated_train=10", "task.generated_test=10"])
+    with pytest.raises(UserError, match=r"backbone \(process.prm_backbone\) has another tokenizer than the policy "
+                                        r".*\(49153 vs 49152 tokens"):
+        run(cfg)
