@@ -30,8 +30,8 @@ the completions are produced differs.
    texts. A 2-core engine slows down far more than 1-core ones when other work shares the
    cores, so measure on an idle box (the load average is printed, with a warning).
    `mc_prm_speedup` = naive s / ours s.
-   Seeds are per request, so the two give the same completions up to floating-point effects of
-   batching and caching: the share of prefixes with identical completions is printed.
+   Each completion is a request with its own seed, so the two give the same completions up to
+   floating-point effects of batching and caching: the share of identical completions is printed.
 4. (b) First-error search vs full scan, on the same samples and engines: the full scan of (a)
    (soft labels) against `search=first_error`. Rollouts = `stats["rollouts"]` (completions
    generated). The first-error step of a sample is `first_zero` of its step values (full:
@@ -40,7 +40,8 @@ the completions are produced differs.
      step in both (a step too long for the context counts as 0 in both);
    - over right samples (the search never rolls them out and says "no error"), the share whose
      full scan has no step of value 0 either; and over all samples, both together.
-   A probed step gets the same seeds in both searches, so disagreement comes from the search's
+   The search draws a probed step's completions in rounds (1, 1, 2, ...) and stops at the first
+   that reaches the answer; draw j has the same seed in both, so disagreement comes from the search's
    assumption that a step after a 0 step is 0 too (counted: wrong samples whose full scan has
    a 0 step followed by a positive one), not from sampling noise.
 
@@ -57,6 +58,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +70,8 @@ class Recorder:
     def __init__(self, complete):
         self.complete, self.by_seed, self.sizes = complete, {}, []
 
-    def __call__(self, prompts, seeds, k, temperature):
-        outs = self.complete(prompts, seeds, k, temperature)
+    def __call__(self, prompts, seeds, temperature):
+        outs = self.complete(prompts, seeds, temperature)
         self.sizes.append(len(prompts))
         self.by_seed.update(zip(seeds, outs))
         return outs
@@ -79,20 +81,21 @@ class Recorder:
         return sum(-(-n // -(-n // engines)) for n in self.sizes if n)
 
     def tokens(self, tokenizer) -> int:
-        return sum(len(tokenizer(c, add_special_tokens=False)["input_ids"])
-                   for outs in self.by_seed.values() if outs for c in outs)
+        return sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in self.by_seed.values() if c)
 
 
-def naive_complete(actor, unit: str, prompts, seeds, k, temperature):
-    """One plain `generate` per call (unit=sample) or per prompt (unit=prefix) on a VLLMGenerator actor."""
+def naive_complete(actor, unit: str, prompts, seeds, temperature):
+    """One plain `generate` per call (unit=sample) or per prefix (unit=prefix: a run of equal prompts, its
+    k draws) on a VLLMGenerator actor."""
     import ray
 
-    groups = [[i] for i in range(len(prompts))] if unit == "prefix" else [list(range(len(prompts)))]
+    groups = [list(g) for _, g in groupby(range(len(prompts)), key=prompts.__getitem__)] if unit == "prefix" \
+        else [list(range(len(prompts)))]
     outs = []
     for g in groups:
         _, results = ray.get(actor.generate_raw.remote(
-            [prompts[i] for i in g], [k] * len(g), [temperature] * len(g), [seeds[i] for i in g]))
-        outs += [[text for text, _, _ in results[j]] if j in results else None for j in range(len(g))]
+            [prompts[i] for i in g], [1] * len(g), [temperature] * len(g), [seeds[i] for i in g]))
+        outs += [results[j][0][0] if j in results else None for j in range(len(g))]
     return outs
 
 
@@ -195,7 +198,7 @@ def main() -> None:
     # Start-up: from asking for the actors until each has built its engine and answered a tiny request.
     t0 = time.perf_counter()
     with prm_actors(model, engine_cfg, task.stop) as actors:
-        pool_complete(actors, warm * len(actors), [0] * len(actors), 1, pcfg.temperature)
+        pool_complete(actors, warm * len(actors), [0] * len(actors), pcfg.temperature)
         startup = time.perf_counter() - t0
         print(f"ours: {len(actors)} MCPRM actor(s) ready in {startup:.1f} s", flush=True)
 
@@ -223,7 +226,7 @@ def main() -> None:
     t0 = time.perf_counter()
     actor = ray.remote(VLLMGenerator).options(num_cpus=cores).remote(model, naive_cfg, task.stop, cores)
     try:
-        naive_complete(actor, "sample", warm, [0], 1, pcfg.temperature)
+        naive_complete(actor, "sample", warm, [0], pcfg.temperature)
         naive_startup = time.perf_counter() - t0
         print(f"naive: 1 engine ready in {naive_startup:.1f} s", flush=True)
         naive = Recorder(partial(naive_complete, actor, args.naive_unit))
@@ -236,7 +239,7 @@ def main() -> None:
         naive_s = time.perf_counter() - t0
     finally:
         ray.kill(actor)
-    calls = len(naive.sizes) if args.naive_unit == "sample" else len(naive.by_seed)
+    calls = len(naive.sizes) if args.naive_unit == "sample" else len(naive.by_seed) // pcfg.k
     print(f"naive, full scan: {naive_s:.1f} s, {calls} engine calls, rollouts {naive_stats['rollouts']}", flush=True)
     results["naive"] = {"engines": f"1 x {cores} core(s)", "startup_s": naive_startup, "seconds": naive_s,
                         "calls": calls, "rollouts": naive_stats["rollouts"], "tokens": naive.tokens(tokenizer)}
@@ -255,15 +258,16 @@ def main() -> None:
     # (b) first-error steps.
     full_by, search_by = by_sample(full_rows), by_sample(search_rows)
     agree = {"wrong": [0, 0], "right": [0, 0]}
-    nonmonotone = 0
+    nonmonotone, first_errors = 0, Counter()
     for key, rows in full_by.items():
         values = [r["value"] for r in rows]
         full_fe, search_fe = first_zero(values), first_zero([r["value"] for r in search_by[key]])
         kind = "right" if key in right else "wrong"
         agree[kind][0] += full_fe == search_fe
         agree[kind][1] += 1
-        if kind == "wrong" and full_fe is not None and any(v for v in values[full_fe + 1:-1]):
-            nonmonotone += 1
+        if kind == "wrong":
+            first_errors[f"{full_fe}/{len(values)}"] += 1
+            nonmonotone += full_fe is not None and any(v for v in values[full_fe + 1:-1])
     wrong_rollouts = {name: sum(r["rollouts"] for r in rows if (r["problem_id"], r["sample_index"]) not in right)
                       for name, rows in (("full", full_rows), ("search", search_rows))}
 
@@ -281,7 +285,7 @@ def main() -> None:
         print(f"| {label} | {r['engines']} | {up} | {r['seconds']:.1f} | {r['calls']} | {r['rollouts']} | "
               f"{r['tokens']} | {rate(r['tokens'], r['seconds']):.1f} |")
     print()
-    print(f"ours vs naive: {same}/{len(naive.by_seed)} prefixes gave identical completions; "
+    print(f"ours vs naive: {same}/{len(naive.by_seed)} completions identical; "
           f"{same_reached}/{len(rolled)} steps reached the answer equally often")
     print(f"first-error search vs full scan: rollouts {results['search']['rollouts']} vs {results['ours']['rollouts']} "
           f"(wrong samples only: {wrong_rollouts['search']} vs {wrong_rollouts['full']}); probed steps with the same "
@@ -289,6 +293,8 @@ def main() -> None:
     (aw, nw), (ar, nr) = agree["wrong"], agree["right"]
     print(f"first-error step agrees: wrong samples {aw}/{nw}; right samples with no 0 step in the full scan {ar}/{nr}; "
           f"all {aw + ar}/{nw + nr}; wrong samples whose full scan has a 0 step then a positive one: {nonmonotone}")
+    print("wrong samples by full-scan first-error step / steps: "
+          + ", ".join(f"{k}: {n}" for k, n in sorted(first_errors.items())))
     load_after = os.getloadavg()[0]
     print(f"load average (1 min) before/after: {load_before:.2f} / {load_after:.2f} on {os.cpu_count()} cores"
           + ("  WARNING: busy box; a 2-core engine suffers most from sharing its cores: timings not comparable"

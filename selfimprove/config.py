@@ -166,8 +166,9 @@ class ProcessConfig:
     max_tokens: int = knob(128, "mc: most new tokens per completion (a completion only finishes the solution)", positive)
     label: str = knob("soft", "mc full scan: a step's value is the share of completions that reach the gold answer "
                       "(soft) or 1 if any does (hard)", one_of("soft", "hard"))
-    search: str = knob("full", "mc: roll out from every step (full), or binary-search each wrong sample for its first "
-                       "step of value 0 and label steps 1 before it, 0 from it (first_error: fewer rollouts)",
+    search: str = knob("full", "mc: roll out from every step (full), or search each wrong sample for its first step of "
+                       "value 0 (galloping from step 0, then halving; a step's draws stop at the first success) and "
+                       "label steps 1 before it, 0 from it (first_error: fewer rollouts)",
                        one_of("full", "first_error"))
     path_score: str = knob("mean", "a sample's score from its step values: mean or min", one_of("mean", "min"))
     eta: float = knob(0.1, "process pairs: least score gap between chosen and rejected", non_negative)

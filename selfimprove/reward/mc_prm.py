@@ -8,17 +8,21 @@
    it unless the completion states another.
 3. The last step needs no rollouts: the sample itself is the path from it, so its value is the
    sample's own outcome (`correct`). A single-step sample is scored by its outcome alone.
-4. `search: full` sends every other prefix of every sample to the engines in one call.
-   `search: first_error` rolls out only from wrong samples (a right one has no step of value
-   0: the sample itself reaches the answer from each of its prefixes) and binary-searches each
-   for its first step of value 0, the last step being a known 0. Each round sends the midpoint
-   prefixes of all samples still searching as one call: ceil(log2(n)) prefixes for a sample
-   of n steps instead of n - 1. Steps are then labelled 1 before the first error and 0 from it
+4. `search: full` sends all k draws of every other prefix of every sample to the engines in one
+   call. `search: first_error` rolls out only from wrong samples (a right one has no step of
+   value 0: the sample itself reaches the answer from each of its prefixes) and searches each
+   for its first step of value 0, the last step being a known 0: galloping from step 0 (steps
+   0, 1, 3, 7, ...) until a probe is 0, then halving, so an early first error is found in few
+   probes. A probe only asks whether any of its k completions reaches the answer, so its draws
+   come in rounds of 1, 1, 2, 4, ... and stop at the first that does: a step the search finds
+   alive often costs 1 or 2 rollouts, not k. Each round sends the next draws of all samples
+   still searching as one call. Steps are then labelled 1 before the first error and 0 from it
    on, Math-Shepherd's hard label under its assumption that a 0 step is followed by 0 steps.
 5. A prefix that leaves no room in the engine's context is not rolled out: value null, source
    `skipped=too_long`, counted. Prefixes only grow, so later steps (but the last) are too.
-6. Every request is seeded from (seed, problem id, sample index, step): a step's completions
-   do not depend on the search, the batch, or which actor drew them.
+6. Each completion is its own request, seeded from (seed, problem id, sample index, step, draw):
+   a step's j-th completion does not depend on the search, the batch, or which actor drew it,
+   so the search sees exactly the completions the full scan sees, as far as it draws.
 7. `MCPRM` is a Ray actor class holding one `VLLMGenerator` with prefix caching on: the k
    completions and all later prefixes of a sample reuse the KV cache of its shared prefix.
    Prompts are split across a pool's actors in contiguous runs, so a sample's prefixes mostly
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
@@ -45,8 +50,8 @@ from selfimprove.tasks.base import Task
 
 # Where a step's value came from.
 ROLLOUT, OUTCOME, INFERRED = "rollout", "outcome", "inferred"
-# complete(prompts, seeds, k, temperature): k completion texts per prompt, None for one too long.
-Complete = Callable[[list[str], list[int], int, float], list[list[str] | None]]
+# complete(prompts, seeds, temperature): one completion text per prompt, None for one too long.
+Complete = Callable[[list[str], list[int], float], list[str | None]]
 STEP_SCHEMA = pa.schema([
     ("problem_id", pa.string()), ("sample_index", pa.int64()), ("step_index", pa.int64()),
     ("start", pa.int64()), ("end", pa.int64()), ("text", pa.string()),
@@ -63,22 +68,38 @@ def step_value(reached: int, rollouts: int, label: str) -> float:
     return reached / rollouts
 
 
-def search_start(n_steps: int, correct: bool) -> tuple[int, int] | None:
-    """First-error search bounds (lo, hi) of a sample: hi is a step known to be 0, none before lo is.
+def search_start(n_steps: int, correct: bool) -> tuple[int, int, bool] | None:
+    """First-error search state (lo, hi, galloping) of a sample: hi is a step known to be 0, none
+    before lo is; galloping until a probe finds a 0.
 
     None when there is nothing to search: a right sample has no error.
     """
-    return None if correct else (0, n_steps - 1)
+    return None if correct else (0, n_steps - 1, True)
 
 
-def search_probe(lo: int, hi: int) -> int | None:
-    """The step to roll out next, or None when the search is done (the first error is `hi`)."""
-    return None if lo >= hi else (lo + hi) // 2
+def search_probe(lo: int, hi: int, galloping: bool) -> int | None:
+    """The step to roll out next, or None when the search is done (the first error is `hi`).
+
+    Galloping probes steps 0, 1, 3, 7, ... (never past hi - 1), then the search halves the
+    bounds: a first error at step f costs about 2 log2(f + 1) probes, 1 at step 0, where a
+    weak policy's first error mostly is (benchmarks/RESULTS.md), where plain halving costs
+    log2(n) whatever f is.
+    """
+    if lo >= hi:
+        return None
+    return min(max(2 * lo - 1, lo), hi - 1) if galloping else (lo + hi) // 2
 
 
-def search_update(lo: int, hi: int, probe: int, zero: bool) -> tuple[int, int]:
-    """Bounds after `probe` was found to be 0 (or unmeasurable: too long) or not."""
-    return (lo, probe) if zero else (probe + 1, hi)
+def search_update(lo: int, hi: int, galloping: bool, probe: int, zero: bool) -> tuple[int, int, bool]:
+    """State after `probe` was found to be 0 (or unmeasurable: too long) or not."""
+    return (lo, probe, False) if zero else (probe + 1, hi, galloping)
+
+
+def next_draws(drawn: int, k: int) -> int:
+    """How many more completions to draw for a probe that has drawn `drawn` of k without a success:
+    1, 1, 2, 4, ... (as many again as so far), so a live step is found in few draws and a dead one in
+    few rounds."""
+    return min(max(drawn, 1), k - drawn)
 
 
 def first_error_labels(n_steps: int, first_error: int | None) -> list[float]:
@@ -100,10 +121,10 @@ class MCPRM:
     def __init__(self, model: str, cfg: RolloutConfig, stop: tuple[str, ...] = (), cores_per_actor: int = 0):
         self.gen = VLLMGenerator(model, dataclasses.replace(cfg, enable_prefix_caching=True), stop, cores_per_actor)
 
-    def complete(self, prompts: list[str], seeds: list[int], k: int, temperature: float) -> list[list[str] | None]:
-        """k completion texts of each prompt, in one engine call; None for a prompt that does not fit the context."""
-        _, results = self.gen.generate_raw(prompts, [k] * len(prompts), [temperature] * len(prompts), seeds)
-        return [[text for text, _, _ in results[i]] if i in results else None for i in range(len(prompts))]
+    def complete(self, prompts: list[str], seeds: list[int], temperature: float) -> list[str | None]:
+        """One completion text of each prompt, in one engine call; None for a prompt that does not fit the context."""
+        _, results = self.gen.generate_raw(prompts, [1] * len(prompts), [temperature] * len(prompts), seeds)
+        return [results[i][0][0] if i in results else None for i in range(len(prompts))]
 
 
 @contextmanager
@@ -123,15 +144,14 @@ def prm_actors(model: str, cfg: RolloutConfig, stop: tuple[str, ...]):
             ray.kill(a)
 
 
-def pool_complete(actors: list, prompts: list[str], seeds: list[int], k: int, temperature: float
-                  ) -> list[list[str] | None]:
+def pool_complete(actors: list, prompts: list[str], seeds: list[int], temperature: float) -> list[str | None]:
     """`MCPRM.complete` over a pool: one call per actor on a contiguous run of the prompts."""
     import ray
 
     if not prompts:
         return []
     size = -(-len(prompts) // len(actors))
-    refs = [a.complete.remote(prompts[i:i + size], seeds[i:i + size], k, temperature)
+    refs = [a.complete.remote(prompts[i:i + size], seeds[i:i + size], temperature)
             for a, i in zip(actors, range(0, len(prompts), size))]
     try:
         parts = ray.get(refs)
@@ -173,7 +193,7 @@ def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: Proc
                   ) -> tuple[list[dict], dict[str, int]]:
     """(step rows, stats) for sample rows (problem_id, sample_index, prompt_text, text, answer, status, correct).
 
-    `complete(prompts, seeds, k, temperature)` rolls out, one engine call per round
+    `complete(prompts, seeds, temperature)` rolls out, one engine call per round
     (`partial(pool_complete, actors)`). `samples` are one pass's rows, so (problem_id,
     sample_index) names a sample. Step rows follow STEP_SCHEMA, in sample then step order.
     """
@@ -183,30 +203,43 @@ def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: Proc
     stats |= {"steps": 0, "too_long": 0, "rollouts": 0, "rounds": 0}
 
     reached: dict[tuple[int, int], int | None] = {}  # (sample, step) -> completions that verify; None: too long
+    drawn: dict[tuple[int, int], int] = defaultdict(int)
 
-    def measure(probes: list[tuple[int, int]]) -> None:
-        """Roll out k completions from each (sample, step) prefix, in one engine call."""
-        if not probes:
+    def measure(draws: list[tuple[int, int, int]]) -> None:
+        """Roll out draw j from each (sample t, step i) prefix in `draws` (t, i, j), in one engine call."""
+        if not draws:
             return
-        prefixes = [todo[t][0]["text"][:todo[t][1][i].end] for t, i in probes]
-        prompts = [todo[t][0]["prompt_text"] + p for (t, _), p in zip(probes, prefixes)]
-        seeds = [request_seed(seed, "mc", todo[t][0]["problem_id"], todo[t][0]["sample_index"], i) for t, i in probes]
-        outs = complete(prompts, seeds, cfg.k, cfg.temperature)
+        prefixes = [todo[t][0]["text"][:todo[t][1][i].end] for t, i, _ in draws]
+        prompts = [todo[t][0]["prompt_text"] + p for (t, _, _), p in zip(draws, prefixes)]
+        seeds = [request_seed(seed, "mc", todo[t][0]["problem_id"], todo[t][0]["sample_index"], i, j)
+                 for t, i, j in draws]
+        outs = complete(prompts, seeds, cfg.temperature)
         stats["rounds"] += 1
-        for (t, i), prefix, out in zip(probes, prefixes, outs):
-            gold = todo[t][0]["answer"]
-            reached[t, i] = None if out is None else sum(task.verify(prefix + c, gold) for c in out)
+        for (t, i, _), prefix, out in zip(draws, prefixes, outs):
+            if out is None or reached.get((t, i), 0) is None:
+                reached[t, i] = None
+                continue
+            reached[t, i] = reached.get((t, i), 0) + task.verify(prefix + out, todo[t][0]["answer"])
+            drawn[t, i] += 1
 
     first_errors: dict[int, int | None] = {}
     if cfg.search == "full":
-        measure([(t, i) for t, (_, steps) in enumerate(todo) for i in range(len(steps) - 1)])
+        measure([(t, i, j) for t, (_, steps) in enumerate(todo) for i in range(len(steps) - 1) for j in range(cfg.k)])
     else:
         bounds = {t: search_start(len(steps), s["correct"]) for t, (s, steps) in enumerate(todo)}
-        while probes := {t: p for t, b in bounds.items() if b and (p := search_probe(*b)) is not None}:
-            measure(sorted(probes.items()))
-            for t, p in probes.items():
+        probes = {t: p for t, b in bounds.items() if b and (p := search_probe(*b)) is not None}
+        while probes:
+            measure([(t, p, j) for t, p in sorted(probes.items())
+                     for j in range(drawn[t, p], drawn[t, p] + next_draws(drawn[t, p], cfg.k))])
+            for t, p in list(probes.items()):
+                if reached[t, p] == 0 and drawn[t, p] < cfg.k:
+                    continue  # no success yet: draw more
                 bounds[t] = search_update(*bounds[t], p, not reached[t, p])
-        first_errors = {t: b and b[1] for t, b in bounds.items()}
+                if (nxt := search_probe(*bounds[t])) is None:
+                    del probes[t]
+                else:
+                    probes[t] = nxt
+        first_errors = {t: b[1] if b else None for t, b in bounds.items()}
 
     rows = []
     for t, (s, steps) in enumerate(todo):
@@ -216,15 +249,14 @@ def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: Proc
         # (first_error does not roll them out to find that).
         too_long_from = next((i for i in range(last) if (t, i) in reached and reached[t, i] is None), None)
         for i, step in enumerate(steps):
-            got, rollouts = reached.get((t, i)), 0
+            got, rollouts = reached.get((t, i)), drawn.get((t, i), 0)
             if i == last:
                 value, source = float(s["correct"]), OUTCOME
             elif (t, i) in reached and got is None or too_long_from is not None and i > too_long_from:
                 value, source = None, SKIPPED
                 stats["too_long"] += 1
             elif (t, i) in reached:
-                rollouts = cfg.k
-                value, source = (labels[i] if labels is not None else step_value(got, cfg.k, cfg.label)), ROLLOUT
+                value, source = (labels[i] if labels is not None else step_value(got, rollouts, cfg.label)), ROLLOUT
             else:
                 value, source = labels[i], INFERRED
             stats["rollouts"] += rollouts

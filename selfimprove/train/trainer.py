@@ -358,7 +358,7 @@ def train_worker(config: dict) -> None:
                 row = {"step": step, "epoch": epoch, **report.means(), "tokens_per_s": report.tokens_per_s()}
                 ray.train.report(row)
                 if rank == 0:
-                    _print_row(row, total_steps)
+                    _print_row(row, total_steps, use_rejected)
                 report = _Window()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(engine, references, rank, {"step": step, "epoch": epoch, "micro": m + 1},
@@ -524,9 +524,10 @@ def _peak_memory_gib(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
 
 
-def _print_row(row: dict, total: int) -> None:
-    print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  reward acc {row['rewards/accuracies']:.2f}  "
-          f"margin {row['rewards/margins']:.4f}  {row['tokens_per_s']:.0f} tokens/s", flush=True)
+def _print_row(row: dict, total: int, preference: bool) -> None:
+    # SFT has no rejected response, so its reward accuracy and margin say nothing.
+    rewards = f"reward acc {row['rewards/accuracies']:.2f}  margin {row['rewards/margins']:.4f}  " if preference else ""
+    print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  {rewards}{row['tokens_per_s']:.0f} tokens/s", flush=True)
 
 
 def whole_steps(examples: list, batch_size: int, seed: int) -> list:

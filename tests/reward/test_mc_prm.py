@@ -1,9 +1,9 @@
 """Monte Carlo step values: the pure math, the scoring bookkeeping, and a real vLLM engine in a Ray actor.
 
 The fast tests drive `score_samples` with a scripted `complete`: from a prefix whose last
-"r=N" marker says N, it writes N of k completions that state the gold answer 8 and k - N
-that state 0; from a prefix with no marker, empty completions (so only the prefix can reach
-the answer); and nothing for a prompt over LIMIT characters (too long for the context).
+"r=N" marker says N, its draws 0..N-1 state the gold answer 8 and later draws state 0; from a
+prefix with no marker, an empty completion (so only the prefix can reach the answer); and
+nothing for a prompt over LIMIT characters (too long for the context).
 The engine tests put the real engine behind the same `complete`.
 """
 
@@ -19,6 +19,7 @@ from selfimprove.reward.mc_prm import (
     STEP_SCHEMA,
     first_error_labels,
     first_zero,
+    next_draws,
     pool_complete,
     score_samples,
     search_probe,
@@ -46,23 +47,37 @@ def test_step_value_soft_and_hard():
     assert step_value(4, 4, "soft") == 1.0
 
 
-def test_search_finds_the_first_zero_in_log_steps():
-    """Values [1, .5, 0, 0, 0]: bounds (0, 4), probe 2 is 0 -> (0, 2), probe 1 is .5 -> (2, 2): first error 2,
-    2 probes instead of 4. Eight steps with only the last 0: probes 3, 5, 6 -> (7, 7), 3 instead of 7."""
+def search(n: int, zero) -> tuple[list[int], int]:
+    """(probes made, first error) of the search over n steps, `zero(step)` saying which are 0."""
+    state, probes = search_start(n, correct=False), []
+    while (p := search_probe(*state)) is not None:
+        probes.append(p)
+        state = search_update(*state, p, zero(p))
+    return probes, state[1]
+
+
+def test_search_gallops_from_step_0_then_halves():
+    """Values [1, .5, 0, 0, 0]: gallop 0 (1), 1 (.5), 3 (0) -> bounds (2, 3), halve: 2 (0): first error 2.
+    A 0 first step: 1 probe. Eight steps, only the last 0: 0, 1, 3, then 7 capped to hi - 1 = 6: 4 probes.
+    Eight steps, first error 5: 0, 1, 3, 6 (0) -> (4, 6), halve: 5 (0) -> (4, 5), 4 (1) -> first error 5."""
     values = [1.0, 0.5, 0.0, 0.0, 0.0]
-    lo, hi = search_start(5, correct=False)
-    probes = []
-    while (p := search_probe(lo, hi)) is not None:
-        probes.append(p)
-        lo, hi = search_update(lo, hi, p, values[p] == 0)
-    assert probes == [2, 1] and (lo, hi) == (2, 2) == (first_zero(values),) * 2
-    lo, hi = search_start(8, correct=False)
-    probes = []
-    while (p := search_probe(lo, hi)) is not None:
-        probes.append(p)
-        lo, hi = search_update(lo, hi, p, p == 7)
-    assert probes == [3, 5, 6] and hi == 7
+    assert search(5, lambda p: values[p] == 0) == ([0, 1, 3, 2], 2) and first_zero(values) == 2
+    assert search(5, lambda p: True) == ([0], 0)
+    assert search(8, lambda p: p == 7) == ([0, 1, 3, 6], 7)
+    assert search(8, lambda p: p >= 5) == ([0, 1, 3, 6, 5, 4], 5)
     assert search_start(3, correct=True) is None and search_probe(*search_start(1, correct=False)) is None
+
+
+def test_draws_double_up_to_k():
+    """k = 4: 1, 1, 2; k = 8: 1, 1, 2, 4; k = 3: 1, 1, 1; k = 1: 1."""
+    def rounds(k):
+        drawn, out = 0, []
+        while drawn < k:
+            out.append(next_draws(drawn, k))
+            drawn += out[-1]
+        return out
+
+    assert rounds(4) == [1, 1, 2] and rounds(8) == [1, 1, 2, 4] and rounds(3) == [1, 1, 1] and rounds(1) == [1]
 
 
 def test_first_error_labels_and_first_zero():
@@ -88,18 +103,19 @@ SAMPLES = [
 
 
 class Scripted:
-    """The scripted `complete`, keeping every call's prompts and seeds."""
+    """The scripted `complete`, keeping every call's (prompt, seed) pairs; the j-th request of a prompt is draw j."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.draws = [], {}
 
-    def __call__(self, prompts, seeds, k, temperature):
-        self.calls.append(dict(zip(prompts, seeds)))
+    def __call__(self, prompts, seeds, temperature):
+        self.calls.append(list(zip(prompts, seeds)))
         out = []
         for p in prompts:
+            j = self.draws[p] = self.draws.get(p, -1) + 1
             r = re.findall(r"r=(\d)", p)
-            out.append(None if len(p) > LIMIT else [""] * k if not r else
-                       ["\nThe answer is 8."] * int(r[-1]) + ["\nThe answer is 0."] * (k - int(r[-1])))
+            out.append(None if len(p) > LIMIT else "" if not r else
+                       "\nThe answer is 8." if j < int(r[-1]) else "\nThe answer is 0.")
         return out
 
 
@@ -138,8 +154,8 @@ def test_full_scan(task):
     first = got["p0", 0][1]
     assert (first["step_index"], first["start"], first["end"], first["text"]) == (1, 6, 11, "b r=2")
     (call,) = complete.calls
-    assert call["p0/0|a r=4\nb r=2"] == request_seed(3, "mc", "p0", 0, 1)
-    assert len(call) == 4 + 2 + 2 + 2 and len(set(call.values())) == len(call)
+    assert [s for p, s in call if p == "p0/0|a r=4\nb r=2"] == [request_seed(3, "mc", "p0", 0, 1, j) for j in range(4)]
+    assert len(call) == 4 * (4 + 2 + 2 + 2) and len({s for _, s in call}) == len(call)
 
 
 def test_hard_labels_and_capped_steps(task):
@@ -153,30 +169,35 @@ def test_hard_labels_and_capped_steps(task):
 
 
 def test_first_error_search_agrees_with_the_full_scan_in_fewer_rollouts(task):
-    """Right samples are not rolled out. p0/0: probe 2 (0), then 1 (.5): first error 2. p2: one step, error 0.
-    p5: probe 1 is too long (counts as the error), probe 0 is .75: first error 1, and it stays unvalued.
-    p6: probe 1 (0), probe 0 (forced, 1): first error 1. Two rounds; 4 x (2 + 1 + 2) = 20 rollouts, not 36.
-    Same seeds as the full scan for the same steps."""
+    """Right samples are not rolled out; a probe's draws come 1, 1, 2 and stop at the first success.
+    p0/0 (r = 4, 2, 0, 0): probe 0 alive at draw 0, probe 1 alive at draw 0, probe 3 dead after 4 draws
+    (3 rounds) -> bounds (2, 3), probe 2 dead after 4: first error 2, 1 + 1 + 4 + 4 = 10 rollouts, 8 rounds.
+    p2: one step, error 0, none. p5: probe 0 alive at draw 0, probe 1 too long (counts as the error): 1.
+    p6: probe 0 ("So the answer is 8.", empty completion) alive at draw 0, probe 1 dead after 4: 5.
+    16 rollouts in 8 rounds, not 36 in 1; every (prompt, seed) drawn is one the full scan draws."""
     cfg = ProcessConfig(k=K, search="first_error")
     complete = Scripted()
     rows, stats = score_samples(complete, SAMPLES, task, cfg, seed=3)
     got = by_sample(rows)
     assert col(got["p0", 0], "value") == [1.0, 1.0, 0.0, 0.0, 0.0]
-    assert col(got["p0", 0], "source") == ["inferred", "rollout", "rollout", "inferred", "outcome"]
-    assert col(got["p0", 0], "reached") == [None, 2, 0, None, None]
+    assert col(got["p0", 0], "source") == ["rollout"] * 4 + ["outcome"]
+    assert col(got["p0", 0], "reached") == [1, 1, 0, 0, None] and col(got["p0", 0], "rollouts") == [1, 1, 4, 4, 0]
     assert col(got["p0", 1], "value") == [1.0, 1.0, 1.0]
     assert col(got["p0", 1], "source") == ["inferred", "inferred", "outcome"]
     assert col(got["p2", 0], "value") == [0.0]
-    assert col(got["p5", 0], "value") == [1.0, None, 0.0]
+    assert col(got["p5", 0], "value") == [1.0, None, 0.0] and col(got["p5", 0], "rollouts") == [1, 0, 0]
     assert col(got["p5", 0], "source") == ["rollout", SKIPPED, "outcome"]
-    assert col(got["p6", 0], "value") == [1.0, 0.0, 0.0] and col(got["p6", 0], "rollouts") == [4, 4, 0]
-    assert stats["rollouts"] == 20 and stats["rounds"] == 2 and stats["too_long"] == 1
-    assert [sorted(c) for c in complete.calls] == [
-        ["p0/0|a r=4\nb r=2\nc r=0", "p5/0|a r=3\n" + ("long " * 30).strip() + " r=0", "p6/0|So the answer is 8.\nwait r=0"],
-        ["p0/0|a r=4\nb r=2", "p5/0|a r=3", "p6/0|So the answer is 8."]]
+    assert col(got["p6", 0], "value") == [1.0, 0.0, 0.0] and col(got["p6", 0], "rollouts") == [1, 4, 0]
+    assert stats["rollouts"] == 16 and stats["rounds"] == 8 and stats["too_long"] == 1
+    long = "p5/0|a r=3\n" + ("long " * 30).strip() + " r=0"
+    assert [sorted(p for p, _ in c) for c in complete.calls[:4]] == [
+        ["p0/0|a r=4", "p5/0|a r=3", "p6/0|So the answer is 8."],
+        ["p0/0|a r=4\nb r=2", long, "p6/0|So the answer is 8.\nwait r=0"],
+        ["p0/0|a r=4\nb r=2\nc r=0\nd r=0", "p6/0|So the answer is 8.\nwait r=0"],
+        ["p0/0|a r=4\nb r=2\nc r=0\nd r=0", "p6/0|So the answer is 8.\nwait r=0", "p6/0|So the answer is 8.\nwait r=0"]]
     full = Scripted()
     full_rows, _ = score_samples(full, SAMPLES, task, ProcessConfig(k=K), seed=3)
-    assert all(full.calls[0][p] == s for c in complete.calls for p, s in c.items())
+    assert {d for c in complete.calls for d in c} <= set(full.calls[0])
     full_got = by_sample(full_rows)
     assert {key: first_zero(col(r, "value")) for key, r in got.items()} == {
         key: first_zero(col(r, "value")) for key, r in full_got.items()} == {
@@ -204,8 +225,8 @@ def engine_complete(ray_local, bundled_model, task):
     actor = ray_local.remote(num_cpus=1)(MCPRM).remote(bundled_model, ENGINE, task.stop)
     written = {}
 
-    def complete(prompts, seeds, k, temperature):
-        outs = pool_complete([actor], prompts, seeds, k, temperature)
+    def complete(prompts, seeds, temperature):
+        outs = pool_complete([actor], prompts, seeds, temperature)
         written.update((p[-60:], o) for p, o in zip(prompts, outs))
         return outs
 
@@ -267,12 +288,13 @@ def test_too_long_prefix_is_skipped_not_fatal(full_and_search):
 
 @pytest.mark.engine
 def test_first_error_search_agrees_on_the_forced_case(full_and_search):
-    """Forced: bounds (0, 2), probe 1 states the answer (1): first error 2, as the full scan finds, with 1 probe
-    instead of 2. The right sample is not rolled out; the long one's only probe is too long."""
+    """Forced: gallop probes 0 (the gold solution) and 1 (states the answer), each alive at its first draw, as
+    the full scan found both steps 2 of 2: first error 2, 2 rollouts instead of 4. The right sample is not
+    rolled out; the long one's only probe is too long."""
     (full, full_stats), (search, search_stats) = full_and_search
     forced = [r for r in search if r["sample_index"] == 0]
-    assert col(forced, "value") == [1.0, 1.0, 0.0] and col(forced, "source") == ["inferred", "rollout", "outcome"]
-    assert forced[1]["reached"] == [r for r in full if r["sample_index"] == 0][1]["reached"]
+    assert col(forced, "value") == [1.0, 1.0, 0.0] and col(forced, "source") == ["rollout", "rollout", "outcome"]
+    assert col(forced, "reached") == [1, 1, None] and col(forced, "rollouts") == [1, 1, 0]
     for i in (0, 2):
         assert first_zero(col([r for r in search if r["sample_index"] == i], "value")) == first_zero(
             col([r for r in full if r["sample_index"] == i], "value"))

@@ -23,6 +23,7 @@ from selfimprove.io import is_done
 from selfimprove.train.data import Example, collate
 from selfimprove.train.losses import LOSSES
 from selfimprove.train.trainer import (
+    _print_row,
     check_lora_targets,
     check_settings,
     deepspeed_config,
@@ -229,3 +230,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(extensions
     assert not (tmp_path / "model").exists()
     kept = list((tmp_path / "model.ray").glob("train-*/step-000001"))
     assert len(kept) == 1 and (kept[0] / "latest").is_file() and (kept[0] / "reference-1.pt").is_file()
+
+
+def test_progress_line_shows_rewards_only_for_preference_losses(capsys):
+    row = {"step": 10, "loss": 0.5, "rewards/accuracies": 0.75, "rewards/margins": 1.25, "tokens_per_s": 200.4}
+    _print_row(row, 50, preference=True)
+    _print_row(row, 50, preference=False)
+    assert capsys.readouterr().out.splitlines() == [
+        "step 10/50  loss 0.5000  reward acc 0.75  margin 1.2500  200 tokens/s",
+        "step 10/50  loss 0.5000  200 tokens/s",
+    ]
