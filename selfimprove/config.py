@@ -154,15 +154,10 @@ class PairsConfig:
     accumulate: bool = knob(False, "train iteration t on its pairs plus all earlier iterations' (D_t = D_t-1 + new, SIPF)")
 
 
-def _scorer(v) -> str | None:
-    # The trained PRM (issue 6) is not built yet: drop the second clause when it is.
-    return one_of("mc", "trained")(v) or ("must be mc for now (the trained PRM is not built yet)" if v == "trained" else None)
-
-
 @dataclass
 class ProcessConfig:
-    scorer: str = knob("mc", "step scorer: mc (Monte Carlo rollouts from each step) or trained (a PRM; not built yet)",
-                       _scorer)
+    scorer: str = knob("mc", "step scorer: mc (Monte Carlo rollouts from each step) or trained (MC for the first "
+                       "prm_mc_iterations iterations, then a PRM trained on their labels)", one_of("mc", "trained"))
     split: str = knob("newline", "how a sample is cut into steps: newline, sentence (newlines and '. '), step_marker ('Step k')",
                       one_of("newline", "sentence", "step_marker"))
     max_steps: int = knob(8, "most steps per sample; the steps past it are scored as one last step", positive)
@@ -177,6 +172,16 @@ class ProcessConfig:
                        one_of("full", "first_error"))
     path_score: str = knob("mean", "a sample's score from its step values: mean or min", one_of("mean", "min"))
     eta: float = knob(0.1, "process pairs: least score gap between chosen and rejected", non_negative)
+    prm_mc_iterations: int = knob(1, "trained: iterations scored by MC whose step labels train the PRM; later "
+                                  "iterations are scored by the PRM", positive)
+    prm_backbone: str | None = knob(None, "trained: model the PRM is a classifier on (none = the run's starting model); "
+                                    "must share the policy's tokenizer")
+    prm_epochs: int = knob(2, "trained: passes over the MC-labelled samples", positive)
+    prm_lr: float = knob(2e-5, "trained: AdamW learning rate of the PRM", positive)
+    prm_batch_size: int = knob(8, "trained: samples per PRM optimizer step, summed over train.num_workers workers "
+                               "(also samples per scoring forward pass)", positive)
+    prm_max_len: int = knob(1024, "trained: most tokens of prompt + sample the PRM reads; steps ending past it are "
+                            "neither trained on nor scored", lambda v: None if v >= 2 else "must be >= 2")
 
 
 @dataclass
@@ -205,7 +210,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
-    return _build(Config, raw, "", where)
+    cfg = _build(Config, raw, "", where)
+    problem = cross_check(cfg)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    return cfg
+
+
+def cross_check(cfg: Config) -> str | None:
+    """What is wrong with a combination of knobs that each pass their own check, naming the keys; None if nothing."""
+    p = cfg.process
+    if p.scorer == "trained":
+        if cfg.pairs.source != "process":
+            return "process.scorer=trained scores steps for process pairs: it needs pairs.source=process"
+        if p.prm_mc_iterations >= cfg.iterations:
+            return (f"process.scorer=trained with process.prm_mc_iterations={p.prm_mc_iterations} and "
+                    f"iterations={cfg.iterations} would never score with the trained PRM; lower "
+                    "process.prm_mc_iterations or raise iterations (or use process.scorer=mc)")
+        if p.prm_batch_size % cfg.train.num_workers:
+            return (f"process.prm_batch_size={p.prm_batch_size} must be a multiple of "
+                    f"train.num_workers={cfg.train.num_workers} (the PRM trains on those workers)")
+    return None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -1,4 +1,4 @@
-"""The iteration loop: rollout -> pairs -> train -> evaluate -> promote, T times.
+"""The iteration loop: rollout -> (process ->) pairs -> train -> evaluate -> promote, T times.
 
 1. Iteration 0 only evaluates the starting model. Iteration t >= 1 samples from model t-1,
    which is also its DPO reference, as Iterative RPO does; its trained model is model t.
@@ -7,7 +7,10 @@
    resumes where it stopped and never redoes a finished rollout.
 3. The run's resolved config is saved as `run_dir/config.yaml`; rerunning into the same
    folder with a different config is refused, since finished stages would not match it.
-4. `metrics.jsonl` is rewritten from the finished eval stages after each iteration: it is
+4. With `process.scorer=trained`, iterations up to `process.prm_mc_iterations` score steps by
+   Monte Carlo; the last of them then trains a PRM on all their step values (stage `prm`), and
+   every later iteration's process stage scores with that PRM.
+5. `metrics.jsonl` is rewritten from the finished eval stages after each iteration: it is
    derived data, never the only copy of a figure.
 """
 
@@ -22,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from selfimprove.config import Config, load_config, to_dict
+from selfimprove.config import Config, cross_check, load_config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import is_done, read_table, stage_output
 from selfimprove.progress import ITERATION_STAGES, RunProgress
@@ -37,24 +40,38 @@ def run(cfg: Config) -> list[dict]:
     if cfg.pairs.source == "process" and not needs_rejected(cfg.train.loss):
         raise UserError(f"pairs.source=process builds preference pairs, which train.loss={cfg.train.loss} does not "
                         "read; use a preference loss such as train.loss=orpo")
+    problem = cross_check(cfg)
+    if problem:
+        raise UserError(problem)
     run_dir = Path(cfg.run_dir)
     claim_run_dir(run_dir, cfg)
     task = build_task(cfg.task)
     train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
     policy = resolve_model(cfg.model)
+    backbone = None
+    if cfg.process.scorer == "trained":
+        from selfimprove.reward.trained_prm import check_tokenizer
+
+        backbone = resolve_model(cfg.process.prm_backbone) if cfg.process.prm_backbone else policy
+        if backbone != policy:
+            check_tokenizer(backbone, policy, "(process.prm_backbone) has")
 
     from selfimprove.runtime import init_ray
 
     init_ray()
-    stages = ("rollout", "process", "pairs", "train", "eval") if cfg.pairs.source == "process" else ITERATION_STAGES
-    progress = RunProgress(run_dir, cfg.iterations, stages)
+    progress = RunProgress(run_dir, cfg.iterations, lambda t: iteration_stages(cfg, t))
     _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
     for t in range(1, cfg.iterations + 1):
         it = run_dir / f"iter_{t}"
+        stages = iteration_stages(cfg, t)
         temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
         _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress)
         if "process" in stages:
-            _stage(it / "process", _process, cfg, policy, task, it / "rollout", progress=progress)
+            _stage(it / "process", _process, cfg, policy, task, it / "rollout", prm_model(run_dir, cfg, t),
+                   progress=progress)
+        if "prm" in stages:
+            _stage(it / "prm", _train_prm, cfg, backbone, [run_dir / f"iter_{s}" for s in range(1, t + 1)],
+                   progress=progress)
         previous = run_dir / f"iter_{t - 1}" / "pairs" if cfg.pairs.accumulate and t > 1 else None
         _stage(it / "pairs", _pairs, cfg, train_problems, it, previous, progress=progress)
         _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress)
@@ -62,6 +79,22 @@ def run(cfg: Config) -> list[dict]:
         _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
         write_metrics(run_dir)
     return write_metrics(run_dir)
+
+
+def iteration_stages(cfg: Config, t: int) -> tuple[str, ...]:
+    """The stages of iteration t >= 1, in order: a process stage for process pairs, and with a trained
+    PRM, a prm stage after the last Monte Carlo iteration (`process.prm_mc_iterations`)."""
+    if cfg.pairs.source != "process":
+        return ITERATION_STAGES
+    prm = ("prm",) if cfg.process.scorer == "trained" and t == cfg.process.prm_mc_iterations else ()
+    return ("rollout", "process", *prm, "pairs", "train", "eval")
+
+
+def prm_model(run_dir: Path, cfg: Config, t: int) -> Path | None:
+    """The trained PRM iteration t's process stage scores with, or None when it runs Monte Carlo."""
+    if cfg.process.scorer != "trained" or t <= cfg.process.prm_mc_iterations:
+        return None
+    return (run_dir / f"iter_{cfg.process.prm_mc_iterations}" / "prm" / "model").resolve()
 
 
 def claim_run_dir(run_dir: Path, cfg: Config) -> None:
@@ -130,11 +163,25 @@ def _rollout(cfg: Config, policy: str, task, problems: list[dict], temperature: 
     rollout(policy, cfg.rollout, task, rows, out / "samples")
 
 
-def _process(cfg: Config, policy: str, task, rollout_dir: Path, out: Path) -> None:
-    """Monte Carlo step values of the iteration's samples, rolled out by the policy that wrote them."""
-    from selfimprove.reward.mc_prm import run_mc_prm
+def _process(cfg: Config, policy: str, task, rollout_dir: Path, prm: Path | None, out: Path) -> None:
+    """Step values of the iteration's samples: Monte Carlo, rolled out by the policy that wrote them,
+    or, given a trained `prm`, its predictions."""
+    samples = read_table(rollout_dir / "samples").to_pylist()
+    if prm is None:
+        from selfimprove.reward.mc_prm import run_mc_prm
 
-    run_mc_prm(policy, cfg.rollout, cfg.process, task, read_table(rollout_dir / "samples").to_pylist(), out)
+        run_mc_prm(policy, cfg.rollout, cfg.process, task, samples, out)
+    else:
+        from selfimprove.reward.trained_prm import run_trained_prm
+
+        run_trained_prm(prm, policy, cfg.process, samples, out)
+
+
+def _train_prm(cfg: Config, backbone: str, iterations: list[Path], out: Path) -> None:
+    """A PRM trained on the step values of the Monte Carlo `iterations`: the folder `out/model`."""
+    from selfimprove.reward.trained_prm import train_prm
+
+    train_prm(cfg, backbone, iterations, out / "model")
 
 
 def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, out: Path) -> None:

@@ -1,7 +1,7 @@
 """Where a run is: a status line as each stage starts and ends, with elapsed time and an ETA.
 
-1. A run is a fixed plan of stages: evaluate the base model, then rollout, (process,) pairs,
-   train and eval for each iteration.
+1. A run is a fixed plan of stages: evaluate the base model, then rollout, (process, prm,)
+   pairs, train and eval for each iteration.
 2. The ETA sums, over the stages still to run, the mean time this run has taken for a stage of
    the same kind, read from finished stages' `timing.json` (so a resumed run knows its past).
    Until each remaining kind has finished once there is no honest estimate, and the line says so.
@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ITERATION_STAGES = ("rollout", "pairs", "train", "eval")
+Stages = tuple[str, ...] | Callable[[int], tuple[str, ...]]
 
 
-def plan(iterations: int, stages: tuple[str, ...] = ITERATION_STAGES) -> list[tuple[int, str]]:
-    """(iteration, stage) in the order the driver runs them, iterations >= 1 made of `stages`."""
-    return [(0, "eval")] + [(t, kind) for t in range(1, iterations + 1) for kind in stages]
+def plan(iterations: int, stages: Stages = ITERATION_STAGES) -> list[tuple[int, str]]:
+    """(iteration, stage) in the order the driver runs them, iteration t >= 1 made of `stages`
+    (or of `stages(t)`, when iterations differ)."""
+    of = stages if callable(stages) else lambda t: stages
+    return [(0, "eval")] + [(t, kind) for t in range(1, iterations + 1) for kind in of(t)]
 
 
 def eta_seconds(remaining: list[str], seconds_by_kind: dict[str, list[float]]) -> float | None:
@@ -39,7 +43,7 @@ def clock(seconds: float) -> str:
 class RunProgress:
     """Prints the stage lines of one run; the driver calls it around every stage."""
 
-    def __init__(self, run_dir: Path, iterations: int, stages: tuple[str, ...] = ITERATION_STAGES):
+    def __init__(self, run_dir: Path, iterations: int, stages: Stages = ITERATION_STAGES):
         from rich.console import Console
 
         self.run_dir, self.iterations = Path(run_dir), iterations

@@ -107,3 +107,33 @@ def test_baseline_recipes_differ_from_local_only_in_loss_and_run_dir(name, loss)
     assert baseline["train"]["loss"] == loss and baseline["run_dir"] == f"runs/{name.removesuffix('.yaml')}"
     baseline["train"]["loss"], baseline["run_dir"] = local["train"]["loss"], local["run_dir"]
     assert baseline == local
+
+
+TRAINED = ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=3"]
+
+
+def test_trained_scorer_is_accepted_with_process_pairs_and_later_iterations():
+    cfg = load_config(None, TRAINED + ["process.prm_mc_iterations=2", "process.prm_backbone=some/model"])
+    assert (cfg.process.scorer, cfg.process.prm_mc_iterations, cfg.process.prm_backbone) == ("trained", 2, "some/model")
+    assert (cfg.process.prm_epochs, cfg.process.prm_lr, cfg.process.prm_batch_size) == (2, 2e-5, 8)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pairs.source=outcome"], r"defaults: process.scorer=trained scores steps for process pairs: it needs "
+                               r"pairs.source=process$"),
+    (["process.prm_mc_iterations=3"], r"defaults: process.scorer=trained with process.prm_mc_iterations=3 and "
+                                      r"iterations=3 would never score with the trained PRM; lower"),
+    (["process.prm_batch_size=3"], r"process.prm_batch_size=3 must be a multiple of train.num_workers=2"),
+    (["process.prm_mc_iterations=0"], r"'process.prm_mc_iterations' must be > 0, got 0"),
+    (["process.prm_max_len=1"], r"'process.prm_max_len' must be >= 2, got 1"),
+    (["process.scorer=neural"], r"'process.scorer' must be one of mc, trained, got 'neural'"),
+])
+def test_trained_scorer_combinations_fail_at_load(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, TRAINED + overrides)
+
+
+def test_prm_knobs_alone_do_not_matter_to_the_mc_scorer():
+    """prm_* knobs are read only with scorer=trained: the MC default accepts any valid values."""
+    cfg = load_config(None, ["process.prm_mc_iterations=5", "process.prm_batch_size=3"])
+    assert cfg.process.scorer == "mc"

@@ -178,3 +178,100 @@ def test_process_pairs_with_an_sft_loss_is_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"pairs.source=process builds preference pairs, which train.loss=sft does not read"):
         run(cfg)
     assert not (tmp_path / "r").exists()
+
+
+def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatch):
+    """Three iterations, process.prm_mc_iterations=2. The scorers, the PRM trainer and the rollout, train and
+    eval stages are stand-ins that log their calls; the driver's own `_process` and `_pairs` run. Expected:
+    MC scores iterations 1 and 2 with the policy that sampled them; after iteration 2's process stage the PRM
+    is trained on iterations 1 and 2 from the starting model; iteration 3 is scored by that PRM. A rerun
+    does nothing; with iteration 3's process stage gone, only it is redone (later stages keep their markers)."""
+    import selfimprove.driver as driver
+    import selfimprove.models
+    import selfimprove.reward.mc_prm
+    import selfimprove.reward.trained_prm
+    import selfimprove.runtime
+
+    log = []
+    steps = [{"problem_id": "p", "sample_index": 0, "step_index": 0, "value": 1.0},
+             {"problem_id": "p", "sample_index": 1, "step_index": 0, "value": 0.0}]
+
+    def fake_rollout(cfg, policy, task, problems, temperature, out):
+        log.append(("rollout", out.parent.name, policy))
+        (out / "samples").mkdir()
+        pq.write_table(pa.Table.from_pylist([_sample("p", 0, "good", True), _sample("p", 1, "bad", False)]),
+                       out / "samples" / "part.parquet")
+
+    def fake_scorer(name):
+        def score(model, *args):
+            out = args[-1]
+            log.append((name, out.parent.name, str(model)))
+            pq.write_table(pa.Table.from_pylist(steps), out / "steps.parquet")
+        return score
+
+    def fake_train_prm(cfg, backbone, iterations, out):
+        log.append(("train_prm", out.parent.parent.name, backbone, [p.name for p in iterations]))
+        out.mkdir()
+
+    def fake_train(cfg, policy, pairs_dir, out):
+        log.append(("train", out.parent.name, len(pq.read_table(pairs_dir / "pairs.parquet"))))
+        (out / "model").mkdir()
+
+    def fake_eval(cfg, policy, task, problems, out):
+        (out / "metrics.json").write_text(json.dumps({"metrics": {"pass@1": 0.5}}))
+
+    monkeypatch.setattr(selfimprove.models, "resolve_model", lambda ref: "/start")
+    monkeypatch.setattr(selfimprove.runtime, "init_ray", lambda: None)
+    monkeypatch.setattr(driver, "_rollout", fake_rollout)
+    monkeypatch.setattr(driver, "_train", fake_train)
+    monkeypatch.setattr(driver, "_evaluate", fake_eval)
+    monkeypatch.setattr(selfimprove.reward.mc_prm, "run_mc_prm", fake_scorer("mc"))
+    monkeypatch.setattr(selfimprove.reward.trained_prm, "run_trained_prm", fake_scorer("trained"))
+    monkeypatch.setattr(selfimprove.reward.trained_prm, "train_prm", fake_train_prm)
+    run_dir = tmp_path / "r"
+    cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=3",
+                             "process.prm_mc_iterations=2", f"run_dir={run_dir}", "task.generated_train=10",
+                             "task.generated_test=10"])
+    run(cfg)
+    model = {t: str((run_dir / f"iter_{t}" / "train" / "model").resolve()) for t in (1, 2)}
+    prm = str((run_dir / "iter_2" / "prm" / "model").resolve())
+    assert [entry for entry in log if entry[0] != "rollout"] == [
+        ("mc", "iter_1", "/start"), ("train", "iter_1", 1),
+        ("mc", "iter_2", model[1]), ("train_prm", "iter_2", "/start", ["iter_1", "iter_2"]), ("train", "iter_2", 1),
+        ("trained", "iter_3", prm), ("train", "iter_3", 1)]
+    assert [entry[2] for entry in log if entry[0] == "rollout"] == ["/start", model[1], model[2]]
+    assert is_done(run_dir / "iter_2" / "prm") and not (run_dir / "iter_1" / "prm").exists()
+    assert not (run_dir / "iter_3" / "prm").exists()
+
+    log.clear()
+    run(cfg)
+    assert log == []
+    import shutil
+
+    shutil.rmtree(run_dir / "iter_3" / "process")
+    run(cfg)
+    assert log == [("trained", "iter_3", prm)]
+
+
+def test_a_prm_backbone_with_another_tokenizer_is_refused_before_ray(tmp_path, bundled_model, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import selfimprove.runtime
+
+    def no_ray():
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(selfimprove.runtime, "init_ray", no_ray)
+    backbone = tmp_path / "backbone"
+    other = AutoTokenizer.from_pretrained(bundled_model)
+    other.add_tokens(["<step>"])
+    other.save_pretrained(backbone)
+    shutil.copy(f"{bundled_model}/config.json", backbone)
+    cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=2",
+                             f"process.prm_backbone={backbone}", f"model={bundled_model}", f"run_dir={tmp_path / 'r'}",
+                             "task.generated_train=10", "task.generated_test=10"])
+    with pytest.raises(UserError, match=r"backbone \(process.prm_backbone\) has another tokenizer than the policy "
+                                        r".*\(49153 vs 49152 tokens"):
+        run(cfg)

@@ -42,3 +42,14 @@ def test_lines_name_iteration_stage_and_eta_from_finished_stages(tmp_path, capsy
 def test_first_iteration_says_there_is_no_estimate_yet(tmp_path, capsys):
     RunProgress(tmp_path, iterations=1).starting(tmp_path / "iter_0" / "eval")
     assert "no ETA until each stage kind has run once" in " ".join(capsys.readouterr().err.split())
+
+
+def test_plan_of_iterations_that_differ():
+    """With a trained PRM after iteration 1's MC labels, only iteration 1 has a prm stage."""
+    from selfimprove.config import load_config
+    from selfimprove.driver import iteration_stages
+
+    cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=2"])
+    assert plan(2, lambda t: iteration_stages(cfg, t)) == [
+        (0, "eval"), (1, "rollout"), (1, "process"), (1, "prm"), (1, "pairs"), (1, "train"), (1, "eval"),
+        (2, "rollout"), (2, "process"), (2, "pairs"), (2, "train"), (2, "eval")]

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from selfimprove.config import ProcessConfig, RolloutConfig
 from selfimprove.errors import UserError
-from selfimprove.reward.steps import cap_steps, split_steps
+from selfimprove.reward.steps import Step, cap_steps, split_steps
 from selfimprove.rollout.generator import SKIPPED, VLLMGenerator
 from selfimprove.tasks.base import Task
 
@@ -164,18 +164,13 @@ def pool_complete(actors: list, prompts: list[str], seeds: list[int], temperatur
 
 # -- scoring samples ------------------------------------------------------------------------
 
-def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: ProcessConfig, seed: int
-                  ) -> tuple[list[dict], dict[str, int]]:
-    """(step rows, stats) for sample rows (problem_id, sample_index, prompt_text, text, answer, status, correct).
+def scorable_samples(samples: list[dict], cfg: ProcessConfig) -> tuple[list[tuple[dict, list[Step]]], dict[str, int]]:
+    """(sample, its steps) of each generated sample with a step, in (problem_id, sample_index) order, and counts.
 
-    `complete(prompts, seeds, temperature)` rolls out, one engine call per round
-    (`partial(pool_complete, actors)`). `samples` are one pass's rows, so (problem_id,
-    sample_index) names a sample. Step rows follow STEP_SCHEMA, in sample then step order.
+    Steps as `process.split` cuts them, at most `process.max_steps` (`cap_steps`). Counted:
+    samples kept, not generated (skipped by the rollout), with no step, with one step, capped.
     """
-    from selfimprove.rollout.stage import request_seed
-
-    stats = {"samples": 0, "not_generated": 0, "no_steps": 0, "single_step": 0, "capped": 0, "steps": 0,
-             "too_long": 0, "rollouts": 0, "rounds": 0}
+    stats = {"samples": 0, "not_generated": 0, "no_steps": 0, "single_step": 0, "capped": 0}
     todo = []
     for s in sorted(samples, key=lambda s: (s["problem_id"], s["sample_index"])):
         if s["status"] != "ok":
@@ -191,6 +186,21 @@ def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: Proc
         stats["single_step"] += len(steps) == 1
         todo.append((s, steps))
     stats["samples"] = len(todo)
+    return todo, stats
+
+
+def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: ProcessConfig, seed: int
+                  ) -> tuple[list[dict], dict[str, int]]:
+    """(step rows, stats) for sample rows (problem_id, sample_index, prompt_text, text, answer, status, correct).
+
+    `complete(prompts, seeds, temperature)` rolls out, one engine call per round
+    (`partial(pool_complete, actors)`). `samples` are one pass's rows, so (problem_id,
+    sample_index) names a sample. Step rows follow STEP_SCHEMA, in sample then step order.
+    """
+    from selfimprove.rollout.stage import request_seed
+
+    todo, stats = scorable_samples(samples, cfg)
+    stats |= {"steps": 0, "too_long": 0, "rollouts": 0, "rounds": 0}
 
     reached: dict[tuple[int, int], int | None] = {}  # (sample, step) -> completions that verify; None: too long
     drawn: dict[tuple[int, int], int] = defaultdict(int)

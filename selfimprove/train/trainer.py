@@ -92,19 +92,17 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
         raise UserError(f"only {len(examples)} usable examples in {data}, fewer than train.batch_size={tc.batch_size}")
     if tc.lora:
         check_lora_targets(model_path, tc.lora_targets)
-    examples = _whole_steps(examples, tc)
+    examples = whole_steps(examples, tc.batch_size, tc.seed)
 
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selfimprove.runtime import init_ray, node_cpus
+    from selfimprove.runtime import init_ray
 
     init_ray()
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cores = tc.cpus_per_worker or (1 if use_gpu else max(node_cpus() // tc.num_workers, 1))
-    resources = {"CPU": cores, **({"GPU": 1} if use_gpu else {})}
-    run = "train-" + _fingerprint(model_path, tc, examples)
+    use_gpu, cores, resources = worker_resources(tc)
+    run = "train-" + fingerprint(model_path, to_dict(tc), examples)
     storage = tc.storage_path or str(out.with_name(out.name + ".ray"))
     worker_config = {
         "train": tc, "model": model_path, "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
@@ -117,21 +115,16 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        cause = _worker_exception(e)
-        if isinstance(cause, NonFiniteLoss):
-            where = (f"the last good checkpoint (step {cause.checkpoint_step}) is kept in "
-                     f"{storage}/{run}/{_checkpoint_name(cause.checkpoint_step)}" if cause.checkpoint_step else
-                     f"no checkpoint was saved before it (train.checkpoint_every={tc.checkpoint_every})")
-            raise UserError(f"{cause}: training stopped; {where}") from None
-        if isinstance(cause, UserError):
-            raise UserError(str(cause)) from None
-        lines = str(cause).strip().splitlines()
-        raise UserError(f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}"[:300]) from e
 
-    checkpoint = result.checkpoint
+    def explain(cause: BaseException) -> str | None:
+        if not isinstance(cause, NonFiniteLoss):
+            return None
+        where = (f"the last good checkpoint (step {cause.checkpoint_step}) is kept in "
+                 f"{storage}/{run}/{_checkpoint_name(cause.checkpoint_step)}" if cause.checkpoint_step else
+                 f"no checkpoint was saved before it (train.checkpoint_every={tc.checkpoint_every})")
+        return f"{cause}: training stopped; {where}"
+
+    checkpoint = fit(trainer, explain).checkpoint
     with stage_output(out) as scratch:
         if checkpoint is None:
             raise UserError("training ended without a saved model")
@@ -142,6 +135,35 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
     if tc.storage_path is None:  # our own scratch space; a user's storage is theirs to clean
         shutil.rmtree(storage, ignore_errors=True)
     return summary
+
+
+def worker_resources(tc: TrainConfig) -> tuple[bool, int, dict]:
+    """(use_gpu, cores per worker, Ray resources per worker) of `tc.num_workers` Ray Train workers on this cluster."""
+    import ray
+
+    from selfimprove.runtime import node_cpus
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cores = tc.cpus_per_worker or (1 if use_gpu else max(node_cpus() // tc.num_workers, 1))
+    return use_gpu, cores, {"CPU": cores, **({"GPU": 1} if use_gpu else {})}
+
+
+def fit(trainer, explain=None):
+    """`trainer.fit()`, a worker's failure made one `UserError` line: `explain(cause)`'s text if it gives one,
+    a worker's own `UserError`, or the exception's type and last line."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        cause = _worker_exception(e)
+        message = explain(cause) if explain else None
+        if message:
+            raise UserError(message) from None
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        lines = str(cause).strip().splitlines()
+        raise UserError(f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}"[:300]) from e
 
 
 def check_settings(tc: TrainConfig) -> None:
@@ -508,20 +530,20 @@ def _print_row(row: dict, total: int, preference: bool) -> None:
     print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  {rewards}{row['tokens_per_s']:.0f} tokens/s", flush=True)
 
 
-def _whole_steps(examples: list[Example], tc: TrainConfig) -> list[Example]:
+def whole_steps(examples: list, batch_size: int, seed: int) -> list:
     """A seeded shuffle, cut to a whole number of optimizer steps (fewer than batch_size left out, counted)."""
     import random
 
     order = list(range(len(examples)))
-    random.Random(tc.seed).shuffle(order)
-    usable = len(examples) - len(examples) % tc.batch_size
+    random.Random(seed).shuffle(order)
+    usable = len(examples) - len(examples) % batch_size
     return [examples[i] for i in order[:usable]]
 
 
-def _fingerprint(model_path: str, tc: TrainConfig, examples: list[Example]) -> str:
+def fingerprint(model_path: str, settings: dict, data) -> str:
     """Same model, settings and data -> same Ray Train run name, so a restarted run resumes its checkpoints."""
-    h = hashlib.sha256(json.dumps([model_path, to_dict(tc)], sort_keys=True).encode())
-    h.update(pickle.dumps(examples))
+    h = hashlib.sha256(json.dumps([model_path, settings], sort_keys=True).encode())
+    h.update(pickle.dumps(data))
     return h.hexdigest()[:12]
 
 
