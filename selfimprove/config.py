@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from selfimprove.errors import UserError
+from selfimprove.train.loss_names import LOSS_NAMES, needs_rejected
 
 
 def knob(default: Any, help: str, check: Callable[[Any], str | None] | None = None):
@@ -97,9 +98,6 @@ class EvalConfig:
     temperature: float = knob(0.8, "sampling temperature of the maj@k samples", non_negative)
 
 
-# The names of selfimprove.train.losses.LOSSES; kept here so loading a config imports no torch
-# (tests/train/test_trainer.py checks the two agree).
-LOSS_NAMES = ("sft", "dpo", "rpo", "orpo", "ipo")
 LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -211,15 +209,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
     cfg = _build(Config, raw, "", where)
-    problem = cross_check(cfg)
+    problem = _cross_check(cfg)
     if problem:
         raise UserError(f"{where}: {problem}")
     return cfg
 
 
-def cross_check(cfg: Config) -> str | None:
+def _cross_check(cfg: Config) -> str | None:
     """What is wrong with a combination of knobs that each pass their own check, naming the keys; None if nothing."""
     p = cfg.process
+    if cfg.pairs.source == "process" and not needs_rejected(cfg.train.loss):
+        return (f"pairs.source=process builds preference pairs, which train.loss={cfg.train.loss} does not "
+                "read; use a preference loss such as train.loss=orpo")
     if p.scorer == "trained":
         if cfg.pairs.source != "process":
             return "process.scorer=trained scores steps for process pairs: it needs pairs.source=process"

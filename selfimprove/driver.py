@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from selfimprove.config import Config, cross_check, load_config, to_dict
+from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import is_done, read_table, stage_output
 from selfimprove.progress import ITERATION_STAGES, RunProgress
@@ -35,14 +35,7 @@ def run(cfg: Config) -> list[dict]:
     """Run (or resume) `cfg.iterations` iterations into `cfg.run_dir`; return the metrics rows."""
     from selfimprove.models import resolve_model
     from selfimprove.tasks import build_task
-    from selfimprove.train.losses import needs_rejected
 
-    if cfg.pairs.source == "process" and not needs_rejected(cfg.train.loss):
-        raise UserError(f"pairs.source=process builds preference pairs, which train.loss={cfg.train.loss} does not "
-                        "read; use a preference loss such as train.loss=orpo")
-    problem = cross_check(cfg)
-    if problem:
-        raise UserError(problem)
     run_dir = Path(cfg.run_dir)
     claim_run_dir(run_dir, cfg)
     task = build_task(cfg.task)
@@ -190,7 +183,7 @@ def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, o
     `previous`, the earlier iterations' rows too.
     """
     from selfimprove.pairs import accumulate_pairs, outcome_pairs, process_pairs, sample_scores, winner_rows
-    from selfimprove.train.losses import needs_rejected
+    from selfimprove.train.loss_names import needs_rejected
 
     samples = read_table(it / "rollout" / "samples").to_pylist()
     gold = {p["id"]: p["solution"] for p in problems} if cfg.pairs.include_gold else None

@@ -109,6 +109,13 @@ def test_baseline_recipes_differ_from_local_only_in_loss_and_run_dir(name, loss)
     assert baseline == local
 
 
+def test_process_pairs_with_an_sft_loss_fail_at_load():
+    with pytest.raises(UserError, match=r"^defaults: pairs.source=process builds preference pairs, which "
+                                        r"train.loss=sft does not read; use a preference loss"):
+        load_config(None, ["pairs.source=process", "train.loss=sft"])
+    assert load_config(None, ["pairs.source=process", "train.loss=orpo"]).train.loss == "orpo"
+
+
 TRAINED = ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=3"]
 
 

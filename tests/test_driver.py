@@ -173,13 +173,6 @@ def test_no_training_rows_stops_saying_why_and_what_to_change(tmp_path):
     assert not is_done(it / "pairs")
 
 
-def test_process_pairs_with_an_sft_loss_is_refused_before_any_work(tmp_path):
-    cfg = load_config(None, ["pairs.source=process", "train.loss=sft", f"run_dir={tmp_path / 'r'}"])
-    with pytest.raises(UserError, match=r"pairs.source=process builds preference pairs, which train.loss=sft does not read"):
-        run(cfg)
-    assert not (tmp_path / "r").exists()
-
-
 def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatch):
     """Three iterations, process.prm_mc_iterations=2. The scorers, the PRM trainer and the rollout, train and
     eval stages are stand-ins that log their calls; the driver's own `_process` and `_pairs` run. Expected:

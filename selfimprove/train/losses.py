@@ -9,9 +9,9 @@ Choices:
 1. One call shape. Every loss takes a `SequenceLogps` (policy and reference sums for
    chosen and rejected, plus response token counts) and keyword-only hyperparameters.
    Fields a loss does not use may be None; a missing field it does use raises a
-   ValueError that names it. `needs_reference(name)` tells the trainer whether to
-   compute reference log-probs at all; `needs_rejected(name)` whether to run the
-   rejected responses.
+   ValueError that names it. `loss_names.needs_reference(name)` tells the trainer
+   whether to compute reference log-probs at all; `needs_rejected(name)` whether to
+   run the rejected responses.
 2. Per-example output. A loss returns `LossOutput(losses, chosen_rewards,
    rejected_rewards)`, all shape [batch]; the trainer takes `losses.mean()`. Rewards
    are detached and only logged (`reward_metrics`).
@@ -188,24 +188,6 @@ def ipo(logps: SequenceLogps, *, beta: float = 0.1, length_normalize: bool = Tru
 
 
 LOSSES = {"sft": sft, "dpo": dpo, "rpo": rpo, "orpo": orpo, "ipo": ipo}
-_REFERENCE_FREE = {"sft", "orpo"}
-_CHOSEN_ONLY = {"sft"}
-
-
-def _known(name: str) -> str:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return name
-
-
-def needs_reference(name: str) -> bool:
-    """True when the loss reads ref_chosen/ref_rejected (dpo, rpo, ipo)."""
-    return _known(name) not in _REFERENCE_FREE
-
-
-def needs_rejected(name: str) -> bool:
-    """True when the loss reads the rejected response (all but sft)."""
-    return _known(name) not in _CHOSEN_ONLY
 
 
 def reward_metrics(out: LossOutput) -> dict[str, float]:

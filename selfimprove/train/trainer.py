@@ -55,7 +55,8 @@ from selfimprove.config import Config, TrainConfig, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import stage_output
 from selfimprove.train.data import Example, collate, read_rows, tokenize
-from selfimprove.train.losses import LOSSES, SequenceLogps, needs_reference, needs_rejected, reward_metrics
+from selfimprove.train.loss_names import needs_reference, needs_rejected
+from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
 
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}
 METRICS_FILE = "train_metrics.json"  # also marks a checkpoint as the finished model

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from selfimprove.train.loss_names import needs_reference, needs_rejected
 from selfimprove.train.losses import (
     LOSSES,
     LossOutput,
@@ -15,8 +16,6 @@ from selfimprove.train.losses import (
     dpo,
     ipo,
     log1mexp,
-    needs_reference,
-    needs_rejected,
     orpo,
     reward_metrics,
     rpo,

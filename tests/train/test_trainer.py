@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from selfimprove.config import LOSS_NAMES, Config, TrainConfig, load_config
+from selfimprove.config import Config, TrainConfig, load_config
 from selfimprove.errors import UserError
 from selfimprove.io import is_done
 from selfimprove.train.data import Example, collate
+from selfimprove.train.loss_names import LOSS_NAMES
 from selfimprove.train.losses import LOSSES
 from selfimprove.train.trainer import (
     _print_row,
@@ -47,7 +48,7 @@ def write_pairs(path: Path, rows: list[tuple[str, str, str]]) -> Path:
 # Fast: no Ray, no DeepSpeed.
 
 
-def test_config_loss_names_match_the_losses():
+def test_loss_names_match_the_losses():
     assert set(LOSS_NAMES) == set(LOSSES)
 
 
