@@ -252,7 +252,8 @@ def main() -> None:
     same_reached = sum(ours_reached.get((r["problem_id"], r["sample_index"], r["step_index"])) == r["reached"]
                        for r in rolled)
     probed = [r for r in search_rows if r["source"] == "rollout"]
-    probe_same = sum(ours_reached.get((r["problem_id"], r["sample_index"], r["step_index"])) == r["reached"]
+    # A probe stops at its first success, so only its verdict (reached or not), not its count, matches a full scan's.
+    probe_same = sum(bool(ours_reached.get((r["problem_id"], r["sample_index"], r["step_index"]))) == bool(r["reached"])
                      for r in probed)
 
     # (b) first-error steps.
@@ -289,7 +290,7 @@ def main() -> None:
           f"{same_reached}/{len(rolled)} steps reached the answer equally often")
     print(f"first-error search vs full scan: rollouts {results['search']['rollouts']} vs {results['ours']['rollouts']} "
           f"(wrong samples only: {wrong_rollouts['search']} vs {wrong_rollouts['full']}); probed steps with the same "
-          f"count as the full scan {probe_same}/{len(probed)}")
+          f"verdict (reached the answer or not) as the full scan {probe_same}/{len(probed)}")
     (aw, nw), (ar, nr) = agree["wrong"], agree["right"]
     print(f"first-error step agrees: wrong samples {aw}/{nw}; right samples with no 0 step in the full scan {ar}/{nr}; "
           f"all {aw + ar}/{nw + nr}; wrong samples whose full scan has a 0 step then a positive one: {nonmonotone}")
