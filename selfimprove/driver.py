@@ -110,15 +110,16 @@ def claim_run_dir(run_dir: Path, cfg: Config) -> None:
 
 
 def write_metrics(run_dir: Path) -> list[dict]:
-    """`metrics.jsonl`: one row per finished eval stage, with that iteration's pair and stage figures."""
+    """`metrics.jsonl`: one row per finished eval stage, with that iteration's step-scoring, pair and stage figures."""
     rows = []
     for t in range(0, 1 + len(list(run_dir.glob("iter_*")))):
         it = run_dir / f"iter_{t}"
         if not is_done(it / "eval"):
             continue
         row = {"iteration": t, **json.loads((it / "eval" / "metrics.json").read_text())["metrics"]}
-        if is_done(it / "pairs"):
-            row["pairs"] = json.loads((it / "pairs" / "stats.json").read_text())
+        for stage in ("process", "pairs"):
+            if is_done(it / stage):
+                row[stage] = json.loads((it / stage / "stats.json").read_text())
         row["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
                                 for p in sorted(it.glob("*/timing.json"))}
         rows.append(row)

@@ -82,7 +82,7 @@ def training_rows(stats: dict) -> int | str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """`report.md` with a PNG of held-out accuracy per iteration and pair statistics, from metrics.jsonl."""
+    """`report.md` with a PNG of held-out accuracy per iteration, pair and step-scoring statistics, from metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,6 +114,15 @@ def write_report(run_dir: Path) -> Path:
         dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
                      + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f} |")
+    scored = [r for r in rows if "process" in r]
+    if scored:
+        figures = list(dict.fromkeys(k for r in scored for k in r["process"]))
+        lines += ["", "Step scoring (process supervision):", "",
+                  "| iteration | " + " | ".join(k.replace("_", " ") for k in figures) + " | seconds |",
+                  "|---" * (len(figures) + 2) + "|"]
+        for r in scored:
+            lines.append(f"| {r['iteration']} | " + " | ".join(str(r["process"].get(k, "")) for k in figures)
+                         + f" | {r['stage_seconds'].get('process', 0):.0f} |")
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out

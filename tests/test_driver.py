@@ -73,12 +73,14 @@ def test_metrics_rows_from_finished_eval_stages(tmp_path):
         (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "problems": []}))
 
     _stage(tmp_path / "iter_0" / "eval", fake_eval, {"pass@1": 0.2})
+    _stage(tmp_path / "iter_1" / "process", lambda out: (out / "stats.json").write_text('{"steps": 9}'))
     _stage(tmp_path / "iter_1" / "pairs", lambda out: (out / "stats.json").write_text('{"pairs": 7}'))
     _stage(tmp_path / "iter_1" / "eval", fake_eval, {"pass@1": 0.3})
     (tmp_path / "iter_2" / "rollout").mkdir(parents=True)  # unfinished iteration: no row
     rows = write_metrics(tmp_path)
     assert [(r["iteration"], r["pass@1"], r.get("pairs")) for r in rows] == [(0, 0.2, None), (1, 0.3, {"pairs": 7})]
-    assert set(rows[1]["stage_seconds"]) == {"pairs", "eval"}
+    assert rows[1]["process"] == {"steps": 9} and "process" not in rows[0]
+    assert set(rows[1]["stage_seconds"]) == {"process", "pairs", "eval"}
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
 
 
@@ -96,6 +98,24 @@ def test_report_from_metrics(tmp_path):
         "| 0 | 0.200 | 0.100 |  |  | 5 |",
         "| 1 | 0.400 | 0.300 | 12 | no winner 3, no loser 1 | 36 |"]
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_has_a_step_scoring_table_when_steps_were_scored(tmp_path):
+    """Iteration 1 scored by simulation, iteration 2 by a trained PRM: their figures differ, so the columns are
+    the union in first-seen order and a figure an iteration lacks is blank."""
+    common = {"model": "m", "task": "arithmetic", "split": "test", "problems": 10, "pass@1": 0.2}
+    rows = [{"iteration": 0, **common, "stage_seconds": {"eval": 5.0}},
+            {"iteration": 1, **common, "process": {"samples": 8, "steps": 20, "rollouts": 31},
+             "stage_seconds": {"process": 40.4, "eval": 5.0}},
+            {"iteration": 2, **common, "process": {"samples": 8, "steps": 19, "predicted": 8},
+             "stage_seconds": {"process": 3.0}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = write_report(tmp_path).read_text().splitlines()
+    assert lines[lines.index("Step scoring (process supervision):") + 2:] == [
+        "| iteration | samples | steps | rollouts | predicted | seconds |",
+        "|---|---|---|---|---|---|",
+        "| 1 | 8 | 20 | 31 |  | 40 |",
+        "| 2 | 8 | 19 |  | 8 | 3 |"]
 
 
 def test_report_without_metrics(tmp_path):
