@@ -247,6 +247,8 @@ def prm_worker(config: dict) -> None:
     from ray.train.torch import get_device, prepare_model
     from transformers import AutoModelForTokenClassification
 
+    from selfimprove.train.trainer import worker_print
+
     pc: ProcessConfig = config["process"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -282,7 +284,7 @@ def prm_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             history.append({"step": step, "epoch": epoch, "loss": mean})
             if rank == 0 and (step % 10 == 0 or step == 1):
-                print(f"PRM step {step}/{steps_per_epoch * pc.prm_epochs}  loss {mean:.4f}", flush=True)
+                worker_print(f"PRM step {step}/{steps_per_epoch * pc.prm_epochs}  loss {mean:.4f}")
 
     summary = {"steps": step, "epochs": pc.prm_epochs, "workers": world, "lr": pc.prm_lr, **config["counts"],
                "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None}

@@ -46,6 +46,7 @@ import os
 import pickle
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -314,7 +315,7 @@ def train_worker(config: dict) -> None:
         references = _reference_logps(engine, shard, tc, config["pad_id"], device)
         reference_seconds = time.perf_counter() - t0
         if rank == 0:
-            print(f"reference log-probs of {len(shard)} examples per worker in {reference_seconds:.1f} s", flush=True)
+            worker_print(f"reference log-probs of {len(shard)} examples per worker in {reference_seconds:.1f} s")
 
     loss_fn, hyper = LOSSES[tc.loss], loss_kwargs(tc)
     use_rejected = needs_rejected(tc.loss) and shard[0].rejected is not None
@@ -528,7 +529,16 @@ def _peak_memory_gib(device) -> float:
 def _print_row(row: dict, total: int, preference: bool) -> None:
     # SFT has no rejected response, so its reward accuracy and margin say nothing.
     rewards = f"reward acc {row['rewards/accuracies']:.2f}  margin {row['rewards/margins']:.4f}  " if preference else ""
-    print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  {rewards}{row['tokens_per_s']:.0f} tokens/s", flush=True)
+    worker_print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  {rewards}{row['tokens_per_s']:.0f} tokens/s")
+
+
+def worker_print(line: str) -> None:
+    """One line from a Ray Train worker to the driver's console.
+
+    Ray Train replaces `print` on its workers with one that writes the line and also logs it, and the log
+    reaches the console as well: every printed line showed twice. A plain write goes out once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def whole_steps(examples: list, batch_size: int, seed: int) -> list:
