@@ -109,6 +109,12 @@ def test_baseline_recipes_differ_from_local_only_in_loss_and_run_dir(name, loss)
     assert baseline == local
 
 
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_process_k_below_one_fails_at_load(value):
+    with pytest.raises(UserError, match=rf"^defaults: 'process.k' must be >= 1, got {value}$"):
+        load_config(None, [f"process.k={value}"])
+
+
 def test_process_pairs_with_an_sft_loss_fail_at_load():
     with pytest.raises(UserError, match=r"^defaults: pairs.source=process builds preference pairs, which "
                                         r"train.loss=sft does not read; use a preference loss"):
