@@ -220,6 +220,7 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
             out = args[-1]
             log.append((name, out.parent.name, str(model)))
             pq.write_table(pa.Table.from_pylist(steps), out / "steps.parquet")
+            (out / "stats.json").write_text(json.dumps({"scored_by": name}))
         return score
 
     def fake_train_prm(cfg, backbone, iterations, out):
@@ -245,7 +246,9 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=3",
                              "process.prm_mc_iterations=2", f"run_dir={run_dir}", "task.generated_train=10",
                              "task.generated_test=10"])
-    run(cfg)
+    rows = run(cfg)
+    assert [r.get("process") for r in rows] == [None, {"scored_by": "mc"}, {"scored_by": "mc"},
+                                                {"scored_by": "trained"}]
     model = {t: str((run_dir / f"iter_{t}" / "train" / "model").resolve()) for t in (1, 2)}
     prm = str((run_dir / "iter_2" / "prm" / "model").resolve())
     assert [entry for entry in log if entry[0] != "rollout"] == [
