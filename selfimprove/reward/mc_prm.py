@@ -156,9 +156,9 @@ def pool_complete(actors: list, prompts: list[str], seeds: list[int], temperatur
     try:
         parts = ray.get(refs)
     except Exception as e:
-        from selfimprove.rollout.stage import _root_cause
+        from selfimprove.rollout.stage import root_cause
 
-        raise UserError(f"process scoring failed: {_root_cause(e)}") from e
+        raise UserError(f"process scoring failed: {root_cause(e)}") from e
     return [c for part in parts for c in part]
 
 
@@ -272,11 +272,16 @@ def write_steps(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=STEP_SCHEMA), path)
 
 
+def write_stage(rows: list[dict], stats: dict[str, int], out: Path) -> dict[str, int]:
+    """The process stage's files, whichever scorer made them: `out/steps.parquet` and `out/stats.json`
+    (which metrics.jsonl and report.md show). Returns `stats`."""
+    write_steps(rows, Path(out) / "steps.parquet")
+    (Path(out) / "stats.json").write_text(json.dumps(stats))
+    return stats
+
+
 def run_mc_prm(model: str, rollout_cfg: RolloutConfig, cfg: ProcessConfig, task: Task, samples: list[dict],
                out: Path) -> dict[str, int]:
     """The process stage: score `samples` with the policy `model`; write `out/steps.parquet` and `out/stats.json`."""
     with prm_actors(model, dataclasses.replace(rollout_cfg, max_tokens=cfg.max_tokens), task.stop) as actors:
-        rows, stats = score_samples(partial(pool_complete, actors), samples, task, cfg, rollout_cfg.seed)
-    write_steps(rows, Path(out) / "steps.parquet")
-    (Path(out) / "stats.json").write_text(json.dumps(stats))
-    return stats
+        return write_stage(*score_samples(partial(pool_complete, actors), samples, task, cfg, rollout_cfg.seed), out)

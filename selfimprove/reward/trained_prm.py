@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from selfimprove.config import Config, ProcessConfig
 from selfimprove.errors import UserError
 from selfimprove.io import read_table, stage_output
-from selfimprove.reward.mc_prm import OUTCOME, scorable_samples, write_steps
+from selfimprove.reward.mc_prm import OUTCOME, scorable_samples, write_stage
 from selfimprove.rollout.generator import SKIPPED
 
 TRAINED = "trained"  # a step's source: the PRM's prediction
@@ -191,6 +191,7 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
 
     from selfimprove.config import to_dict
     from selfimprove.runtime import init_ray
+    from selfimprove.train.data import padding_id
     from selfimprove.train.trainer import fingerprint, fit, whole_steps, worker_resources
 
     pc, tc, out = cfg.process, cfg.train, Path(out).resolve()
@@ -219,7 +220,7 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
     worker_config = {
         "process": pc, "seed": tc.seed, "precision": tc.precision, "backbone": backbone,
         "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "pad_id": padding_id(tokenizer),
         "tokenizer_hash": tokenizer_hash(tokenizer), "counts": counts | {"unused": counts["examples"] - len(examples)},
     }
     trainer = TorchTrainer(
@@ -389,11 +390,12 @@ def run_trained_prm(prm_dir: str | Path, policy: str, cfg: ProcessConfig, sample
     from transformers import AutoTokenizer
 
     from selfimprove.runtime import init_ray, node_cpus
+    from selfimprove.train.data import padding_id
 
     prm_dir = str(prm_dir)
     check_tokenizer(prm_dir, policy)
     tokenizer = AutoTokenizer.from_pretrained(prm_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     init_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cores = 1 if use_gpu else node_cpus()
@@ -403,11 +405,8 @@ def run_trained_prm(prm_dir: str | Path, policy: str, cfg: ProcessConfig, sample
         try:
             return ray.get(task.remote(prm_dir, queries, cfg.prm_batch_size, pad_id, 0 if use_gpu else cores))
         except Exception as e:
-            from selfimprove.rollout.stage import _root_cause
+            from selfimprove.rollout.stage import root_cause
 
-            raise UserError(f"process scoring with the PRM {prm_dir} failed: {_root_cause(e)}") from e
+            raise UserError(f"process scoring with the PRM {prm_dir} failed: {root_cause(e)}") from e
 
-    rows, stats = score_samples(remote_predict, Encoder(tokenizer), samples, cfg)
-    write_steps(rows, Path(out) / "steps.parquet")
-    (Path(out) / "stats.json").write_text(json.dumps(stats))
-    return stats
+    return write_stage(*score_samples(remote_predict, Encoder(tokenizer), samples, cfg), out)

@@ -89,7 +89,7 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"rollout failed: {_root_cause(e)}") from e
+        raise UserError(f"rollout failed: {root_cause(e)}") from e
     return read_table(out, SAMPLE_ORDER)
 
 
@@ -108,7 +108,7 @@ def _cpu_only() -> bool:
     return ray.cluster_resources().get("GPU", 0) == 0
 
 
-def _root_cause(e: BaseException) -> str:
+def root_cause(e: BaseException) -> str:
     """The innermost exception's first line: Ray wraps an actor's error several times."""
     while getattr(e, "cause", None) is not None or e.__cause__ is not None:
         e = getattr(e, "cause", None) or e.__cause__

@@ -151,6 +151,11 @@ def fit(prompt: list[int], completions: list[list[int]], max_len: int,
     return prompt[-keep:], [c[:room] for c in completions]
 
 
+def padding_id(tokenizer) -> int:
+    """The token id batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(examples: list[Example], pad_id: int) -> Batch:
     """Chosen rows, then rejected rows (when present), right-padded to the longest of them."""
     import torch

@@ -55,7 +55,7 @@ from pathlib import Path
 from selfimprove.config import Config, TrainConfig, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import stage_output
-from selfimprove.train.data import Example, collate, read_rows, tokenize
+from selfimprove.train.data import Example, collate, padding_id, read_rows, tokenize
 from selfimprove.train.loss_names import needs_reference, needs_rejected
 from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
 
@@ -108,7 +108,7 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
     storage = tc.storage_path or str(out.with_name(out.name + ".ray"))
     worker_config = {
         "train": tc, "model": model_path, "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "pad_id": padding_id(tokenizer),
         "counts": vars(counts) | {"unused": counts.examples - len(examples)},
     }
     trainer = TorchTrainer(
