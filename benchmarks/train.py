@@ -112,7 +112,7 @@ def run_trl(model_path: str, pairs: list[dict], epochs: int) -> dict:
             "steps": metrics.get("global_step", trainer.state.global_step)}
 
 
-def run_ours(model_path: str, pairs: list[dict], workers: int, epochs: int) -> dict:
+def run_ours(model_path: str, pairs: list[dict], workers: int, epochs: int, precision: str = "bf16") -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,7 +124,7 @@ def run_ours(model_path: str, pairs: list[dict], workers: int, epochs: int) -> d
         pq.write_table(pa.Table.from_pylist(pairs), data)
         cfg = Config(model=model_path, train=TrainConfig(
             loss="rpo", beta=BETA, alpha=ALPHA, nll_norm="batch_tokens", lr=LR, grad_clip=1.0, batch_size=BATCH,
-            micro_batch_size=BATCH // workers, num_workers=workers, zero_stage=2, precision="bf16",
+            micro_batch_size=BATCH // workers, num_workers=workers, zero_stage=2, precision=precision,
             max_len=MAX_LEN, epochs=epochs, report_every=10**6, checkpoint_every=0))
         t0 = time.perf_counter()
         s = train(cfg, data, Path(root) / "model")

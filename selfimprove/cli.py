@@ -122,6 +122,7 @@ def _eval(args) -> int:
 
     from selfimprove.evaluate import run_eval
     from selfimprove.models import resolve_model
+    from selfimprove.precision import announce, resolve
     from selfimprove.runtime import init_ray
     from selfimprove.tasks import build_task
 
@@ -129,6 +130,8 @@ def _eval(args) -> int:
     task = build_task(cfg.task)
     problems = task.load(cfg.eval.split)
     model = resolve_model(cfg.model)
+    cfg, choices = resolve(cfg)
+    announce(choices[:1])
     init_ray()
     metrics = run_eval(cfg, model, task, problems, out)
     table = Table(title=f"{cfg.model} on {cfg.task.name} ({cfg.eval.split}, {metrics['problems']} problems)")
@@ -145,9 +148,11 @@ def _train(args) -> int:
     import json
 
     from selfimprove.config import load_config
+    from selfimprove.precision import announce, resolve
     from selfimprove.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, choices = resolve(load_config(args.config, args.overrides))
+    announce(choices[1:])
     data = Path(args.data or Path(cfg.run_dir) / "iter_0" / "pairs")
     out = Path(args.out or Path(cfg.run_dir) / "iter_0" / "model")
     summary = train(cfg, data, out)

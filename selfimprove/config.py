@@ -79,7 +79,8 @@ class RolloutConfig:
     seed: int = knob(0, "engine seed: same config and seed give the same samples")
     max_model_len: int = knob(1024, "context length the engine reserves per sequence", positive)
     enforce_eager: bool = knob(True, "skip torch.compile/CUDA graphs: faster start, slightly slower generation")
-    dtype: str = knob("bfloat16", "weights and activations dtype", one_of("bfloat16", "float16", "float32", "auto"))
+    dtype: str = knob("auto", "weights and activations dtype (auto: bfloat16 where the GPU or CPU computes it natively, "
+                      "else float32)", one_of("auto", "bfloat16", "float16", "float32"))
     gpu_memory_utilization: float = knob(0.85, "GPU only: share of GPU memory vLLM may take", unit_interval)
     tensor_parallel_size: int = knob(1, "GPUs per engine (GPU only)", positive)
     cpu_kvcache_gib: int = knob(2, "CPU only: GiB of KV cache per engine", positive)
@@ -129,7 +130,9 @@ class TrainConfig:
     zero_stage: int = knob(2, "DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded",
                            lambda v: None if v in (0, 1, 2, 3) else "must be 0, 1, 2 or 3")
     offload_optimizer: bool = knob(False, "ZeRO 1-3: keep optimizer states in CPU memory (DeepSpeed CPU Adam)")
-    precision: str = knob("bf16", "bf16 mixed precision (fp32 master weights) or plain fp32", one_of("bf16", "fp32"))
+    precision: str = knob("auto", "bf16 mixed precision (fp32 master weights), plain fp32, or auto (bf16 where the "
+                          "GPU or CPU computes it natively, else fp32); the PRM trainer follows it too",
+                          one_of("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass: less memory, ~30% slower")
     lora: bool = knob(False, "train a LoRA adapter (merged into the saved model) instead of all weights")
     lora_r: int = knob(8, "LoRA rank", positive)

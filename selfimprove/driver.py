@@ -28,7 +28,10 @@ import yaml
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import is_done, read_table, stage_output
+from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import ITERATION_STAGES, RunProgress
+
+DTYPE_FILE = "dtype.json"
 
 
 def run(cfg: Config) -> list[dict]:
@@ -37,7 +40,6 @@ def run(cfg: Config) -> list[dict]:
     from selfimprove.tasks import build_task
 
     run_dir = Path(cfg.run_dir)
-    claim_run_dir(run_dir, cfg)
     task = build_task(cfg.task)
     train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
     policy = resolve_model(cfg.model)
@@ -49,27 +51,33 @@ def run(cfg: Config) -> list[dict]:
         if backbone != policy:
             check_tokenizer(backbone, policy, "(process.prm_backbone) has")
 
+    # The saved config keeps `auto`, so a run resumed on another kind of machine computes in that machine's type.
+    saved, (cfg, (generate, train)) = cfg, resolve(cfg)
+    claim_run_dir(run_dir, saved)
+    announce((generate, train))
     from selfimprove.runtime import init_ray
 
     init_ray()
     progress = RunProgress(run_dir, cfg.iterations, lambda t: iteration_stages(cfg, t))
-    _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
+    _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress, dtype=generate)
     for t in range(1, cfg.iterations + 1):
         it = run_dir / f"iter_{t}"
         stages = iteration_stages(cfg, t)
         temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
-        _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress)
+        _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress,
+               dtype=generate)
         if "process" in stages:
-            _stage(it / "process", _process, cfg, policy, task, it / "rollout", prm_model(run_dir, cfg, t),
-                   progress=progress)
+            prm = prm_model(run_dir, cfg, t)
+            _stage(it / "process", _process, cfg, policy, task, it / "rollout", prm, progress=progress,
+                   dtype=generate if prm is None else None)
         if "prm" in stages:
             _stage(it / "prm", _train_prm, cfg, backbone, [run_dir / f"iter_{s}" for s in range(1, t + 1)],
-                   progress=progress)
+                   progress=progress, dtype=train)
         previous = run_dir / f"iter_{t - 1}" / "pairs" if cfg.pairs.accumulate and t > 1 else None
         _stage(it / "pairs", _pairs, cfg, train_problems, it, previous, progress=progress)
-        _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress)
+        _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress, dtype=train)
         policy = str((it / "train" / "model").resolve())
-        _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress)
+        _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress, dtype=generate)
         write_metrics(run_dir)
     return write_metrics(run_dir)
 
@@ -122,25 +130,29 @@ def write_metrics(run_dir: Path) -> list[dict]:
                 row[stage] = json.loads((it / stage / "stats.json").read_text())
         row["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
                                 for p in sorted(it.glob("*/timing.json"))}
+        row["stage_dtype"] = {p.parent.name: json.loads(p.read_text())["value"] for p in sorted(it.glob(f"*/{DTYPE_FILE}"))}
         rows.append(row)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def _stage(folder: Path, fn, *args, progress: RunProgress | None = None) -> None:
+def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: Choice | None = None) -> None:
     """Run `fn(*args, scratch)` unless `folder` is finished; time it and mark it finished.
 
-    `timing.json` keeps the start time too, so a run's wall time can be set against its stage times.
+    `timing.json` keeps the start time too, so a run's wall time can be set against its stage times;
+    a stage that computes with a model keeps the type it computed in (`dtype`) in `dtype.json`.
     """
     if is_done(folder):
         if progress:
             progress.skipped(folder)
         return
     if progress:
-        progress.starting(folder)
+        progress.starting(folder, dtype.value if dtype else None)
     started, start = time.time(), time.perf_counter()
     try:
         with stage_output(folder) as scratch:
+            if dtype:
+                (scratch / DTYPE_FILE).write_text(json.dumps(dataclasses.asdict(dtype)))
             fn(*args, scratch)
             seconds = round(time.perf_counter() - start, 2)
             (scratch / "timing.json").write_text(json.dumps({"seconds": seconds, "started": round(started, 2)}))

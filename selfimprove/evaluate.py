@@ -65,7 +65,8 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
         passes["sample"] = (cfg.eval.k, cfg.eval.temperature)
     table = rollout(model, cfg.rollout, task, request_rows(task, problems, passes, cfg.rollout.seed), out / "samples")
     rows = problem_results(table.to_pylist())
-    metrics = {"model": cfg.model, "task": cfg.task.name, "split": cfg.eval.split, **aggregate(rows, cfg.eval.k)}
+    metrics = {"model": cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
+               **aggregate(rows, cfg.eval.k)}
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps({"metrics": metrics, "problems": rows}, indent=1))
     tmp.rename(out / "metrics.json")

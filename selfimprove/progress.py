@@ -51,12 +51,13 @@ class RunProgress:
         self.start = time.monotonic()
         self.console = Console(stderr=True)
 
-    def starting(self, folder: Path) -> None:
+    def starting(self, folder: Path, dtype: str | None = None) -> None:
         t, kind = self._where(folder)
         index = self.stages.index((t, kind))
         eta = eta_seconds([k for _, k in self.stages[index:]], self._past_seconds())
         self.console.print(
             f"── [bold]iteration {t}/{self.iterations} · {kind}[/] · stage {index + 1} of {len(self.stages)} · "
+            + (f"{dtype} · " if dtype else "") +
             f"elapsed {clock(time.monotonic() - self.start)} · "
             + (f"ETA {clock(eta)}" if eta is not None else "no ETA until each stage kind has run once"), soft_wrap=True)
 

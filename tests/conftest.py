@@ -1,7 +1,9 @@
 """Shared fixtures. Engines start once per session: a vLLM start-up costs 15-60 s on CPU."""
 
 import os
+import time
 
+import psutil
 import pytest
 import yaml
 
@@ -35,15 +37,45 @@ def bundled_model() -> str:
     return resolve_model("smollm2-135m-instruct")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llm(bundled_model):
-    """One real vLLM engine on the bundled model, shared by every test that generates in-process."""
+    """A real vLLM engine on the bundled model in this process, for a module's tests; its engine-core process
+    is stopped when the module ends (dropping the `LLM` object alone left it running, 3 GB, for the session)."""
     from selfimprove.config import RolloutConfig
     from selfimprove.rollout.engine import build_llm
 
     engine = build_llm(bundled_model, RolloutConfig(max_model_len=1024))
     yield engine
-    del engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def engine_cores(since: float) -> list[psutil.Process]:
+    """vLLM engine-core processes of this test session: descendants of pytest, or orphans (parent init) started
+    after `since` (an engine whose Ray actor was killed is re-parented). Other runs' engines on the machine are not."""
+    me = psutil.Process()
+    candidates = me.children(recursive=True) + [p for p in psutil.process_iter() if p.ppid() == 1]
+    found = []
+    for p in candidates:
+        try:
+            if " ".join(p.cmdline()).startswith("VLLM::EngineCore") and (p.ppid() != 1 or p.create_time() >= since):
+                found.append(p)
+        except psutil.Error:  # it ended while we looked
+            pass
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_engine_outlives_its_module():
+    """Every vLLM engine a test module starts is gone (waited for up to a minute) once the module ends."""
+    started = time.time()
+    before = {p.pid for p in engine_cores(started)}
+    yield
+    deadline = time.monotonic() + 60
+    while (left := [p for p in engine_cores(started) if p.pid not in before]) and time.monotonic() < deadline:
+        time.sleep(1)
+    for p in left:
+        p.kill()  # so that later modules run on a clean machine
+    assert not left, f"vLLM engine processes outlived their test module: {[(p.pid, p.ppid()) for p in left]}"
 
 
 @pytest.fixture(scope="session")

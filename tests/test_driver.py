@@ -16,6 +16,7 @@ from selfimprove.driver import _pairs, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
 from selfimprove.io import is_done
+from selfimprove.precision import Machine
 
 
 def test_claim_saves_config_and_accepts_the_same(tmp_path):
@@ -201,6 +202,7 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     does nothing; with iteration 3's process stage gone, only it is redone (later stages keep their markers)."""
     import selfimprove.driver as driver
     import selfimprove.models
+    import selfimprove.precision
     import selfimprove.reward.mc_prm
     import selfimprove.reward.trained_prm
     import selfimprove.runtime
@@ -242,6 +244,7 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     monkeypatch.setattr(selfimprove.reward.mc_prm, "run_mc_prm", fake_scorer("mc"))
     monkeypatch.setattr(selfimprove.reward.trained_prm, "run_trained_prm", fake_scorer("trained"))
     monkeypatch.setattr(selfimprove.reward.trained_prm, "train_prm", fake_train_prm)
+    monkeypatch.setattr(selfimprove.precision, "engine_machine", lambda: Machine("cpu", frozenset({"avx2"})))
     run_dir = tmp_path / "r"
     cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=3",
                              "process.prm_mc_iterations=2", f"run_dir={run_dir}", "task.generated_train=10",
@@ -249,6 +252,15 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     rows = run(cfg)
     assert [r.get("process") for r in rows] == [None, {"scored_by": "mc"}, {"scored_by": "mc"},
                                                 {"scored_by": "trained"}]
+    # auto on a CPU without bf16: every stage that computes with a model records float32, the PRM scorer none
+    generated = {"rollout": "float32", "process": "float32", "eval": "float32"}
+    assert [r["stage_dtype"] for r in rows] == [
+        {"eval": "float32"}, {**generated, "train": "fp32"}, {**generated, "prm": "fp32", "train": "fp32"},
+        {"rollout": "float32", "train": "fp32", "eval": "float32"}]
+    assert json.loads((run_dir / "iter_1" / "train" / "dtype.json").read_text()) == {
+        "key": "train.precision", "value": "fp32", "warning": None,
+        "reason": "auto: this CPU has no avx512_bf16 / amx_bf16 / bf16: bfloat16 is emulated"}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["precision"] == "auto"
     model = {t: str((run_dir / f"iter_{t}" / "train" / "model").resolve()) for t in (1, 2)}
     prm = str((run_dir / "iter_2" / "prm" / "model").resolve())
     assert [entry for entry in log if entry[0] != "rollout"] == [

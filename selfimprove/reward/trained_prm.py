@@ -248,9 +248,11 @@ def prm_worker(config: dict) -> None:
     from ray.train.torch import get_device, prepare_model
     from transformers import AutoModelForTokenClassification
 
+    from selfimprove.precision import concrete
     from selfimprove.train.trainer import worker_print
 
     pc: ProcessConfig = config["process"]
+    precision = concrete("train.precision", config["precision"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config["use_gpu"]:
@@ -270,7 +272,7 @@ def prm_worker(config: dict) -> None:
         for m in range(steps_per_epoch):
             batch = [shard[i] for i in order[m * per_worker:(m + 1) * per_worker].tolist()]
             ids, attention, targets, mask = (t.to(device) for t in collate(batch, config["pad_id"]))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(input_ids=ids, attention_mask=attention).logits[..., 0]
             loss = masked_bce(logits, targets, mask)
             mean = loss.detach().clone()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 from selfimprove.config import RolloutConfig
+from selfimprove.precision import concrete
 
 
 def on_cpu() -> bool:
@@ -41,7 +42,7 @@ def build_llm(model: str, cfg: RolloutConfig, cpu_cores: str | None = None):
     kwargs = dict(
         model=model,
         seed=cfg.seed,
-        dtype=cfg.dtype,
+        dtype=concrete("rollout.dtype", cfg.dtype),
         max_model_len=cfg.max_model_len,
         enforce_eager=cfg.enforce_eager,
         enable_prefix_caching=cfg.enable_prefix_caching,

@@ -117,8 +117,10 @@ class HFGenerator(_Generator):
 
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
-        dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype[cfg.dtype]).eval()
+        from selfimprove.precision import concrete
+
+        dtype = getattr(torch, concrete("rollout.dtype", cfg.dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
 
     def generate(self, prompts, ns, temps, seeds):
         """All samples of the batch, in padded chunks of `HF_CHUNK` sequences of one temperature."""

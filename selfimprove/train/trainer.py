@@ -38,6 +38,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -271,8 +272,10 @@ def train_worker(config: dict) -> None:
     from ray.train.torch import get_device
 
     from selfimprove.models import home
+    from selfimprove.precision import concrete
 
     tc: TrainConfig = config["train"]
+    tc = dataclasses.replace(tc, precision=concrete("train.precision", tc.precision))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # DeepSpeed JIT-builds a shared-memory comm op on CPU (~1 min): build it once per machine.

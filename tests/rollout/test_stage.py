@@ -1,8 +1,8 @@
 """The rollout stage for real: Ray local mode, Ray Data, vLLM engines in actors, the bundled model.
 
 The module's main rollout runs one actor with batches of 2 over a greedy and a sampled
-pass; a second rollout spreads the same batches over two actors, and a third repeats a
-small rollout to show that the same config and seed give the same samples.
+pass; a second rollout spreads the same batches over two actors (the same rows), and a
+third repeats it on one actor to show that the same config and seed give the same samples.
 """
 
 import dataclasses
@@ -78,18 +78,21 @@ def test_too_long_prompt_is_kept_as_skipped(one_actor):
 
 
 @pytest.mark.engine
-def test_two_actors_give_the_same_samples(one_actor, ray_local, bundled_model, task, problems, tmp_path):
-    """Each batch is seeded by its content, so it must come out as it did on one actor."""
+def test_two_actors_give_the_same_rows(one_actor, ray_local, bundled_model, task, problems, tmp_path):
+    """Another pool shape writes the same rows, counts and schema. Not the same texts: an engine's batch
+    changes the floating-point path (one and two actors wrote different texts on an AVX2 box, same seeds)."""
     cfg = dataclasses.replace(CFG, num_actors=2)
     table = rollout(bundled_model, cfg, task, request_rows(task, problems, PASSES, seed=7), tmp_path / "samples")
     mine, before = table.to_pylist(), one_actor[1].to_pylist()
-    assert [(r["pass"], r["problem_id"], r["sample_index"]) for r in mine] == [
-        (r["pass"], r["problem_id"], r["sample_index"]) for r in before]
-    assert [r["text"] for r in mine] == [r["text"] for r in before]
+    assert table.schema == one_actor[1].schema
+    keys = ("pass", "problem_id", "sample_index", "n", "temperature", "seed", "prompt_text", "prompt_tokens", "status")
+    assert [tuple(r[k] for k in keys) for r in mine] == [tuple(r[k] for k in keys) for r in before]
+    assert len(mine) == len(problems) * (1 + N)
 
 
 @pytest.mark.engine
 def test_same_config_and_seed_same_samples(one_actor, ray_local, bundled_model, task, problems, tmp_path):
+    """The same pool shape on rerun: the same texts, byte for byte."""
     table = rollout(bundled_model, CFG, task, request_rows(task, problems, PASSES, seed=7), tmp_path / "samples")
     assert table.column("text").to_pylist() == one_actor[1].column("text").to_pylist()
 
