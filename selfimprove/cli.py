@@ -115,12 +115,13 @@ def _eval(args) -> int:
             overrides.append(f"{key}={value}")
     overrides.append(f"model={args.model}")
     cfg = load_config(args.config, overrides)
-    out = Path(args.out or f"runs/eval/{Path(args.model).name}-{cfg.task.name}")
+    out = Path(args.out or f"runs/eval/{Path(args.model).name}-{cfg.task.name}").expanduser()
 
     from rich.console import Console
     from rich.table import Table
 
     from selfimprove.evaluate import run_eval
+    from selfimprove.io import claim_folder
     from selfimprove.models import resolve_model
     from selfimprove.precision import announce, resolve
     from selfimprove.runtime import init_ray
@@ -131,6 +132,7 @@ def _eval(args) -> int:
     problems = task.load(cfg.eval.split)
     model = resolve_model(cfg.model)
     cfg, choices = resolve(cfg)
+    claim_folder(out)
     announce(choices[:1])
     init_ray()
     metrics = run_eval(cfg, model, task, problems, out)
@@ -153,8 +155,8 @@ def _train(args) -> int:
 
     cfg, choices = resolve(load_config(args.config, args.overrides))
     announce(choices[1:])
-    data = Path(args.data or Path(cfg.run_dir) / "iter_0" / "pairs")
-    out = Path(args.out or Path(cfg.run_dir) / "iter_0" / "model")
+    data = Path(args.data or Path(cfg.run_dir) / "iter_0" / "pairs").expanduser()
+    out = Path(args.out or Path(cfg.run_dir) / "iter_0" / "model").expanduser()
     summary = train(cfg, data, out)
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     print(f"wrote {out}")
@@ -164,7 +166,7 @@ def _train(args) -> int:
 def _report(args) -> int:
     from selfimprove.evaluate import write_report
 
-    print(f"wrote {write_report(Path(args.run_dir))}")
+    print(f"wrote {write_report(Path(args.run_dir).expanduser())}")
     return 0
 
 
@@ -174,7 +176,7 @@ def _prepare_model(args) -> int:
     if args.model in BUNDLED:
         folder = prepare_bundled(args.model)
     elif args.model.endswith(".gguf"):
-        path = Path(args.model)
+        path = Path(args.model).expanduser()
         if not path.is_file():
             raise UserError(f"GGUF file not found: {args.model}")
         folder = convert_gguf_file(path)

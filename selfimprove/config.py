@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -23,11 +24,13 @@ from selfimprove.errors import UserError
 from selfimprove.train.loss_names import LOSS_NAMES, needs_rejected
 
 
-def knob(default: Any, help: str, check: Callable[[Any], str | None] | None = None):
-    """A config field: default, one-line help, and a check returning an error text or None."""
+def knob(default: Any, help: str, check: Callable[[Any], str | None] | None = None, path: bool = False):
+    """A config field: default, one-line help, a check returning an error text or None, and whether it is a
+    path (a leading `~` is expanded)."""
+    metadata = {"help": help, "check": check, "path": path}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "check": check})
-    return field(default=default, metadata={"help": help, "check": check})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def positive(v) -> str | None:
@@ -142,7 +145,8 @@ class TrainConfig:
                                    lambda v: None if v else "must name at least one module")
     report_every: int = knob(10, "optimizer steps between metric reports (a report costs ~2 s)", positive)
     checkpoint_every: int = knob(50, "optimizer steps between resumable checkpoints (0 = none)", non_negative)
-    storage_path: str | None = knob(None, "where Ray Train keeps checkpoints (none: beside the output; multi-node: a shared path or s3:// URI)")
+    storage_path: str | None = knob(None, "where Ray Train keeps checkpoints (none: beside the output; multi-node: a shared path or s3:// URI)",
+                                    path=True)
     seed: int = knob(0, "seed of the pair order, LoRA initialisation and dropout")
 
 
@@ -188,7 +192,7 @@ class ProcessConfig:
 @dataclass
 class Config:
     model: str = knob("smollm2-135m-instruct", "policy model: bundled name, HF id, local folder or .gguf file")
-    run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics")
+    run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics", path=True)
     iterations: int = knob(2, "self-improvement iterations (each: rollout, pairs, train, evaluate)", positive)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -200,7 +204,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Config from a YAML file (or defaults when path is None) plus `a.b=value` overrides."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = _read_yaml(Path(path).expanduser()) if path is not None else {}
     where = str(path) if path is not None else "defaults"
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -304,6 +308,8 @@ def _build(cls, raw: dict, prefix: str, where: str):
             kwargs[name] = _build(typ, value, dotted + ".", where)
             continue
         value = _coerce(value, typ, dotted, where)
+        if names[name].metadata.get("path") and value is not None:
+            value = os.path.expanduser(value)  # no shell expands `~` in YAML, nor in a quoted override
         check = names[name].metadata.get("check")
         problem = check(value) if check and value is not None else None
         if problem:

@@ -6,7 +6,9 @@
    complete (with `_SUCCESS`) or absent. The driver skips a finished stage: a killed run
    resumes where it stopped and never redoes a finished rollout.
 3. The run's resolved config is saved as `run_dir/config.yaml`; rerunning into the same
-   folder with a different config is refused, since finished stages would not match it.
+   folder with a different config is refused, since finished stages would not match it. A run holds a
+   lock on its run dir while it lives, so a second run in the same folder is refused; a folder that is
+   neither empty nor a run is never written into.
 4. With `process.scorer=trained`, iterations up to `process.prm_mc_iterations` score steps by
    Monte Carlo; the last of them then trains a PRM on all their step values (stage `prm`), and
    every later iteration's process stage scores with that PRM.
@@ -17,9 +19,13 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
+import socket
 import time
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,11 +33,13 @@ import yaml
 
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import is_done, read_table, stage_output
+from selfimprove.io import MARKER, is_done, is_ours, read_table, stage_output, write_atomic
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import ITERATION_STAGES, RunProgress
 
 DTYPE_FILE = "dtype.json"
+# Held (flock) by the process running in a run dir; it names that process.
+LOCK = ".lock"
 
 
 def run(cfg: Config) -> list[dict]:
@@ -40,6 +48,7 @@ def run(cfg: Config) -> list[dict]:
     from selfimprove.tasks import build_task
 
     run_dir = Path(cfg.run_dir)
+    # Everything a user can get wrong fails here, before the run dir is claimed or Ray starts.
     task = build_task(cfg.task)
     train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
     policy = resolve_model(cfg.model)
@@ -50,36 +59,37 @@ def run(cfg: Config) -> list[dict]:
         backbone = resolve_model(cfg.process.prm_backbone) if cfg.process.prm_backbone else policy
         if backbone != policy:
             check_tokenizer(backbone, policy, "(process.prm_backbone) has")
-
     # The saved config keeps `auto`, so a run resumed on another kind of machine computes in that machine's type.
     saved, (cfg, (generate, train)) = cfg, resolve(cfg)
-    claim_run_dir(run_dir, saved)
-    announce((generate, train))
-    from selfimprove.runtime import init_ray
 
-    init_ray()
-    progress = RunProgress(run_dir, cfg.iterations, lambda t: iteration_stages(cfg, t))
-    _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress, dtype=generate)
-    for t in range(1, cfg.iterations + 1):
-        it = run_dir / f"iter_{t}"
-        stages = iteration_stages(cfg, t)
-        temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
-        _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress,
+    with claim_run_dir(run_dir, saved):
+        announce((generate, train))
+        from selfimprove.runtime import init_ray
+
+        init_ray()
+        progress = RunProgress(run_dir, cfg.iterations, lambda t: iteration_stages(cfg, t))
+        _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress,
                dtype=generate)
-        if "process" in stages:
-            prm = prm_model(run_dir, cfg, t)
-            _stage(it / "process", _process, cfg, policy, task, it / "rollout", prm, progress=progress,
-                   dtype=generate if prm is None else None)
-        if "prm" in stages:
-            _stage(it / "prm", _train_prm, cfg, backbone, [run_dir / f"iter_{s}" for s in range(1, t + 1)],
-                   progress=progress, dtype=train)
-        previous = run_dir / f"iter_{t - 1}" / "pairs" if cfg.pairs.accumulate and t > 1 else None
-        _stage(it / "pairs", _pairs, cfg, train_problems, it, previous, progress=progress)
-        _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress, dtype=train)
-        policy = str((it / "train" / "model").resolve())
-        _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress, dtype=generate)
-        write_metrics(run_dir)
-    return write_metrics(run_dir)
+        for t in range(1, cfg.iterations + 1):
+            it = run_dir / f"iter_{t}"
+            stages = iteration_stages(cfg, t)
+            temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
+            _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress,
+                   dtype=generate)
+            if "process" in stages:
+                prm = prm_model(run_dir, cfg, t)
+                _stage(it / "process", _process, cfg, policy, task, it / "rollout", prm, progress=progress,
+                       dtype=generate if prm is None else None)
+            if "prm" in stages:
+                _stage(it / "prm", _train_prm, cfg, backbone, [run_dir / f"iter_{s}" for s in range(1, t + 1)],
+                       progress=progress, dtype=train)
+            previous = run_dir / f"iter_{t - 1}" / "pairs" if cfg.pairs.accumulate and t > 1 else None
+            _stage(it / "pairs", _pairs, cfg, train_problems, it, previous, progress=progress)
+            _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress, dtype=train)
+            policy = str((it / "train" / "model").resolve())
+            _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress, dtype=generate)
+            write_metrics(run_dir)
+        return write_metrics(run_dir)
 
 
 def iteration_stages(cfg: Config, t: int) -> tuple[str, ...]:
@@ -98,23 +108,72 @@ def prm_model(run_dir: Path, cfg: Config, t: int) -> Path | None:
     return (run_dir / f"iter_{cfg.process.prm_mc_iterations}" / "prm" / "model").resolve()
 
 
-def claim_run_dir(run_dir: Path, cfg: Config) -> None:
+def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:
+    """Lock `run_dir` for this process, then save the resolved config in a new run dir or check an existing
+    run dir was made with it. Returns the open lock file: the run dir is this run's until it is closed.
+
+    A folder that is neither empty nor a run is refused with nothing written into it.
+    """
+    try:
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run(run_dir):
+            raise UserError(f"{run_dir} is not empty and holds no selfimprove run; pass a new or empty run_dir=...")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / MARKER).touch()
+        lock = _lock(run_dir)
+        try:
+            _check_or_save_config(run_dir, cfg)
+        except BaseException:
+            lock.close()
+            raise
+    except OSError as e:
+        raise UserError(f"cannot write the run dir {run_dir}: {e.strerror}") from None
+    return lock
+
+
+def _is_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run: our marker, or (runs made before the marker) a config.yaml of ours."""
+    if is_ours(run_dir):
+        return True
+    try:
+        load_config(run_dir / "config.yaml")
+    except UserError:
+        return False
+    return True
+
+
+def _lock(run_dir: Path) -> IO[str]:
+    """Take `run_dir/.lock` and write this process's pid and host in it, or refuse naming the process holding it.
+
+    The OS releases a flock when its holder ends, however it ends, so a killed run leaves no stale lock.
+    O_NOFOLLOW: a symlink planted at that name must not make us open, and overwrite, another file.
+    """
+    lock = os.fdopen(os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock.read().strip() or "one that has not written its pid yet"
+        lock.close()
+        raise UserError(f"{run_dir} is in use by another selfimprove run ({holder}); wait for it to end, "
+                        "or pass another run_dir=...") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
     """Save the resolved config in a new run dir, or check an existing run dir was made with it."""
     saved = run_dir / "config.yaml"
     mine = to_dict(cfg)
-    if saved.is_file():
-        # Read back as a config, so keys added since the run was made compare at their defaults.
-        theirs = to_dict(load_config(saved))
-        if theirs != mine:
-            diff = _first_difference(theirs, mine)
-            raise UserError(f"{run_dir} holds a run made with another config ({diff}); "
-                            "pass the same config, or a new run_dir=...")
+    if not saved.is_file():
+        write_atomic(saved, yaml.safe_dump(mine, sort_keys=False))
         return
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(yaml.safe_dump(mine, sort_keys=False))
-    except OSError as e:
-        raise UserError(f"cannot write the run dir {run_dir}: {e.strerror}") from None
+    # Read back as a config, so keys added since the run was made compare at their defaults.
+    theirs = to_dict(load_config(saved))
+    if theirs != mine:
+        diff = _first_difference(theirs, mine)
+        raise UserError(f"{run_dir} holds a run made with another config ({diff}); "
+                        "pass the same config, or a new run_dir=...")
 
 
 def write_metrics(run_dir: Path) -> list[dict]:
@@ -132,7 +191,7 @@ def write_metrics(run_dir: Path) -> list[dict]:
                                 for p in sorted(it.glob("*/timing.json"))}
         row["stage_dtype"] = {p.parent.name: json.loads(p.read_text())["value"] for p in sorted(it.glob(f"*/{DTYPE_FILE}"))}
         rows.append(row)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from io import BytesIO
 from pathlib import Path
 
 from selfimprove.config import Config
 from selfimprove.errors import UserError
+from selfimprove.io import write_atomic
 from selfimprove.rollout.stage import request_rows, rollout
 from selfimprove.tasks.base import Task
 
@@ -67,9 +69,7 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
     rows = problem_results(table.to_pylist())
     metrics = {"model": cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
                **aggregate(rows, cfg.eval.k)}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps({"metrics": metrics, "problems": rows}, indent=1))
-    tmp.rename(out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps({"metrics": metrics, "problems": rows}, indent=1))
     return metrics
 
 
@@ -104,7 +104,9 @@ def write_report(run_dir: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "accuracy.png", dpi=120)
+    png = BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    write_atomic(run_dir / "accuracy.png", png.getvalue())
     plt.close(fig)
 
     lines = [f"# Run report: {run_dir}", "", "![held-out accuracy per iteration](accuracy.png)", "",
@@ -125,5 +127,5 @@ def write_report(run_dir: Path) -> Path:
             lines.append(f"| {r['iteration']} | " + " | ".join(str(r["process"].get(k, "")) for k in figures)
                          + f" | {r['stage_seconds'].get('process', 0):.0f} |")
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_atomic(out, "\n".join(lines) + "\n")
     return out

@@ -1,12 +1,16 @@
-"""Stage outputs: a folder that appears complete or not at all.
+"""Stage outputs: a folder that appears complete or not at all, and never at the cost of a user's files.
 
 A stage writes into `<final>.partial/`, then renames it to `<final>/` and writes `_SUCCESS`
 last. A reader that sees `_SUCCESS` knows every file is there; a crash at any point leaves
 at most a `.partial` folder, which the next attempt clears.
+
+Every folder the project makes carries the marker file `.selfimprove`. Only an empty folder or
+one of ours is ever deleted or replaced; anything else is refused, naming it.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,24 +18,81 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from selfimprove.errors import UserError
+
 SUCCESS = "_SUCCESS"
+MARKER = ".selfimprove"
 
 
 def is_done(folder: Path) -> bool:
     return (folder / SUCCESS).is_file()
 
 
+def is_ours(folder: Path) -> bool:
+    """Whether selfimprove wrote `folder`: it has our marker, or `_SUCCESS` (stages finished before the marker existed)."""
+    return (folder / MARKER).is_file() or is_done(folder)
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse `folder` unless it is absent, an empty folder or one of ours: all that selfimprove may delete."""
+    if not os.path.lexists(folder):
+        return
+    # A symlink is someone's pointer to somewhere: never ours, even if its target is.
+    if folder.is_dir() and not folder.is_symlink() and (is_ours(folder) or not any(folder.iterdir())):
+        return
+    raise UserError(f"{folder} exists and was not written by selfimprove; move it away or choose another path")
+
+
+def claim_folder(folder: Path) -> Path:
+    """Create and mark `folder` as ours, after `check_replaceable`; returns it."""
+    check_replaceable(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).touch()
+    return folder
+
+
+def remove_ours(folder: Path) -> None:
+    """Delete `folder` if it exists, after `check_replaceable`."""
+    check_replaceable(folder)
+    if os.path.lexists(folder):
+        shutil.rmtree(folder)
+
+
 @contextmanager
 def stage_output(final: Path):
-    """Yield a scratch folder; on normal exit it becomes `final` with a `_SUCCESS` marker."""
+    """Yield a scratch folder; on normal exit it becomes `final` with a `_SUCCESS` marker.
+
+    A `final` that is not ours is refused before the stage does any work, not after it.
+    """
     final = Path(final)
     partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    yield partial
-    shutil.rmtree(final, ignore_errors=True)
+    check_replaceable(final)
+    remove_ours(partial)
+    yield claim_folder(partial)
+    remove_ours(final)
     partial.rename(final)
     (final / SUCCESS).touch()
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write the file `path` whole or not at all: a reader, or a process killed mid-write, never sees half of it.
+
+    The data goes to a temp file in the same folder (a rename is atomic only within one file system), then
+    replaces `path`.
+    """
+    path = Path(path)
+    # Named by our pid: no live process can own a leftover of that name, so it is safe to clear.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_table(folder: Path, sort_by: tuple[str, ...] = ()) -> pa.Table:

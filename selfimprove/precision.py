@@ -108,14 +108,15 @@ def concrete(key: str, value: str) -> str:
 
 
 def announce(choices) -> None:
-    """One line on stderr for the choices (with the reason), and one per warning."""
+    """One line on stdout for the choices (with the reason), and one on stderr per warning (stderr stays
+    for what went wrong)."""
     import sys
 
     by_reason: dict[str, list[str]] = {}
     for c in choices:
         by_reason.setdefault(c.reason, []).append(f"{c.key}={c.value}")
     print("selfimprove: computing in " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in by_reason.items()),
-          file=sys.stderr)
+          flush=True)
     for c in choices:
         if c.warning:
             print(f"selfimprove: warning: {c.warning}", file=sys.stderr)

@@ -99,3 +99,21 @@ def test_eval_end_to_end(tmp_path, bundled_model):
     assert report["metrics"]["pass@1"] == sum(s["correct"] for s in greedy) / 4
     assert {r["id"] for r in report["problems"]} == {s["problem_id"] for s in greedy}
     assert Path(out / "samples" / "_SUCCESS").is_file()
+
+
+def test_eval_and_train_refuse_an_out_folder_they_did_not_write(files, tmp_path):
+    """`--out` naming a user's folder: one line before any work (the model here has only a config, so any work
+    would fail differently), and the folder is left as it was."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "mine"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "notes.txt").write_text("mine")
+    for command in (["eval", model], ["train", files("c.yaml", f"model: {model}\n")]):
+        done = run(*command, "--out", out)
+        assert_one_line_error(done, "")
+        assert done.stderr == (f"selfimprove: error: {out} exists and was not written by selfimprove; move it away "
+                               "or choose another path\n")
+        assert sorted(p.name for p in out.rglob("*")) == ["notes.txt", "samples"]
+        assert (out / "samples" / "notes.txt").read_text() == "mine"

@@ -5,29 +5,39 @@ order and skipping logic only; tests/test_run.py runs the real stages.
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from selfimprove.cli import main
 from selfimprove.config import load_config
-from selfimprove.driver import _pairs, _stage, claim_run_dir, run, write_metrics
+from selfimprove.driver import LOCK, _pairs, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
-from selfimprove.io import is_done
+from selfimprove.io import MARKER, is_done
 from selfimprove.precision import Machine
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_claim_saves_config_and_accepts_the_same(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path / 'r'}"])
-    claim_run_dir(tmp_path / "r", cfg)
-    assert (tmp_path / "r" / "config.yaml").is_file()
-    claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}"]))
+    with claim_run_dir(tmp_path / "r", cfg):
+        assert (tmp_path / "r" / "config.yaml").is_file()
+    with claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}"])):
+        pass
 
 
 def test_claim_refuses_another_config(tmp_path):
-    claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}"]))
+    with claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}"])):
+        pass
     other = load_config(None, [f"run_dir={tmp_path / 'r'}", "rollout.n=4"])
     with pytest.raises(UserError, match=r"holds a run made with another config \(rollout.n: 8 then, 4 now\)"):
         claim_run_dir(tmp_path / "r", other)
@@ -37,6 +47,89 @@ def test_claim_unwritable_path_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot write the run dir .*file/r"):
         claim_run_dir(tmp_path / "file" / "r", load_config())
+
+
+def test_claim_refuses_a_folder_that_is_not_a_run_and_writes_nothing_into_it(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "config.yaml").write_text("learning_rate: 3\n")  # a config, but not one of ours
+    with pytest.raises(UserError) as e:
+        claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}"]))
+    assert str(e.value) == f"{run_dir} is not empty and holds no selfimprove run; pass a new or empty run_dir=..."
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "config.yaml").read_text() == "learning_rate: 3\n"
+
+
+def test_claim_accepts_an_empty_folder_and_a_run_made_before_the_marker(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    with claim_run_dir(run_dir, cfg):
+        pass
+    (run_dir / MARKER).unlink()  # as a run made before the marker existed: only its config.yaml says it is a run
+    with claim_run_dir(run_dir, cfg):
+        assert (run_dir / MARKER).is_file()
+
+
+# Claims a run dir (argv[1], config argv[2]) as `selfimprove run` does, says so, and holds it until killed.
+HOLD_RUN_DIR = """
+import sys, time
+from pathlib import Path
+from selfimprove.config import load_config
+from selfimprove.driver import claim_run_dir
+lock = claim_run_dir(Path(sys.argv[1]), load_config(sys.argv[2], ["run_dir=" + sys.argv[1]]))
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_locked_run_dir_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
+    """Another process holds the run dir (it claimed it and sleeps): `selfimprove run` there is refused naming
+    it. Once that process is killed, the OS has released its lock and the run dir can be claimed again."""
+    import selfimprove.models
+    import selfimprove.runtime
+
+    def started(*args):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(selfimprove.models, "resolve_model", lambda ref: "/start")  # checked before the claim
+    monkeypatch.setattr(selfimprove.runtime, "init_ray", started)
+    run_dir, config = tmp_path / "r", tmp_path / "config.yaml"
+    config.write_text("iterations: 1\n")
+    with subprocess.Popen([sys.executable, "-c", HOLD_RUN_DIR, str(run_dir), str(config)], cwd=ROOT,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "claimed\n"
+            assert main(["run", str(config), f"run_dir={run_dir}"]) == 2
+            assert capsys.readouterr().err == (
+                f"selfimprove: error: {run_dir} is in use by another selfimprove run (pid {holder.pid} on "
+                f"{socket.gethostname()}); wait for it to end, or pass another run_dir=...\n")
+        finally:
+            holder.kill()
+    with claim_run_dir(run_dir, load_config(config, [f"run_dir={run_dir}"])):
+        assert (run_dir / LOCK).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path):
+    run_dir = tmp_path / "r"
+    with claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}"])):
+        pass
+    (tmp_path / "elsewhere").write_text("not yours to truncate")
+    (run_dir / LOCK).unlink()
+    (run_dir / LOCK).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError) as e:
+        claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}"]))
+    assert str(e.value) == f"cannot write the run dir {run_dir}: Too many levels of symbolic links"
+    assert (tmp_path / "elsewhere").read_text() == "not yours to truncate"
+
+
+def test_run_dir_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["run_dir=~/runs/r", "train.storage_path=~/ray"])
+    assert (cfg.run_dir, cfg.train.storage_path) == (str(tmp_path / "runs" / "r"), str(tmp_path / "ray"))
+    with claim_run_dir(Path(cfg.run_dir), cfg):
+        assert (tmp_path / "runs" / "r" / "config.yaml").is_file()
 
 
 def test_finished_stage_is_skipped_and_failed_stage_leaves_nothing(tmp_path):
@@ -127,11 +220,13 @@ def test_report_without_metrics(tmp_path):
 def test_claim_accepts_a_run_saved_before_a_key_existed(tmp_path):
     """A run dir from an older version lacks the `process` section; at its defaults it is the same config."""
     cfg = load_config(None, [f"run_dir={tmp_path / 'r'}"])
-    claim_run_dir(tmp_path / "r", cfg)
+    with claim_run_dir(tmp_path / "r", cfg):
+        pass
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     del saved["process"]
     (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump(saved))
-    claim_run_dir(tmp_path / "r", cfg)
+    with claim_run_dir(tmp_path / "r", cfg):
+        pass
     with pytest.raises(UserError, match=r"process.k: 4 then, 2 now"):
         claim_run_dir(tmp_path / "r", load_config(None, [f"run_dir={tmp_path / 'r'}", "process.k=2"]))
 

@@ -4,7 +4,7 @@ import pytest
 
 from selfimprove.config import Config, load_config
 from selfimprove.errors import UserError
-from selfimprove.precision import Machine, choose, cpu_flags, resolve
+from selfimprove.precision import Machine, announce, choose, cpu_flags, resolve
 
 # /proc/cpuinfo `flags` (shortened to the vector extensions and a few others) of our two kinds of 2-core box.
 AVX512_BOX = ("fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512ifma avx512cd avx512bw "
@@ -83,3 +83,12 @@ def test_cpu_flags_from_cpuinfo_text():
     assert cpu_flags(x86) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags("processor\t: 0\nFeatures\t: fp asimd bf16\n") == {"fp", "asimd", "bf16"}
     assert cpu_flags("") == frozenset()
+
+
+def test_announce_says_each_choice_once_and_warns_on_stderr(capsys):
+    announce((choose("rollout.dtype", "auto", cpu["avx2"]), choose("train.precision", "bf16", cpu["avx2"])))
+    out, err = capsys.readouterr()
+    assert out == ("selfimprove: computing in rollout.dtype=float32 (auto: this CPU has no avx512_bf16 / amx_bf16 / "
+                   "bf16: bfloat16 is emulated); train.precision=bf16 (this CPU has no avx512_bf16 / amx_bf16 / bf16: "
+                   "bfloat16 is emulated)\n")
+    assert err.startswith("selfimprove: warning: train.precision=bf16: this CPU has no") and err.count("\n") == 1

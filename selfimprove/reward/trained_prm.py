@@ -37,7 +37,6 @@ import bisect
 import hashlib
 import json
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import pyarrow.parquet as pq
 
 from selfimprove.config import Config, ProcessConfig
 from selfimprove.errors import UserError
-from selfimprove.io import read_table, stage_output
+from selfimprove.io import claim_folder, read_table, remove_ours, stage_output
 from selfimprove.reward.mc_prm import OUTCOME, scorable_samples, write_stage
 from selfimprove.rollout.generator import SKIPPED
 
@@ -216,7 +215,7 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
     use_gpu, cores, resources = worker_resources(tc)
     settings = {k: v for k, v in to_dict(pc).items() if k.startswith("prm_")} | {"seed": tc.seed, "precision": tc.precision}
     run = "prm-" + fingerprint(backbone, settings, examples)
-    storage = tc.storage_path or str(out.with_name(out.name + ".ray"))
+    storage = tc.storage_path or str(claim_folder(out.with_name(out.name + ".ray")))
     worker_config = {
         "process": pc, "seed": tc.seed, "precision": tc.precision, "backbone": backbone,
         "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
@@ -236,7 +235,7 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
         checkpoint.to_directory(str(scratch))
         summary = json.loads((scratch / PRM_FILE).read_text())["summary"]
     if tc.storage_path is None:  # our own scratch space
-        shutil.rmtree(storage, ignore_errors=True)
+        remove_ours(Path(storage))
     return summary
 
 

@@ -46,7 +46,6 @@ import math
 import os
 import pickle
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ from pathlib import Path
 
 from selfimprove.config import Config, TrainConfig, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import stage_output
+from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
 from selfimprove.train.data import Example, collate, padding_id, read_rows, tokenize
 from selfimprove.train.loss_names import needs_reference, needs_rejected
 from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
@@ -84,6 +83,8 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
 
     tc, out = cfg.train, Path(out).resolve()
     check_settings(tc)
+    # A folder that is not ours is refused now, not after the training that would replace it.
+    check_replaceable(out)
     model_path = resolve_model(cfg.model)
     kind, table = read_rows(data)
     if kind == "sft" and needs_rejected(tc.loss):
@@ -106,7 +107,7 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
     init_ray()
     use_gpu, cores, resources = worker_resources(tc)
     run = "train-" + fingerprint(model_path, to_dict(tc), examples)
-    storage = tc.storage_path or str(out.with_name(out.name + ".ray"))
+    storage = tc.storage_path or str(claim_folder(out.with_name(out.name + ".ray")))
     worker_config = {
         "train": tc, "model": model_path, "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
         "pad_id": padding_id(tokenizer),
@@ -136,7 +137,7 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
             raise UserError(f"training ended without a saved model ({checkpoint.path} is not one)")
         summary = json.loads((scratch / METRICS_FILE).read_text())["summary"]
     if tc.storage_path is None:  # our own scratch space; a user's storage is theirs to clean
-        shutil.rmtree(storage, ignore_errors=True)
+        remove_ours(Path(storage))
     return summary
 
 
