@@ -90,6 +90,10 @@ class RolloutConfig:
     cpus_per_actor: int = knob(0, "CPU only: cores each engine binds to (0 = the node's cores / num_actors)", non_negative)
     num_actors: int = knob(1, "vLLM engines in the Ray Data actor pool", positive)
     batch_size: int = knob(64, "prompts per Ray Data batch sent to an engine", positive)
+    start_timeout: int = knob(900, "seconds a rollout waits for all its engines to be scheduled and started "
+                              "before it fails", positive)
+    actor_restarts: int = knob(2, "times a dead engine actor is restarted, and its batch retried, before the "
+                               "rollout fails", non_negative)
     enable_prefix_caching: bool = knob(True, "reuse KV cache of shared prompt prefixes")
     temperature_schedule: list[float] = knob([], "training rollouts: temperature of iteration 1, 2, ... (empty = temperature)",
                                              lambda v: None if all(t >= 0 for t in v) else "must be temperatures >= 0")
@@ -216,15 +220,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
     cfg = _build(Config, raw, "", where)
+    check(cfg, where)
+    return cfg
+
+
+def check(cfg: Config, where: str = "config") -> None:
+    """Refuse a combination of knobs that each pass their own check (a config built in code skips `load_config`)."""
     problem = _cross_check(cfg)
     if problem:
         raise UserError(f"{where}: {problem}")
-    return cfg
 
 
 def _cross_check(cfg: Config) -> str | None:
     """What is wrong with a combination of knobs that each pass their own check, naming the keys; None if nothing."""
-    p = cfg.process
+    p, r, tc = cfg.process, cfg.rollout, cfg.train
+    if tc.batch_size % (tc.micro_batch_size * tc.num_workers):
+        return (f"train.batch_size={tc.batch_size} must be a multiple of train.micro_batch_size x "
+                f"train.num_workers = {tc.micro_batch_size} x {tc.num_workers}")
+    if tc.offload_optimizer and tc.zero_stage == 0:
+        return "train.offload_optimizer needs train.zero_stage 1, 2 or 3"
+    if r.temperature_schedule and len(r.temperature_schedule) < cfg.iterations:
+        return (f"rollout.temperature_schedule gives {len(r.temperature_schedule)} temperature(s) for "
+                f"iterations={cfg.iterations}: give one per iteration")
+    for key, tokens in (("rollout.max_tokens", r.max_tokens), ("process.max_tokens", p.max_tokens)):
+        if tokens >= r.max_model_len:
+            return f"{key}={tokens} leaves no room for a prompt in rollout.max_model_len={r.max_model_len}"
     if cfg.pairs.source == "process" and not needs_rejected(cfg.train.loss):
         return (f"pairs.source=process builds preference pairs, which train.loss={cfg.train.loss} does not "
                 "read; use a preference loss such as train.loss=orpo")

@@ -6,7 +6,8 @@
    complete (with `_SUCCESS`) or absent. The driver skips a finished stage: a killed run
    resumes where it stopped and never redoes a finished rollout.
 3. The run's resolved config is saved as `run_dir/config.yaml`; rerunning into the same
-   folder with a different config is refused, since finished stages would not match it. A run holds a
+   folder with a different config is refused, since finished stages would not match it, except
+   for `iterations`: a finished run given more iterations goes on from where it ended. A run holds a
    lock on its run dir while it lives, so a second run in the same folder is refused; a folder that is
    neither empty nor a run is never written into.
 4. With `process.scorer=trained`, iterations up to `process.prm_mc_iterations` score steps by
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -33,7 +35,7 @@ import yaml
 
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import MARKER, is_done, is_ours, read_table, stage_output, write_atomic
+from selfimprove.io import MARKER, digest, is_done, is_ours, read_table, stage_output, success_record, write_atomic
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import ITERATION_STAGES, RunProgress
 
@@ -42,8 +44,11 @@ DTYPE_FILE = "dtype.json"
 LOCK = ".lock"
 
 
-def run(cfg: Config) -> list[dict]:
-    """Run (or resume) `cfg.iterations` iterations into `cfg.run_dir`; return the metrics rows."""
+def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
+    """Run (or resume) `cfg.iterations` iterations into `cfg.run_dir`; return the metrics rows.
+
+    `redo` names stage kinds (e.g. "train") to run again although finished; the stages that read them follow.
+    """
     from selfimprove.models import resolve_model
     from selfimprove.tasks import build_task
 
@@ -59,6 +64,10 @@ def run(cfg: Config) -> list[dict]:
         backbone = resolve_model(cfg.process.prm_backbone) if cfg.process.prm_backbone else policy
         if backbone != policy:
             check_tokenizer(backbone, policy, "(process.prm_backbone) has")
+    if cfg.train.lora:
+        from selfimprove.train.trainer import check_lora_targets
+
+        check_lora_targets(policy, cfg.train.lora_targets)
     # The saved config keeps `auto`, so a run resumed on another kind of machine computes in that machine's type.
     saved, (cfg, (generate, train)) = cfg, resolve(cfg)
 
@@ -68,26 +77,37 @@ def run(cfg: Config) -> list[dict]:
 
         init_ray()
         progress = RunProgress(run_dir, cfg.iterations, lambda t: iteration_stages(cfg, t))
-        _stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress,
-               dtype=generate)
+        stage = functools.partial(_stage, progress=progress, redo=Redo(frozenset(redo)))
+        # What each stage reads, for its `_SUCCESS` record: the model it samples from or trains (the starting
+        # model's folder, or the train stage that made it), the problems, the stages whose files it reads.
+        made_by: Path | str = Path(policy) if Path(policy).is_dir() else policy
+        stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, dtype=generate,
+              inputs={"model": made_by, "problems": test_problems})
         for t in range(1, cfg.iterations + 1):
             it = run_dir / f"iter_{t}"
             stages = iteration_stages(cfg, t)
             temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
-            _stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, progress=progress,
-                   dtype=generate)
+            stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, dtype=generate,
+                  inputs={"model": made_by, "problems": train_problems, "temperature": temperature})
             if "process" in stages:
                 prm = prm_model(run_dir, cfg, t)
-                _stage(it / "process", _process, cfg, policy, task, it / "rollout", prm, progress=progress,
-                       dtype=generate if prm is None else None)
+                stage(it / "process", _process, cfg, policy, task, it / "rollout", prm,
+                      dtype=generate if prm is None else None,
+                      inputs={"model": made_by, "rollout": it / "rollout", "prm": prm and prm.parent})
             if "prm" in stages:
-                _stage(it / "prm", _train_prm, cfg, backbone, [run_dir / f"iter_{s}" for s in range(1, t + 1)],
-                       progress=progress, dtype=train)
+                scored = [run_dir / f"iter_{s}" for s in range(1, t + 1)]
+                stage(it / "prm", _train_prm, cfg, backbone, scored, dtype=train,
+                      inputs={"backbone": Path(backbone) if Path(backbone).is_dir() else backbone,
+                              **{f"process_{s}": i / "process" for s, i in enumerate(scored, 1)}})
             previous = run_dir / f"iter_{t - 1}" / "pairs" if cfg.pairs.accumulate and t > 1 else None
-            _stage(it / "pairs", _pairs, cfg, train_problems, it, previous, progress=progress)
-            _stage(it / "train", _train, cfg, policy, it / "pairs", progress=progress, dtype=train)
-            policy = str((it / "train" / "model").resolve())
-            _stage(it / "eval", _evaluate, cfg, policy, task, test_problems, progress=progress, dtype=generate)
+            stage(it / "pairs", _pairs, cfg, train_problems, it, previous,
+                  inputs={"rollout": it / "rollout", "process": it / "process" if "process" in stages else None,
+                          "previous": previous, "problems": train_problems})
+            stage(it / "train", _train, cfg, policy, it / "pairs", dtype=train,
+                  inputs={"model": made_by, "pairs": it / "pairs"})
+            policy, made_by = str((it / "train" / "model").resolve()), it / "train"
+            stage(it / "eval", _evaluate, cfg, policy, task, test_problems, dtype=generate,
+                  inputs={"model": made_by, "problems": test_problems})
             write_metrics(run_dir)
         return write_metrics(run_dir)
 
@@ -170,7 +190,13 @@ def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
         return
     # Read back as a config, so keys added since the run was made compare at their defaults.
     theirs = to_dict(load_config(saved))
-    if theirs != mine:
+    if theirs == mine:
+        return
+    # More (or fewer) iterations of the same run: it goes on from where it is.
+    theirs["iterations"] = cfg.iterations
+    if theirs == mine:
+        write_atomic(saved, yaml.safe_dump(mine, sort_keys=False))
+    else:
         diff = _first_difference(theirs, mine)
         raise UserError(f"{run_dir} holds a run made with another config ({diff}); "
                         "pass the same config, or a new run_dir=...")
@@ -195,13 +221,36 @@ def write_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: Choice | None = None) -> None:
+@dataclasses.dataclass
+class Redo:
+    """Which finished stages run again: those of the named `kinds`, and any that reads a stage run in this process."""
+
+    kinds: frozenset[str] = frozenset()
+    ran: set[Path] = dataclasses.field(default_factory=set)
+
+    def wanted(self, folder: Path, inputs: dict) -> bool:
+        return folder.name in self.kinds or any(isinstance(v, Path) and v.resolve() in self.ran for v in inputs.values())
+
+
+def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: Choice | None = None,
+           inputs: dict | None = None, redo: Redo | None = None) -> None:
     """Run `fn(*args, scratch)` unless `folder` is finished; time it and mark it finished.
 
+    `_SUCCESS` records a digest of each of `inputs` (what the stage reads) and when it started. A finished
+    stage is skipped if its inputs are what it recorded, run again if `redo` wants it, and refused otherwise:
+    a rerun never mixes outputs made from old inputs with new ones.
     `timing.json` keeps the start time too, so a run's wall time can be set against its stage times;
     a stage that computes with a model keeps the type it computed in (`dtype`) in `dtype.json`.
     """
-    if is_done(folder):
+    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+    digests = {name: digest(value) for name, value in inputs.items()}
+    redo = redo or Redo()
+    if is_done(folder) and not redo.wanted(folder, inputs):
+        recorded = success_record(folder).get("inputs", digests)  # markers made before records: trusted
+        changed = [name for name in digests if recorded.get(name) != digests[name]]
+        if changed:
+            raise UserError(f"{folder} was made from other inputs than now ({', '.join(changed)} changed); rerun "
+                            f"with --redo {folder.name} to redo it and the stages after it, or pass a new run_dir=...")
         if progress:
             progress.skipped(folder)
         return
@@ -209,7 +258,7 @@ def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: 
         progress.starting(folder, dtype.value if dtype else None)
     started, start = time.time(), time.perf_counter()
     try:
-        with stage_output(folder) as scratch:
+        with stage_output(folder, {"inputs": digests, "started": started}) as scratch:
             if dtype:
                 (scratch / DTYPE_FILE).write_text(json.dumps(dataclasses.asdict(dtype)))
             fn(*args, scratch)
@@ -217,6 +266,7 @@ def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: 
             (scratch / "timing.json").write_text(json.dumps({"seconds": seconds, "started": round(started, 2)}))
     except OSError as e:
         raise UserError(f"cannot write stage {folder}: {e.strerror}; rerun to redo only this stage") from None
+    redo.ran.add(folder.resolve())
     if progress:
         progress.finished(folder, seconds)
 
@@ -246,7 +296,7 @@ def _train_prm(cfg: Config, backbone: str, iterations: list[Path], out: Path) ->
     """A PRM trained on the step values of the Monte Carlo `iterations`: the folder `out/model`."""
     from selfimprove.reward.trained_prm import train_prm
 
-    train_prm(cfg, backbone, iterations, out / "model")
+    train_prm(cfg, backbone, iterations, out / "model", checkpoints=_checkpoints(out))
 
 
 def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, out: Path) -> None:
@@ -285,7 +335,13 @@ def _train(cfg: Config, policy: str, pairs_dir: Path, out: Path) -> None:
     from selfimprove.train.trainer import train
 
     # `out` is the stage's scratch folder: the trainer writes its model folder inside it.
-    train(dataclasses.replace(cfg, model=policy), pairs_dir, out / "model")
+    train(dataclasses.replace(cfg, model=policy), pairs_dir, out / "model", checkpoints=_checkpoints(out))
+
+
+def _checkpoints(scratch: Path) -> Path:
+    """Where a training stage keeps its checkpoints: beside its scratch folder, which a rerun clears, so that
+    the rerun resumes from them (`iter_<t>/train.ray`)."""
+    return scratch.with_name(scratch.name.removesuffix(".partial") + ".ray")
 
 
 def _evaluate(cfg: Config, policy: str, task, problems: list[dict], out: Path) -> None:

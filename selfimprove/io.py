@@ -10,6 +10,9 @@ one of ours is ever deleted or replaced; anything else is refused, naming it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -59,8 +62,8 @@ def remove_ours(folder: Path) -> None:
 
 
 @contextmanager
-def stage_output(final: Path):
-    """Yield a scratch folder; on normal exit it becomes `final` with a `_SUCCESS` marker.
+def stage_output(final: Path, record: dict | None = None):
+    """Yield a scratch folder; on normal exit it becomes `final` with a `_SUCCESS` marker holding `record` (JSON).
 
     A `final` that is not ours is refused before the stage does any work, not after it.
     """
@@ -71,7 +74,37 @@ def stage_output(final: Path):
     yield claim_folder(partial)
     remove_ours(final)
     partial.rename(final)
-    (final / SUCCESS).touch()
+    (final / SUCCESS).write_text(json.dumps(record) if record is not None else "")
+
+
+def success_record(folder: Path) -> dict:
+    """What a finished stage recorded in its `_SUCCESS` marker ({} for markers written before records existed)."""
+    text = (folder / SUCCESS).read_text()
+    return json.loads(text) if text.strip() else {}
+
+
+def digest(value) -> str:
+    """16 hex digits that change when what a stage read changes: a finished stage folder by its `_SUCCESS` record
+    (which holds its own inputs and finishing time), any other folder (a model) by its files' bytes, anything
+    else (problems, settings) by its JSON."""
+    if isinstance(value, Path) and is_done(value):
+        return hashlib.sha256((value / SUCCESS).read_bytes()).hexdigest()[:16]
+    if isinstance(value, Path) and value.is_dir():
+        return _folder_digest(str(value.resolve()))
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_digest(folder: str) -> str:
+    """Every file's path and bytes; cached, as a run reads its starting model's digest at several stages (a 270 MB
+    model takes about half a second)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -281,6 +281,4 @@ def test_gpu_config_loads_and_fits(path):
     assert "NOT RUN ON A GPU BY US" in path.read_text()
     cfg = load_config(path)
     assert cfg.model.startswith("Qwen/") and cfg.task.name == "gsm8k" and cfg.train.precision == "bf16"
-    # selfimprove.train.trainer.check_settings makes the same check, but importing it imports torch (~20 s).
-    assert cfg.train.batch_size % (cfg.train.micro_batch_size * cfg.train.num_workers) == 0
     assert cfg.rollout.max_model_len > cfg.rollout.max_tokens and cfg.train.max_len > cfg.rollout.max_tokens

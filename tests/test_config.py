@@ -150,3 +150,29 @@ def test_prm_knobs_alone_do_not_matter_to_the_mc_scorer():
     """prm_* knobs are read only with scorer=trained: the MC default accepts any valid values."""
     cfg = load_config(None, ["process.prm_mc_iterations=5", "process.prm_batch_size=3"])
     assert cfg.process.scorer == "mc"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=6", "train.micro_batch_size=2", "train.num_workers=2"],
+     r"^defaults: train.batch_size=6 must be a multiple of train.micro_batch_size x train.num_workers = 2 x 2$"),
+    (["train.zero_stage=0", "train.offload_optimizer=true"],
+     r"^defaults: train.offload_optimizer needs train.zero_stage 1, 2 or 3$"),
+    (["iterations=3", "rollout.temperature_schedule=[0.8, 1.0]"],
+     r"^defaults: rollout.temperature_schedule gives 2 temperature\(s\) for iterations=3: give one per iteration$"),
+    (["rollout.max_tokens=1024"], r"^defaults: rollout.max_tokens=1024 leaves no room for a prompt in "
+                                  r"rollout.max_model_len=1024$"),
+    (["process.max_tokens=2000", "rollout.max_model_len=1500"],
+     r"^defaults: process.max_tokens=2000 leaves no room for a prompt in rollout.max_model_len=1500$"),
+])
+def test_knob_combinations_fail_at_load(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_knob_combinations_of_a_config_built_in_code_are_checked_too():
+    from selfimprove.config import Config, TrainConfig, check
+
+    check(Config(train=TrainConfig(batch_size=4, micro_batch_size=2, num_workers=2)))
+    with pytest.raises(UserError, match=r"^config: train.batch_size=6 must be a multiple"):
+        check(Config(train=TrainConfig(batch_size=6, micro_batch_size=2, num_workers=2)))
+    assert load_config(None, ["iterations=2", "rollout.temperature_schedule=[0.8, 1.0, 1.2]"]).iterations == 2

@@ -18,10 +18,10 @@ import yaml
 
 from selfimprove.cli import main
 from selfimprove.config import load_config
-from selfimprove.driver import LOCK, _pairs, _stage, claim_run_dir, run, write_metrics
+from selfimprove.driver import LOCK, Redo, _pairs, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
-from selfimprove.io import MARKER, is_done
+from selfimprove.io import MARKER, _folder_digest, digest, is_done, success_record
 from selfimprove.precision import Machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +41,18 @@ def test_claim_refuses_another_config(tmp_path):
     other = load_config(None, [f"run_dir={tmp_path / 'r'}", "rollout.n=4"])
     with pytest.raises(UserError, match=r"holds a run made with another config \(rollout.n: 8 then, 4 now\)"):
         claim_run_dir(tmp_path / "r", other)
+
+
+def test_claim_with_more_iterations_continues_the_run(tmp_path):
+    run_dir = tmp_path / "r"
+    with claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}", "iterations=2"])):
+        pass
+    with claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}", "iterations=4"])):
+        pass
+    assert load_config(run_dir / "config.yaml").iterations == 4
+    with pytest.raises(UserError, match=r"another config \(rollout.n: 8 then, 4 now\)"):
+        claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}", "iterations=5", "rollout.n=4"]))
+    assert load_config(run_dir / "config.yaml").iterations == 4
 
 
 def test_claim_unwritable_path_under_a_file(tmp_path):
@@ -151,6 +163,41 @@ def test_finished_stage_is_skipped_and_failed_stage_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         _stage(tmp_path / "t", fake_failing_stage)
     assert not (tmp_path / "t").exists() and not is_done(tmp_path / "t")
+
+
+def test_a_finished_stage_whose_inputs_changed_is_refused_or_redone_with_what_reads_it(tmp_path):
+    """Two stand-in stages, `a` reading data, `b` reading `a`. Same data: both skipped. Other data: `a` refused,
+    naming the input, and nothing rerun; with redo=a: `a` and then `b` (whose input `a` changed) run again."""
+    ran = []
+
+    def fake_stage(name, out):
+        ran.append(name)
+
+    def both(data, redo=None):
+        _stage(tmp_path / "a", fake_stage, "a", inputs={"data": data}, redo=redo)
+        _stage(tmp_path / "b", fake_stage, "b", inputs={"a": tmp_path / "a", "data": data}, redo=redo)
+
+    both([1, 2])
+    both([1, 2])
+    assert ran == ["a", "b"]
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'a'} was made from other inputs than now \(data changed\); "
+                                        r"rerun with --redo a to redo it and the stages after it, or pass a new run_dir"):
+        both([1, 3])
+    assert ran == ["a", "b"]
+    both([1, 3], Redo(frozenset({"a"})))
+    assert ran == ["a", "b", "a", "b"]
+    both([1, 3])
+    assert ran == ["a", "b", "a", "b"] and set(success_record(tmp_path / "b")) == {"inputs", "started"}
+
+
+def test_a_model_folder_is_an_input_by_its_bytes(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"1234")
+    before = digest(model)
+    (model / "weights.bin").write_bytes(b"1235")
+    _folder_digest.cache_clear()
+    assert digest(model) != before and digest([1, 2]) != digest([2, 1]) and len(before) == 16
 
 
 def test_disk_full_is_one_line_and_leaves_no_marker(tmp_path):
@@ -294,7 +341,8 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     eval stages are stand-ins that log their calls; the driver's own `_process` and `_pairs` run. Expected:
     MC scores iterations 1 and 2 with the policy that sampled them; after iteration 2's process stage the PRM
     is trained on iterations 1 and 2 from the starting model; iteration 3 is scored by that PRM. A rerun
-    does nothing; with iteration 3's process stage gone, only it is redone (later stages keep their markers)."""
+    does nothing; with iteration 3's process stage gone, it is redone and so are the stages that read it;
+    `redo=("prm",)` redoes the PRM and what reads it."""
     import selfimprove.driver as driver
     import selfimprove.models
     import selfimprove.precision
@@ -320,7 +368,8 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
             (out / "stats.json").write_text(json.dumps({"scored_by": name}))
         return score
 
-    def fake_train_prm(cfg, backbone, iterations, out):
+    def fake_train_prm(cfg, backbone, iterations, out, checkpoints):
+        assert checkpoints == out.parent.with_name("prm.ray")  # outside the scratch folder a rerun clears
         log.append(("train_prm", out.parent.parent.name, backbone, [p.name for p in iterations]))
         out.mkdir()
 
@@ -372,8 +421,12 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     import shutil
 
     shutil.rmtree(run_dir / "iter_3" / "process")
-    run(cfg)
-    assert log == [("trained", "iter_3", prm)]
+    run(cfg)  # the stages that read the redone process stage follow it: no pairs from old step values
+    assert log == [("trained", "iter_3", prm), ("train", "iter_3", 1)]
+    log.clear()
+    run(cfg, redo=("prm",))  # iteration 2's PRM, then iteration 3's scoring with it and what follows
+    assert log == [("train_prm", "iter_2", "/start", ["iter_1", "iter_2"]), ("trained", "iter_3", prm),
+                   ("train", "iter_3", 1)]
 
 
 def test_a_prm_backbone_with_another_tokenizer_is_refused_before_ray(tmp_path, bundled_model, monkeypatch):

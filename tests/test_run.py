@@ -1,12 +1,14 @@
 """`selfimprove run` for real on a tiny config: every stage, then a kill during training and a resume.
 
-The run is killed as soon as its training stage has started; the rerun must finish the run
-without redoing the iteration's rollout (same files, same mtimes) and write the metrics and
-the report.
+The run checkpoints every step and is killed (SIGKILL, the whole process group) once its training
+stage has persisted a checkpoint; the rerun must finish the run without redoing the iteration's
+rollout (same files, same mtimes) or the training steps before the checkpoint (it resumes from it
+and computes no reference pass again), and write the metrics and the report.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,30 +18,40 @@ import pytest
 import yaml
 
 
-def start(config, run_dir):
-    return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start(config, run_dir, log, *overrides):
+    """`selfimprove run` in its own process group, its output into the file `log` (a pipe could be held open
+    by processes that outlive a kill)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}",
+                                 *overrides], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.mark.engine
 def test_kill_during_training_then_resume(tmp_path, tiny_config, bundled_model):
     config, run_dir = tiny_config, tmp_path / "run"
-    first = start(config, run_dir)
+    every_step = ("train.checkpoint_every=1", "train.max_steps=4")
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start(config, run_dir, first_log, *every_step)
     deadline = time.time() + 900
-    while not (run_dir / "iter_1" / "train.partial").exists():
-        assert first.poll() is None, first.stdout.read()[-3000:]
-        assert time.time() < deadline, "training never started"
-        time.sleep(1)
+    # Ray Train keeps one checkpoint: once step 2's folder appears, step 1's is registered and complete.
+    while not list((run_dir / "iter_1" / "train.ray").glob("train-*/step-00000[2-9]")):
+        assert first.poll() is None, first_log.read_text()[-3000:]
+        assert time.time() < deadline, "training never checkpointed"
+        time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    assert "reference log-probs of" in first_log.read_text()
     rollout_files = sorted((run_dir / "iter_1" / "rollout").rglob("*"))
     mtimes = [p.stat().st_mtime_ns for p in rollout_files]
     assert (run_dir / "iter_1" / "rollout" / "_SUCCESS") in rollout_files
     assert not (run_dir / "iter_1" / "train" / "_SUCCESS").exists()
 
-    second = start(config, run_dir)
-    out, _ = second.communicate(timeout=1200)
+    second = start(config, run_dir, second_log, *every_step)
+    second.wait(timeout=1200)
+    out = second_log.read_text()
     assert second.returncode == 0, out[-3000:]
+    assert re.search(r"resuming from the checkpoint of step [1-3]\b", out) and "reference log-probs of" not in out
+    assert not (run_dir / "iter_1" / "train.ray").exists()  # checkpoints cleared once the model is saved
     assert sorted((run_dir / "iter_1" / "rollout").rglob("*")) == rollout_files
     assert [p.stat().st_mtime_ns for p in rollout_files] == mtimes
     for stage in ("iter_0/eval", "iter_1/rollout", "iter_1/pairs", "iter_1/train", "iter_1/eval"):

@@ -181,8 +181,10 @@ def read_iteration(it: Path) -> tuple[list[dict], list[dict]]:
 
 # -- training --------------------------------------------------------------------------------
 
-def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Path) -> dict:
-    """Train a PRM on `backbone` from the MC-scored `iterations` folders; write the model folder `out`. Returns the summary."""
+def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Path,
+              checkpoints: Path | None = None) -> dict:
+    """Train a PRM on `backbone` from the MC-scored `iterations` folders; write the model folder `out`. Returns the
+    summary. Checkpoints go where the policy trainer's go (`selfimprove.train.trainer.train`)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -215,7 +217,7 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
     use_gpu, cores, resources = worker_resources(tc)
     settings = {k: v for k, v in to_dict(pc).items() if k.startswith("prm_")} | {"seed": tc.seed, "precision": tc.precision}
     run = "prm-" + fingerprint(backbone, settings, examples)
-    storage = tc.storage_path or str(claim_folder(out.with_name(out.name + ".ray")))
+    storage = tc.storage_path or str(claim_folder(checkpoints or out.with_name(out.name + ".ray")))
     worker_config = {
         "process": pc, "seed": tc.seed, "precision": tc.precision, "backbone": backbone,
         "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,

@@ -73,12 +73,16 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     actors = cfg.num_actors
     resources, cores = engine_resources(cfg)
     batches = max(len(rows) // cfg.batch_size, actors)
+    # Bounded failure: Ray Data would wait for its actors forever and restart a dying one without end.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.start_timeout
     ds = ray.data.from_items(rows, override_num_blocks=batches)
     ds = ds.map_batches(
         VLLMGenerator,
         fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": task.stop, "cores_per_actor": cores},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
+        max_restarts=cfg.actor_restarts,
+        max_task_retries=cfg.actor_restarts,
         **resources,
     )
     # Light Python work: it must not wait for cores the engines hold.
@@ -86,11 +90,21 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     try:
         with stage_output(out) as scratch:
             ds.write_parquet(str(scratch), schema=SAMPLE_SCHEMA)
+            check_complete(read_table(scratch), rows)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"rollout failed: {root_cause(e)}") from e
     return read_table(out, SAMPLE_ORDER)
+
+
+def check_complete(samples: pa.Table, rows: list[dict]) -> None:
+    """Refuse to mark a rollout done unless it holds each (pass, problem, sample index) of `rows` exactly once."""
+    expected = {(r["pass"], r["problem_id"], i) for r in rows for i in range(r["n"])}
+    got = list(zip(*(samples.column(c).to_pylist() for c in SAMPLE_ORDER)))
+    if len(got) != len(expected) or set(got) != expected:
+        raise UserError(f"rollout wrote {len(got)} samples ({len(set(got) & expected)} of the {len(expected)} "
+                        "expected, problems x n, each once): not marked done; rerun to redo it")
 
 
 def engine_resources(cfg: RolloutConfig) -> tuple[dict, int]:

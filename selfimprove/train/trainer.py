@@ -52,7 +52,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from selfimprove.config import Config, TrainConfig, to_dict
+from selfimprove.config import Config, TrainConfig, check, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
 from selfimprove.train.data import Example, collate, padding_id, read_rows, tokenize
@@ -75,14 +75,19 @@ class NonFiniteLoss(Exception):
         return f"loss is {self.loss} at step {self.step}"
 
 
-def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
-    """Train `cfg.model` on the pairs or SFT rows at `data`; write the model folder `out`. Returns the summary."""
+def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | None = None) -> dict:
+    """Train `cfg.model` on the pairs or SFT rows at `data`; write the model folder `out`. Returns the summary.
+
+    Checkpoints go to `train.storage_path`, else to `checkpoints` (default: `<out>.ray`), which is
+    removed once the model is saved. A caller whose `out` is a scratch folder passes a `checkpoints`
+    outside it, so a killed stage resumes from them.
+    """
     from transformers import AutoTokenizer
 
     from selfimprove.models import resolve_model
 
     tc, out = cfg.train, Path(out).resolve()
-    check_settings(tc)
+    check(cfg)
     # A folder that is not ours is refused now, not after the training that would replace it.
     check_replaceable(out)
     model_path = resolve_model(cfg.model)
@@ -107,7 +112,7 @@ def train(cfg: Config, data: str | Path, out: str | Path) -> dict:
     init_ray()
     use_gpu, cores, resources = worker_resources(tc)
     run = "train-" + fingerprint(model_path, to_dict(tc), examples)
-    storage = tc.storage_path or str(claim_folder(out.with_name(out.name + ".ray")))
+    storage = tc.storage_path or str(claim_folder(checkpoints or out.with_name(out.name + ".ray")))
     worker_config = {
         "train": tc, "model": model_path, "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
         "pad_id": padding_id(tokenizer),
@@ -168,16 +173,6 @@ def fit(trainer, explain=None):
             raise UserError(str(cause)) from None
         lines = str(cause).strip().splitlines()
         raise UserError(f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}"[:300]) from e
-
-
-def check_settings(tc: TrainConfig) -> None:
-    """Cross-field checks a single knob's check cannot make; each names the keys."""
-    per_step = tc.micro_batch_size * tc.num_workers
-    if tc.batch_size % per_step:
-        raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of train.micro_batch_size x "
-                        f"train.num_workers = {tc.micro_batch_size} x {tc.num_workers}")
-    if tc.offload_optimizer and tc.zero_stage == 0:
-        raise UserError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
 
 
 def check_lora_targets(model_path: str, targets: list[str]) -> None:
@@ -314,6 +309,8 @@ def train_worker(config: dict) -> None:
             references = torch.load(Path(folder) / f"reference-{rank}.pt")
         step, epoch, start_micro = state["step"], state["epoch"], state["micro"]
         checkpoint_step = step
+        if rank == 0:
+            worker_print(f"resuming from the checkpoint of step {step}")
     elif needs_reference(tc.loss):
         t0 = time.perf_counter()
         references = _reference_logps(engine, shard, tc, config["pad_id"], device)

@@ -7,6 +7,8 @@ third repeats it on one actor to show that the same config and seed give the sam
 
 import dataclasses
 import json
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +18,7 @@ from selfimprove.config import RolloutConfig, TaskConfig
 from selfimprove.errors import UserError
 from selfimprove.io import is_done
 from selfimprove.rollout.generator import SKIPPED
-from selfimprove.rollout.stage import request_rows, rollout, verify_batch
+from selfimprove.rollout.stage import check_complete, request_rows, rollout, verify_batch
 from selfimprove.tasks import build_task
 
 N = 3
@@ -98,6 +100,37 @@ def test_same_config_and_seed_same_samples(one_actor, ray_local, bundled_model, 
 
 
 @pytest.mark.engine
+def test_a_killed_engine_actor_is_restarted_and_no_sample_is_lost_or_doubled(ray_local, bundled_model, task, tmp_path):
+    """SIGKILL one of two engine actors once the first samples are written: Ray restarts it and retries its
+    batch (rollout.actor_restarts), and the stage holds each (problem, sample) exactly once."""
+    import psutil
+    from ray.util.state import list_actors
+
+    cfg = dataclasses.replace(CFG, num_actors=2, batch_size=1)
+    problems = task.load("test")[:8]
+    killed = []
+
+    def kill_one_actor_mid_stage():
+        deadline = time.monotonic() + 600
+        while not killed and time.monotonic() < deadline:
+            if list((tmp_path / "samples.partial").glob("*.parquet")):
+                alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "MapWorker" in a.class_name]
+                if alive:
+                    psutil.Process(alive[0].pid).kill()
+                    killed.append(alive[0].pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_one_actor_mid_stage, daemon=True)
+    killer.start()
+    table = rollout(bundled_model, cfg, task, request_rows(task, problems, {"sample": (N, 0.8)}, seed=3),
+                    tmp_path / "samples")
+    killer.join()
+    assert killed, "no actor was killed: the stage ended before its first samples were seen"
+    keys = [(r["pass"], r["problem_id"], r["sample_index"]) for r in table.to_pylist()]
+    assert len(keys) == len(set(keys)) == len(problems) * N and is_done(tmp_path / "samples")
+
+
+@pytest.mark.engine
 def test_engine_that_fails_to_start_leaves_no_finished_output(ray_local, bundled_model, task, problems, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -133,3 +166,19 @@ def test_verify_batch_skipped_rows_are_wrong(task):
     out = verify_batch(batch, task)
     assert out["correct"].tolist() == [True, False, False]
     assert out["extracted"].tolist() == ["5", "6", None]
+
+
+def test_check_complete_wants_each_sample_once():
+    rows = [{"pass": "sample", "problem_id": "p1", "n": 2}, {"pass": "sample", "problem_id": "p2", "n": 1}]
+
+    def table(*keys):
+        return pa.table({"pass": [k[0] for k in keys], "problem_id": [k[1] for k in keys],
+                         "sample_index": [k[2] for k in keys]})
+
+    check_complete(table(("sample", "p2", 0), ("sample", "p1", 1), ("sample", "p1", 0)), rows)
+    for keys, kept in ((("sample", "p1", 0), ("sample", "p1", 1)), 2), (
+            (("sample", "p1", 0), ("sample", "p1", 0), ("sample", "p2", 0)), 2), (
+            (("sample", "p1", 0), ("sample", "p1", 1), ("sample", "p2", 0), ("sample", "p2", 1)), 3):
+        with pytest.raises(UserError, match=rf"^rollout wrote {len(keys)} samples \({kept} of the 3 expected, "
+                                            r"problems x n, each once\): not marked done; rerun to redo it$"):
+            check_complete(table(*keys), rows)

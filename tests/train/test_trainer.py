@@ -26,7 +26,6 @@ from selfimprove.train.losses import LOSSES
 from selfimprove.train.trainer import (
     _print_row,
     check_lora_targets,
-    check_settings,
     deepspeed_config,
     learning_rate,
     loss_kwargs,
@@ -63,15 +62,6 @@ def test_loss_names_match_the_losses():
 def test_bad_train_knobs_fail_at_load(override, message):
     with pytest.raises(UserError, match=message):
         load_config(None, [override])
-
-
-def test_cross_field_checks():
-    check_settings(TrainConfig(batch_size=4, micro_batch_size=2, num_workers=2))
-    with pytest.raises(UserError, match=r"train.batch_size=6 must be a multiple of train.micro_batch_size x "
-                                        r"train.num_workers = 2 x 2"):
-        check_settings(TrainConfig(batch_size=6, micro_batch_size=2, num_workers=2))
-    with pytest.raises(UserError, match="train.offload_optimizer needs train.zero_stage 1, 2 or 3"):
-        check_settings(TrainConfig(zero_stage=0, offload_optimizer=True))
 
 
 def test_lora_targets_are_named_when_missing(bundled_model):
