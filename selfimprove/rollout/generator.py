@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
 
@@ -165,6 +166,24 @@ class HFGenerator(_Generator):
         return text, len(ids), reason
 
 
+def private_folder() -> str:
+    """This user's own folder in the machine's temp dir (mode 0700), for per-node lock files.
+
+    The temp dir is per machine (a home folder may be shared between nodes) but open to every user: a folder
+    another user made, or a link, under our name is refused rather than used.
+    """
+    folder = os.path.join(tempfile.gettempdir(), f"selfimprove-{os.getuid()}")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RuntimeError(f"{folder} is not a private folder of this user (a link, another owner, or open to "
+                           "others): remove it and run again")
+    return folder
+
+
 def _claim_slot(slots: int, wait_s: float = 60.0):
     """(slot index, open lock file) for the first free CPU slot of this Ray node.
 
@@ -175,10 +194,13 @@ def _claim_slot(slots: int, wait_s: float = 60.0):
     import ray
 
     node = ray.get_runtime_context().get_node_id()[:16] if ray.is_initialized() else "no-ray"
+    folder = private_folder()
     deadline = time.monotonic() + wait_s
     while True:
         for slot in range(max(slots, 1)):
-            f = open(os.path.join(tempfile.gettempdir(), f"selfimprove-cpu-slot-{node}-{slot}.lock"), "w")
+            # O_NOFOLLOW: a link planted at this name must not make us open (and truncate) another file.
+            f = os.fdopen(os.open(os.path.join(folder, f"cpu-slot-{node}-{slot}.lock"),
+                                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return slot, f

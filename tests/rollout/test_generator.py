@@ -1,0 +1,34 @@
+"""The generators' host-side helpers that need no engine: the private folder of the CPU-slot locks."""
+
+import os
+import tempfile
+
+import pytest
+
+from selfimprove.rollout.generator import private_folder
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_private_folder_is_made_mode_0700_and_reused(temp_dir):
+    folder = private_folder()
+    assert folder == str(temp_dir / f"selfimprove-{os.getuid()}")
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    assert private_folder() == folder
+
+
+def test_a_link_or_an_open_folder_under_our_name_is_refused(temp_dir):
+    name = temp_dir / f"selfimprove-{os.getuid()}"
+    (temp_dir / "elsewhere").mkdir(mode=0o700)
+    name.symlink_to(temp_dir / "elsewhere")
+    with pytest.raises(RuntimeError, match=r"is not a private folder of this user"):
+        private_folder()
+    name.unlink()
+    name.mkdir()
+    name.chmod(0o777)
+    with pytest.raises(RuntimeError, match=r"is not a private folder of this user"):
+        private_folder()
