@@ -9,7 +9,12 @@
    configs/ that loads with its overrides; its run_dir is on a volume every pod shares; the
    cluster has the CPUs and GPUs the config asks Ray for; images and spec.rayVersion pin
    setup.cfg's ray; volumes name the claim of cluster/storage.yaml.
-3. Broken manifests fail, so a passing check means something.
+3. Security (issue 13): every pod runs as the image's non-root user with no privileges, no
+   service-account token, a RuntimeDefault seccomp profile; heads expose no Ray Client port; jobs
+   have a deadline; cluster/networkpolicy.yaml lets only the cluster's own pods reach its head,
+   and submitters (and, for jobs, the KubeRay operator) its dashboard. There is no schema for
+   NetworkPolicy here: the policies are evaluated against the labels KubeRay gives each pod.
+4. Broken manifests fail, so a passing check means something.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRDs not fou
 
 APP = "/app"  # where cluster/Dockerfile puts the repository
 RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
-OTHER_KINDS = {("v1", "PersistentVolumeClaim")}
+OTHER_KINDS = {("v1", "PersistentVolumeClaim"), ("networking.k8s.io/v1", "NetworkPolicy")}
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&", ">", "<"}
 GPU = "nvidia.com/gpu"
+CLUSTER_LABEL = "selfimprove/cluster"  # on a RayJob's pods: KubeRay names its cluster <job>-<random>
 
 
 def documents() -> list[tuple[str, dict]]:
@@ -68,6 +74,16 @@ def containers(doc: dict) -> list[tuple[str, dict, dict]]:
     spec = cluster_spec(doc)
     groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
     return [(name, g["template"]["spec"], c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """(group name, pod template) for the head, every worker group and a RayJob's submitter pod."""
+    spec = cluster_spec(doc)
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    templates = [(name, g["template"]) for name, g in groups]
+    if "submitterPodTemplate" in doc["spec"]:
+        templates.append(("submitter", doc["spec"]["submitterPodTemplate"]))
+    return templates
 
 
 def setup_cfg_ray_version() -> str:
@@ -121,7 +137,7 @@ def schema_errors(doc: dict) -> list[str]:
 
 def test_cluster_folder_holds_the_expected_manifests():
     names = {name for name, _ in documents()}
-    assert {"raycluster-cpu.yaml", "rayjob-local.yaml", "rayjob-gpu.yaml", "storage.yaml"} <= names
+    assert {"raycluster-cpu.yaml", "rayjob-local.yaml", "rayjob-gpu.yaml", "storage.yaml", "networkpolicy.yaml"} <= names
     for name, doc in documents():
         known = doc.get("kind") in RAY_KINDS and doc.get("apiVersion") == "ray.io/v1"
         assert known or (doc.get("apiVersion"), doc.get("kind")) in OTHER_KINDS, f"{name}: unexpected {doc.get('kind')}"
@@ -272,8 +288,13 @@ def test_volume_claims_are_defined_in_storage_yaml():
 
 
 def test_local_job_runs_on_the_cpu_cluster_shape():
-    """rayjob-local.yaml starts the cluster raycluster-cpu.yaml describes: keep the two from drifting apart."""
-    assert cluster_spec(manifest("rayjob-local.yaml")) == manifest("raycluster-cpu.yaml")["spec"]
+    """rayjob-local.yaml starts the cluster raycluster-cpu.yaml describes: keep the two from drifting apart.
+
+    Only the job's pods carry CLUSTER_LABEL (a RayCluster's pods are told apart by KubeRay's ray.io/cluster)."""
+    spec = copy.deepcopy(cluster_spec(manifest("rayjob-local.yaml")))
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert group["template"].pop("metadata") == {"labels": {CLUSTER_LABEL: "selfimprove-local"}}
+    assert spec == manifest("raycluster-cpu.yaml")["spec"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("gpu-*.yaml")), ids=lambda p: p.name)
@@ -282,3 +303,178 @@ def test_gpu_config_loads_and_fits(path):
     cfg = load_config(path)
     assert cfg.model.startswith("Qwen/") and cfg.task.name == "gsm8k" and cfg.train.precision == "bf16"
     assert cfg.rollout.max_model_len > cfg.rollout.max_tokens and cfg.train.max_len > cfg.rollout.max_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Security (issue 13)
+
+RAY_UID, RAY_GID = 1000, 100  # the base image's `ray` user and its `users` group
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "seccompProfile": {"type": "RuntimeDefault"}}
+VOLUME_OWNERSHIP = {"fsGroup": RAY_GID, "fsGroupChangePolicy": "OnRootMismatch"}  # pods with volumes only
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+HEAD_PORTS = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"}]
+GCS, DASHBOARD, RAY_CLIENT = 6379, 8265, 10001
+DEADLINES = {"rayjob-local.yaml": 4 * 3600, "rayjob-gpu.yaml": 24 * 3600}
+SUBMITTER = {"selfimprove/submitter": "true"}
+# The operator's pod labels as its Helm chart and its kustomize install set them.
+OPERATORS = [{"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+              "app.kubernetes.io/component": "kuberay-operator"},
+             {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"}]
+
+
+def pods() -> list[tuple[str, dict, str, dict]]:
+    """(file name, Ray document, group name, pod template) for every pod the Ray documents start."""
+    return [(name, doc, group, template) for name, doc in ray_documents() for group, template in pod_templates(doc)]
+
+
+def pod_ids(items) -> list[str]:
+    return [f"{item[0]}:{item[2]}" for item in items]
+
+
+@pytest.mark.parametrize("name,doc,group,template", pods(), ids=pod_ids(pods()))
+def test_pod_runs_as_the_image_user_without_privileges(name, doc, group, template):
+    spec = template["spec"]
+    expected = POD_SECURITY | (VOLUME_OWNERSHIP if spec.get("volumes") else {})
+    assert spec["securityContext"] == expected
+    for container in spec["containers"] + spec.get("initContainers", []):
+        assert container["securityContext"] == CONTAINER_SECURITY, container["name"]
+    assert spec["automountServiceAccountToken"] is False, "Ray needs no Kubernetes API access here"
+
+
+def test_image_runs_as_the_pods_user_without_sudo():
+    """The pods' runAsUser/runAsGroup are the image's user, which the base image lets sudo without a password."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert users[-1] == f"{RAY_UID}:{RAY_GID}", users
+    assert "sed -i '/^ray ALL=NOPASSWD: ALL$/d' /etc/sudoers" in dockerfile
+    assert "! grep -rqs '^[^#]*NOPASSWD' /etc/sudoers /etc/sudoers.d" in dockerfile
+
+
+@pytest.mark.parametrize("name,doc", ray_documents(), ids=[name for name, _ in ray_documents()])
+def test_head_exposes_gcs_and_dashboard_only(name, doc):
+    """KubeRay builds the head Service from these ports: no Ray Client port (10001)."""
+    for group, _, container in containers(doc):
+        assert container.get("ports", []) == (HEAD_PORTS if group == "head" else []), f"{name} {group}"
+
+
+def test_nothing_connects_with_ray_client():
+    """The Ray Client port is closed (test_head_exposes_gcs_and_dashboard_only): a ray:// address would hang."""
+    scheme = "ray" + "://"
+    sources = [*(REPO / "selfimprove").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py"), *(REPO / "configs").glob("*.yaml")]
+    assert len(sources) > 10
+    assert [str(path) for path in sources if scheme in path.read_text()] == []
+    assert [name for name, doc in jobs() if scheme in doc["spec"]["entrypoint"]] == []
+
+
+def test_every_job_has_a_deadline_and_is_cleaned_up():
+    assert {name for name, _ in jobs()} == set(DEADLINES)
+    for name, doc in jobs():
+        spec = doc["spec"]
+        assert (spec["activeDeadlineSeconds"], spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"]) == (
+            DEADLINES[name], True, 600), name
+
+
+@pytest.mark.parametrize("name,doc", jobs(), ids=[name for name, _ in jobs()])
+def test_job_submitter_is_labelled_and_runs_the_head_image(name, doc):
+    template = doc["spec"]["submitterPodTemplate"]
+    assert template["metadata"] == {"labels": SUBMITTER}
+    (container,) = template["spec"]["containers"]
+    (head,) = cluster_spec(doc)["headGroupSpec"]["template"]["spec"]["containers"]
+    assert container["image"] == head["image"], "the submitter's ray CLI must be the cluster's ray"
+    assert "command" not in container and "args" not in container, "KubeRay writes the submit command"
+    assert template["spec"]["restartPolicy"] == "Never"
+
+
+# NetworkPolicy: no schema here, so the policies are evaluated, as a network plugin would, against
+# the labels KubeRay gives each pod.
+
+
+def policies() -> list[dict]:
+    return [doc for _, doc in documents() if doc["kind"] == "NetworkPolicy"]
+
+
+def kuberay_labels(doc: dict, group: str, template: dict) -> dict:
+    """The labels KubeRay puts on a pod of `group` (common/pod.go labelPod; rayjob_controller.go for the submitter)."""
+    labels = dict(template.get("metadata", {}).get("labels", {}))
+    name = doc["metadata"]["name"]
+    if group == "submitter":
+        return labels | {"ray.io/originated-from-cr-name": name, "ray.io/originated-from-crd": "RayJob",
+                         "app.kubernetes.io/created-by": "kuberay-operator"}
+    cluster = name if doc["kind"] == "RayCluster" else f"{name}-x7k2q"  # a job's cluster gets a random suffix
+    return labels | {"ray.io/cluster": cluster, "ray.io/node-type": "head" if group == "head" else "worker",
+                     "ray.io/group": "headgroup" if group == "head" else group, "ray.io/is-ray-node": "yes",
+                     "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is evaluated here: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def reaches(policy: dict, labels: dict, port: int, same_namespace: bool = True) -> bool:
+    """Whether a pod with `labels` may open TCP `port` on a pod `policy` selects."""
+    for rule in policy["spec"].get("ingress", []):
+        ports = rule.get("ports")
+        if ports is not None and not any(p["port"] == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            assert set(peer) <= {"podSelector", "namespaceSelector"}, peer
+            namespace_ok = peer["namespaceSelector"] == {} if "namespaceSelector" in peer else same_namespace
+            if namespace_ok and selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+def head_policy(head_labels: dict) -> dict:
+    """The one policy selecting the head with these labels."""
+    (policy,) = [p for p in policies() if selects(p["spec"]["podSelector"], head_labels)]
+    return policy
+
+
+def pod_labels(doc: dict) -> dict[str, dict]:
+    return {group: kuberay_labels(doc, group, template) for group, template in pod_templates(doc)}
+
+
+def test_network_policies_are_ingress_policies_on_heads_only():
+    all_pods = {(name, group): labels for name, doc in ray_documents() for group, labels in pod_labels(doc).items()}
+    assert len(policies()) == len(ray_documents())
+    for policy in policies():
+        assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["spec"]["policyTypes"] == ["Ingress"]
+        selected = [pod for pod, labels in all_pods.items() if selects(policy["spec"]["podSelector"], labels)]
+        assert len(selected) == 1 and selected[0][1] == "head", (policy["metadata"]["name"], selected)
+
+
+@pytest.mark.parametrize("name,doc", ray_documents(), ids=[name for name, _ in ray_documents()])
+def test_network_policy_lets_the_cluster_in_and_submitters_to_the_dashboard(name, doc):
+    labels = pod_labels(doc)
+    policy = head_policy(labels["head"])
+    assert policy["metadata"]["name"] == f"{doc['metadata']['name']}-head"
+    is_job = doc["kind"] == "RayJob"
+    # (who, labels, same namespace, the ports it may open on the head out of GCS, dashboard, Ray Client)
+    expected = [(f"own {group}", pod, True, {DASHBOARD} if group == "submitter" else {GCS, DASHBOARD, RAY_CLIENT})
+                for group, pod in labels.items()]
+    expected += [(f"{other} {group}", pod, True, {DASHBOARD} if group == "submitter" else set())
+                 for other, other_doc in ray_documents() if other != name for group, pod in pod_labels(other_doc).items()]
+    expected += [("your submitter", SUBMITTER | {"app": "mine"}, True, {DASHBOARD}),
+                 ("a submitter in another namespace", SUBMITTER, False, set()),
+                 ("an unlabelled pod", {"app": "mine"}, True, set())]
+    expected += [("the KubeRay operator", operator, False, {DASHBOARD} if is_job else set()) for operator in OPERATORS]
+    for who, pod, same_namespace, ports in expected:
+        got = {port for port in (GCS, DASHBOARD, RAY_CLIENT) if reaches(policy, pod, port, same_namespace)}
+        assert got == ports, f"{name}: {who} {pod} reaches {got}"
+    (head,) = [c for g, _, c in containers(doc) if g == "head"]
+    assert {"containerPort": DASHBOARD, "name": "dashboard"} in head["ports"]
+
+
+def test_network_policy_check_notices_a_wrong_policy():
+    """A job policy on ray.io/cluster selects nothing (KubeRay suffixes the name); one without ports opens 10001."""
+    labels = pod_labels(manifest("rayjob-local.yaml"))
+    policy = copy.deepcopy(head_policy(labels["head"]))
+    policy["spec"]["podSelector"]["matchLabels"] = {"ray.io/cluster": "selfimprove-local", "ray.io/node-type": "head"}
+    assert not selects(policy["spec"]["podSelector"], labels["head"])
+    policy = copy.deepcopy(head_policy(labels["head"]))
+    assert not reaches(policy, labels["submitter"], RAY_CLIENT)
+    del policy["spec"]["ingress"][1]["ports"]
+    assert reaches(policy, labels["submitter"], RAY_CLIENT)
