@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 
 
 def init_ray() -> None:
@@ -19,7 +21,12 @@ def init_ray() -> None:
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(include_dashboard=False, num_cpus=os.cpu_count())
+    # Ray's core worker replaces the process's SIGTERM handler with one that aborts (exit -6, no clean-up):
+    # the handler this process had (the CLI's: stop as Ctrl-C does) is put back.
+    on_term = signal.getsignal(signal.SIGTERM)
     ray.init(**kwargs)
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, on_term)
     from ray.data import DataContext
 
     # Samples come back in problem order, so a run with the same seed reads the same.

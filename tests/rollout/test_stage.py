@@ -104,20 +104,28 @@ def test_a_killed_engine_actor_is_restarted_and_no_sample_is_lost_or_doubled(ray
     """SIGKILL one of two engine actors once the first samples are written: Ray restarts it and retries its
     batch (rollout.actor_restarts), and the stage holds each (problem, sample) exactly once."""
     import psutil
-    from ray.util.state import list_actors
 
     cfg = dataclasses.replace(CFG, num_actors=2, batch_size=1)
     problems = task.load("test")[:8]
     killed = []
 
+    def engine_actors() -> list[psutil.Process]:
+        """The pool's actor processes (Ray names them by their class): descendants of this test's local Ray."""
+        found = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if " ".join(p.cmdline()).startswith("ray::MapWorker(MapBatches(VLLMGenerator))"):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
     def kill_one_actor_mid_stage():
         deadline = time.monotonic() + 600
         while not killed and time.monotonic() < deadline:
-            if list((tmp_path / "samples.partial").glob("*.parquet")):
-                alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "MapWorker" in a.class_name]
-                if alive:
-                    psutil.Process(alive[0].pid).kill()
-                    killed.append(alive[0].pid)
+            if list((tmp_path / "samples.partial").glob("*.parquet")) and (actors := engine_actors()):
+                actors[0].kill()
+                killed.append(actors[0].pid)
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_one_actor_mid_stage, daemon=True)

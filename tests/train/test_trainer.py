@@ -106,7 +106,7 @@ def test_deepspeed_config_from_knobs():
     assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == 2e-5 and "torch_adam" not in ds["optimizer"]["params"]
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5
-    ds = deepspeed_config(TrainConfig(lora=True), world=2, use_gpu=False)
+    ds = deepspeed_config(TrainConfig(lora=True, precision="bf16"), world=2, use_gpu=False)
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     assert "scheduler" not in ds
     assert ds["bf16"] == {"enabled": True} and learning_rate(TrainConfig(lora=True)) == 2e-4
