@@ -90,8 +90,8 @@ class RolloutConfig:
     cpus_per_actor: int = knob(0, "CPU only: cores each engine binds to (0 = the node's cores / num_actors)", non_negative)
     num_actors: int = knob(1, "vLLM engines in the Ray Data actor pool", positive)
     batch_size: int = knob(64, "prompts per Ray Data batch sent to an engine", positive)
-    start_timeout: int = knob(900, "seconds a rollout waits for all its engines to be scheduled and started "
-                              "before it fails", positive)
+    start_timeout: int = knob(900, "seconds a rollout (or an MC process stage) waits for all its engines to be "
+                              "scheduled and started before it fails", positive)
     actor_restarts: int = knob(2, "times a dead engine actor is restarted, and its batch retried, before the "
                                "rollout fails", non_negative)
     enable_prefix_caching: bool = knob(True, "reuse KV cache of shared prompt prefixes")

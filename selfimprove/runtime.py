@@ -21,6 +21,7 @@ def init_ray() -> None:
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(include_dashboard=False, num_cpus=os.cpu_count())
+        bind_to_loopback()
     # Ray's core worker replaces the process's SIGTERM handler with one that aborts (exit -6, no clean-up):
     # the handler this process had (the CLI's: stop as Ctrl-C does) is put back.
     on_term = signal.getsignal(signal.SIGTERM)
@@ -31,6 +32,19 @@ def init_ray() -> None:
 
     # Samples come back in problem order, so a run with the same seed reads the same.
     DataContext.get_current().execution_options.preserve_order = True
+
+
+def bind_to_loopback() -> None:
+    """Make a local Ray instance listen on 127.0.0.1 only: no other machine needs to reach it.
+
+    Ray binds its servers (GCS, raylet, workers) to every interface unless the node's address is loopback, and
+    it takes loopback as the address only where it treats clusters as disabled (its macOS and Windows default,
+    this switch). Set in the environment for the processes Ray starts, and on the module of a Ray imported already.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def node_cpus() -> int:

@@ -1,14 +1,14 @@
-"""`selfimprove run` for real on a tiny config: every stage, then a kill during training and a resume.
+"""`selfimprove run` for real on a tiny config: every stage, then SIGTERM during training and a resume.
 
-The run checkpoints every step and is killed (SIGKILL, the whole process group) once its training
-stage has persisted a checkpoint; the rerun must finish the run without redoing the iteration's
-rollout (same files, same mtimes) or the training steps before the checkpoint (it resumes from it
-and computes no reference pass again), and write the metrics and the report.
+The run checkpoints every step and gets SIGTERM (as from a scheduler or `kill`) once its training stage
+has persisted a checkpoint: it stops cleanly (exit 130, no process of its own left, lock free). The
+rerun must finish the run without redoing the iteration's rollout (same files, same mtimes) or the
+training steps before the checkpoint (it resumes from it and computes no reference pass again), and
+write the metrics and the report. SIGKILL at every kind of stage: test_kill_driver.py (make test-faults).
 """
 
 import fcntl
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,30 +18,17 @@ import time
 import psutil
 import pytest
 import yaml
-
-
-def start(config, run_dir, log, *overrides):
-    """`selfimprove run` in its own process group, its output into the file `log` (a pipe could be held open
-    by processes that outlive a kill)."""
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}",
-                                 *overrides], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+from processes import alive, start
 
 
 @pytest.mark.engine
-def test_kill_during_training_then_resume(tmp_path, tiny_config, bundled_model):
+def test_sigterm_during_training_then_resume(tmp_path, tiny_config, bundled_model):
     config, run_dir = tiny_config, tmp_path / "run"
     every_step = ("train.checkpoint_every=1", "train.max_steps=4")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = start(config, run_dir, first_log, *every_step)
-    deadline = time.time() + 900
     # Ray Train keeps one checkpoint: once step 2's folder appears, step 1's is registered and complete.
-    while not list((run_dir / "iter_1" / "train.ray").glob("train-*/step-00000[2-9]")):
-        assert first.poll() is None, first_log.read_text()[-3000:]
-        assert time.time() < deadline, "training never checkpointed"
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    interrupt_when(first, first_log, run_dir, lambda: any((run_dir / "iter_1" / "train.ray").glob("train-*/step-00000[2-9]")))
     assert "reference log-probs of" in first_log.read_text()
     rollout_files = sorted((run_dir / "iter_1" / "rollout").rglob("*"))
     mtimes = [p.stat().st_mtime_ns for p in rollout_files]
@@ -68,38 +55,38 @@ def test_kill_during_training_then_resume(tmp_path, tiny_config, bundled_model):
 
 
 @pytest.mark.engine
-def test_sigterm_stops_the_run_and_everything_it_started(tmp_path, tiny_config, bundled_model):
-    """SIGTERM once the first stage's engine runs: the command says it was interrupted and exits 130, the stage is
-    not marked done, the run dir's lock is free, and none of the processes it started (Ray's, the vLLM engines)
-    is left running a minute later."""
+@pytest.mark.faults
+def test_sigterm_while_an_engine_runs(tmp_path, tiny_config, bundled_model):
+    """SIGTERM once the first stage's vLLM engine runs: stopped as during training, the engine processes too."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = start(tiny_config, run_dir, log)
-    driver, deadline = psutil.Process(proc.pid), time.time() + 600
-    while not any(" ".join(p.cmdline()).startswith("VLLM::EngineCore") for p in _alive(driver.children(recursive=True))):
+    interrupt_when(proc, log, run_dir, lambda: processes_named(proc, "VLLM::EngineCore"), "VLLM::EngineCore")
+    assert not (run_dir / "iter_0" / "eval" / "_SUCCESS").exists()
+
+
+def processes_named(proc, prefix: str) -> list[psutil.Process]:
+    """Descendants of `proc` whose command line starts with `prefix`."""
+    return [p for p in alive(psutil.Process(proc.pid).children(recursive=True)) if " ".join(p.cmdline()).startswith(prefix)]
+
+
+def interrupt_when(proc, log, run_dir, ready, stopping: str = "ray::RayTrainWorker") -> None:
+    """SIGTERM `selfimprove run` once `ready()`: the command says it was interrupted and exits 130, the run dir's
+    lock is free, and none of the processes it started (Ray's, and `stopping`, which must be among them) is left
+    a minute later."""
+    deadline = time.time() + 900
+    while not ready():
         assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, "no engine started"
+        assert time.time() < deadline, "the run never got there"
         time.sleep(0.5)
-    family = driver.children(recursive=True)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert processes_named(proc, stopping), f"no {stopping} process to stop"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     assert "selfimprove: interrupted; rerun the same command to resume" in log.read_text()
     _, left = psutil.wait_procs(family, timeout=60)
-    assert not left, [(p.pid, " ".join(p.cmdline())[:80]) for p in _alive(left)]
-    assert not (run_dir / "iter_0" / "eval" / "_SUCCESS").exists()
+    assert not left, [(p.pid, " ".join(p.cmdline())[:80]) for p in alive(left)]
     with open(run_dir / ".lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a process still held it
-
-
-def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """Those of `processes` still running whose command line can be read."""
-    out = []
-    for p in processes:
-        try:
-            p.cmdline()
-            out.append(p)
-        except psutil.Error:
-            pass
-    return out
 
 
 def test_rerun_with_another_config_is_refused(tmp_path, tiny_config):

@@ -138,10 +138,28 @@ def prm_actors(model: str, cfg: RolloutConfig, stop: tuple[str, ...]):
     actor = ray.remote(MCPRM).options(**resources)
     actors = [actor.remote(model, cfg, tuple(stop), cores) for _ in range(cfg.num_actors)]
     try:
+        _wait_started(actors, cfg.start_timeout)
         yield actors
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def _wait_started(actors: list, timeout: float) -> None:
+    """Return once every actor has built its engine; fail in one line if one cannot be placed or started in time."""
+    import ray
+
+    from selfimprove.rollout.stage import root_cause
+
+    ready, waiting = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors), timeout=timeout)
+    try:
+        ray.get(ready)
+    except Exception as e:
+        raise UserError(f"process scoring failed: an engine did not start: {root_cause(e)}") from e
+    if waiting:
+        raise UserError(f"process scoring failed: {len(waiting)} of {len(actors)} engines were not scheduled and "
+                        f"started within rollout.start_timeout={timeout} s; the cluster lacks the resources "
+                        "rollout.num_actors and rollout.cpus_per_actor ask for, or an engine start hangs")
 
 
 def pool_complete(actors: list, prompts: list[str], seeds: list[int], temperature: float) -> list[str | None]:

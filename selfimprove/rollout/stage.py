@@ -90,12 +90,13 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     try:
         with stage_output(out) as scratch:
             ds.write_parquet(str(scratch), schema=SAMPLE_SCHEMA)
-            check_complete(read_table(scratch), rows)
+            samples = read_table(scratch, SAMPLE_ORDER)
+            check_complete(samples, rows)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"rollout failed: {root_cause(e)}") from e
-    return read_table(out, SAMPLE_ORDER)
+    return samples
 
 
 def check_complete(samples: pa.Table, rows: list[dict]) -> None:

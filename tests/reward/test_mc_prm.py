@@ -299,3 +299,16 @@ def test_first_error_search_agrees_on_the_forced_case(full_and_search):
         assert first_zero(col([r for r in search if r["sample_index"] == i], "value")) == first_zero(
             col([r for r in full if r["sample_index"] == i], "value"))
     assert search_stats["rollouts"] == 2 < full_stats["rollouts"]
+
+
+def test_engines_that_cannot_be_placed_fail_in_one_line_within_the_start_timeout(ray_local, bundled_model):
+    """An engine pool asking more cores than any node has is refused after rollout.start_timeout, not waited
+    for forever; its actors are released."""
+    from selfimprove.errors import UserError
+    from selfimprove.reward.mc_prm import prm_actors
+
+    cfg = RolloutConfig(cpus_per_actor=64, start_timeout=1)
+    with pytest.raises(UserError, match=r"^process scoring failed: 1 of 1 engines were not scheduled and started "
+                                        r"within rollout.start_timeout=1 s"):
+        with prm_actors(bundled_model, cfg, ()):
+            pass

@@ -1,0 +1,42 @@
+"""Helpers for tests that run `selfimprove` as a real process and kill it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def start(config, run_dir, log, *overrides) -> subprocess.Popen:
+    """`selfimprove run` in its own process group, its output into the file `log` (a pipe could be held open
+    by processes that outlive a kill)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}",
+                                 *overrides], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, log: Path, ready, what: str, timeout: float = 900) -> None:
+    """SIGKILL `proc`'s whole process group as soon as `ready()` is true; fail if the run ends or `timeout`
+    passes first. Polled every few milliseconds, so that short stages are caught while they run."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` still running whose command line can be read."""
+    out = []
+    for p in processes:
+        try:
+            p.cmdline()
+            out.append(p)
+        except psutil.Error:
+            pass
+    return out

@@ -1,0 +1,129 @@
+"""SIGKILL the driver during each kind of stage, rerun, and compare with a run nobody interrupted.
+
+A tiny SIPF-shaped run (process pairs scored by Monte Carlo), so that every stage kind has a stage:
+rollout, process, pairs, train, eval. Each chain of runs is killed (the whole process group) inside
+one stage per run, each time a stage later than the last; then rerun to the end. Afterwards:
+- no file of a stage that had finished when a kill came was touched (same files, same mtimes);
+- the run has the same finished stages, sample keys and counts as the uninterrupted run;
+- where only non-generation stages (pairs, train) were killed, the same pairs and metrics too.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from processes import kill_when, start
+
+from selfimprove.io import read_table
+
+pytestmark = [pytest.mark.engine, pytest.mark.faults]
+
+# Process pairs scored by Monte Carlo; a checkpoint after every training step, so that a kill can come after one.
+SIPF = ("pairs.source=process", "process.k=2", "process.max_steps=3", "process.max_tokens=48", "process.eta=0.0",
+        "train.checkpoint_every=1", "train.max_steps=3")
+STAGES = ["iter_0/eval", "iter_1/rollout", "iter_1/process", "iter_1/pairs", "iter_1/train", "iter_1/eval"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, bundled_model):
+    """The run dir of the tiny run, run once without a fault."""
+    import yaml
+    from conftest import TINY_RUN
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN))
+    run_dir, log = tmp / "run", tmp / "run.log"
+    proc = start(config, run_dir, log, *SIPF)
+    assert proc.wait(timeout=1800) == 0, log.read_text()[-3000:]
+    return run_dir
+
+
+def finished_files(run_dir: Path) -> dict[Path, int]:
+    """mtime of every file in the run's finished stages."""
+    return {p: p.stat().st_mtime_ns for stage in run_dir.glob("iter_*/*") if (stage / "_SUCCESS").is_file()
+            for p in stage.rglob("*") if p.is_file()}
+
+
+def partial_output(run_dir: Path, stage: str, log: Path):
+    """True once the stage's scratch folder holds a parquet file: it is mid-way, with output to lose."""
+    return lambda: any((run_dir / f"{stage}.partial").rglob("*.parquet"))
+
+
+def started(run_dir: Path, stage: str, log: Path):
+    return lambda: (run_dir / f"{stage}.partial").is_dir()
+
+
+def busy(run_dir: Path, stage: str, log: Path, seconds: float = 20):
+    """True once the stage has run for `seconds` (a stage that writes its output only at its end)."""
+    first = []
+    return lambda: bool((run_dir / f"{stage}.partial").is_dir() and (first or first.append(time.time()))
+                        and time.time() - first[0] > seconds)
+
+
+def checkpointed(run_dir: Path, stage: str, log: Path):
+    """True once the training stage has persisted a checkpoint: Ray Train keeps one, so once step 2's folder
+    appears, step 1's is registered and complete."""
+    return lambda: any((run_dir / "iter_1" / "train.ray").glob("train-*/step-00000[2-9]"))
+
+
+def run_with_kills(tmp_path, tiny_config, kills) -> Path:
+    """Run the tiny run, SIGKILLed at each of `kills` ((stage, when)) and rerun each time, then rerun to the end.
+    Checks at each kill that its stage was unfinished and, at the end, that no stage finished by then was touched."""
+    run_dir, untouched = tmp_path / "run", {}
+    for i, (stage, when) in enumerate(kills):
+        log = tmp_path / f"run{i}.log"
+        kill_when(start(tiny_config, run_dir, log, *SIPF), log, when(run_dir, stage, log), f"{stage} mid-way")
+        assert not (run_dir / stage / "_SUCCESS").exists(), f"the kill came after {stage} had finished"
+        untouched |= finished_files(run_dir)
+    log = tmp_path / "last.log"
+    assert start(tiny_config, run_dir, log, *SIPF).wait(timeout=1800) == 0, log.read_text()[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in untouched if p.exists()} == untouched
+    return run_dir
+
+
+def done_stages(run_dir: Path) -> list[str]:
+    return sorted(str(p.parent.relative_to(run_dir)) for p in run_dir.glob("iter_*/*/_SUCCESS"))
+
+
+def sample_keys(folder: Path) -> list[tuple]:
+    t = read_table(folder)
+    return sorted(zip(t["pass"].to_pylist(), t["problem_id"].to_pylist(), t["sample_index"].to_pylist()))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the figures that depend on the clock."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "stage_seconds"} for r in rows]
+
+
+def assert_same_shape(run_dir: Path, reference: Path) -> None:
+    assert done_stages(run_dir) == done_stages(reference) == sorted(STAGES)
+    for stage in ("iter_0/eval/samples", "iter_1/rollout/samples", "iter_1/eval/samples"):
+        assert sample_keys(run_dir / stage) == sample_keys(reference / stage), stage
+    steps, ref_steps = (pq.read_table(r / "iter_1/process/steps.parquet") for r in (run_dir, reference))
+    assert set(zip(steps["problem_id"].to_pylist(), steps["sample_index"].to_pylist())) == set(
+        zip(ref_steps["problem_id"].to_pylist(), ref_steps["sample_index"].to_pylist()))
+    assert [(r["iteration"], r["problems"]) for r in metrics(run_dir)] == [(0, 6), (1, 6)]
+    assert [(r["iteration"], r["problems"]) for r in metrics(reference)] == [(0, 6), (1, 6)]
+
+
+def test_kills_in_generation_stages(tmp_path, tiny_config, uninterrupted):
+    """Killed mid-rollout, mid-process and mid-eval (each with partial output written): the same stages and rows."""
+    run_dir = run_with_kills(tmp_path, tiny_config, [
+        ("iter_1/rollout", partial_output), ("iter_1/process", busy), ("iter_1/eval", partial_output)])
+    assert_same_shape(run_dir, uninterrupted)
+
+
+def test_kills_in_pairs_and_train(tmp_path, tiny_config, uninterrupted):
+    """Killed in the pairs stage, then in training after its first checkpoint: the rerun resumes from that
+    checkpoint, and the run ends with the same pairs and metrics as without a kill."""
+    run_dir = run_with_kills(tmp_path, tiny_config, [("iter_1/pairs", started), ("iter_1/train", checkpointed)])
+    assert re.search(r"resuming from the checkpoint of step [12]\b", (tmp_path / "last.log").read_text())
+    assert_same_shape(run_dir, uninterrupted)
+    pairs, reference = (pq.read_table(r / "iter_1/pairs/pairs.parquet") for r in (run_dir, uninterrupted))
+    assert pairs.equals(reference)
+    assert metrics(run_dir) == metrics(uninterrupted)
