@@ -8,7 +8,7 @@ comma   := ,
 export SELFIMPROVE_HOME ?= $(HOME)/.cache/selfimprove
 export TORCH_EXTENSIONS_DIR ?= $(SELFIMPROVE_HOME)/torch_extensions
 
-.PHONY: install model demo test lint clean
+.PHONY: install model demo test test-faults lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +29,10 @@ demo: model
 	$(VENV)/bin/selfimprove run configs/local.yaml
 
 test: model
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not faults"
+
+test-faults: model
+	$(PY) -m pytest -m faults
 
 lint: install
 	$(VENV)/bin/ruff check selfimprove tests benchmarks

@@ -47,8 +47,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line as one line (argparse adds the usage above it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"selfimprove: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfimprove", description=__doc__.splitlines()[0])
+    p = _Parser(prog="selfimprove", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) the self-improvement loop a config describes")
@@ -134,17 +141,19 @@ def _eval(args) -> int:
     from rich.table import Table
 
     from selfimprove.evaluate import run_eval
-    from selfimprove.io import claim_folder
+    from selfimprove.io import check_replaceable, claim_folder
     from selfimprove.models import resolve_model
     from selfimprove.precision import announce, resolve
-    from selfimprove.runtime import init_ray
+    from selfimprove.runtime import check_resources, init_ray
     from selfimprove.tasks import build_task
 
-    # Everything that can be wrong with the input fails here, before Ray starts.
+    # Everything that can be wrong with the input fails here, before Ray starts and before `out` is written.
+    check_replaceable(out)
     task = build_task(cfg.task)
     problems = task.load(cfg.eval.split)
     model = resolve_model(cfg.model)
     cfg, choices = resolve(cfg)
+    check_resources(cfg, train=False)
     claim_folder(out)
     announce(choices[:1])
     init_ray()

@@ -37,6 +37,20 @@ def positive(v) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
+# Upper bounds no real run comes near: a bigger value is a typo (an extra 0, 1e12), and would otherwise fail late,
+# run out of memory or run for years. Each is far past what any published recipe or dataset uses.
+MAX_SAMPLES = 100_000  # per problem (rollout.n, eval.k, process.k): repeated-sampling studies go to 10,000
+MAX_TOKENS = 1 << 24  # rollout.max_model_len (so any max_tokens): 16.8 M, past the longest context of any model (10 M)
+MAX_PROBLEMS = 10**8  # task.train_size / test_size: a split is held in the driver's memory, ~1 KB a problem
+MAX_GENERATED = 10**6  # task.generated_*: the generator makes ~25,000 a second and keeps them all to find repeats;
+# GSM8K has 7,473 training problems and MATH 7,500
+
+
+def up_to(limit: int) -> Callable[[Any], str | None]:
+    """> 0 and at most `limit`."""
+    return lambda v: positive(v) or (None if v <= limit else f"must be at most {limit:,}")
+
+
 def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
     """`check`, for a field that may also be None."""
     return lambda v: None if v is None else check(v)
@@ -58,8 +72,8 @@ def one_of(*choices) -> Callable[[Any], str | None]:
 class TaskConfig:
     name: str = knob("arithmetic", "task: arithmetic, gsm8k, math or arc")
     data: str | None = knob(None, "local file/folder (JSONL or Parquet) or Hugging Face dataset name; none = built-in")
-    train_size: int | None = knob(None, "use at most this many training problems (none = all)", optional(positive))
-    test_size: int | None = knob(None, "use at most this many held-out problems (none = all)", optional(positive))
+    train_size: int | None = knob(None, "use at most this many training problems (none = all)", optional(up_to(MAX_PROBLEMS)))
+    test_size: int | None = knob(None, "use at most this many held-out problems (none = all)", optional(up_to(MAX_PROBLEMS)))
     seed: int = knob(0, "seed of the arithmetic generator and of any subsampling")
     step_weights: list[float] = knob([0.7, 0.3], "arithmetic: relative frequency of problems with 1, 2, 3, 4 steps",
                                      lambda v: None if 1 <= len(v) <= 4 and all(w >= 0 for w in v) and sum(v) > 0
@@ -69,18 +83,18 @@ class TaskConfig:
     operations: str = knob("+-", "arithmetic: operations used, a subset of '+-*'",
                            lambda v: None if v and set(v) <= set("+-*") else "must be a non-empty subset of '+-*'")
     variety: int = knob(4, "arithmetic: how many phrasings of each operation to draw from (1 = one template)", positive)
-    generated_train: int = knob(2000, "arithmetic: problems generated for the train split", positive)
-    generated_test: int = knob(200, "arithmetic: problems generated for the test split", positive)
+    generated_train: int = knob(2000, "arithmetic: problems generated for the train split", up_to(MAX_GENERATED))
+    generated_test: int = knob(200, "arithmetic: problems generated for the test split", up_to(MAX_GENERATED))
 
 
 @dataclass
 class RolloutConfig:
-    n: int = knob(8, "samples per problem", positive)
+    n: int = knob(8, "samples per problem", up_to(MAX_SAMPLES))
     temperature: float = knob(0.8, "sampling temperature (0 = greedy)", non_negative)
     top_p: float = knob(1.0, "nucleus sampling mass", unit_interval)
     max_tokens: int = knob(256, "most new tokens per sample", positive)
     seed: int = knob(0, "engine seed: same config and seed give the same samples")
-    max_model_len: int = knob(1024, "context length the engine reserves per sequence", positive)
+    max_model_len: int = knob(1024, "context length the engine reserves per sequence", up_to(MAX_TOKENS))
     enforce_eager: bool = knob(True, "skip torch.compile/CUDA graphs: faster start, slightly slower generation")
     dtype: str = knob("auto", "weights and activations dtype (auto: bfloat16 where the GPU or CPU computes it natively, "
                       "else float32)", one_of("auto", "bfloat16", "float16", "float32"))
@@ -102,7 +116,7 @@ class RolloutConfig:
 @dataclass
 class EvalConfig:
     split: str = knob("test", "held-out split to evaluate on", one_of("train", "test"))
-    k: int = knob(8, "samples per problem for maj@k (1 = greedy pass@1 only)", positive)
+    k: int = knob(8, "samples per problem for maj@k (1 = greedy pass@1 only)", up_to(MAX_SAMPLES))
     temperature: float = knob(0.8, "sampling temperature of the maj@k samples", non_negative)
 
 
@@ -170,7 +184,8 @@ class ProcessConfig:
     split: str = knob("newline", "how a sample is cut into steps: newline, sentence (newlines and '. '), step_marker ('Step k')",
                       one_of("newline", "sentence", "step_marker"))
     max_steps: int = knob(8, "most steps per sample; the steps past it are scored as one last step", positive)
-    k: int = knob(4, "mc: completions rolled out from each step prefix", lambda v: None if v >= 1 else "must be >= 1")
+    k: int = knob(4, "mc: completions rolled out from each step prefix",
+                  lambda v: "must be >= 1" if v < 1 else up_to(MAX_SAMPLES)(v))
     temperature: float = knob(0.8, "mc: sampling temperature of those completions", non_negative)
     max_tokens: int = knob(128, "mc: most new tokens per completion (a completion only finishes the solution)", positive)
     label: str = knob("soft", "mc full scan: a step's value is the share of completions that reach the gold answer "
@@ -263,14 +278,26 @@ def _cross_check(cfg: Config) -> str | None:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file's mapping; `extends: other.yaml` (relative to the file) is read first and overlaid."""
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"config file not found: {path}" + (f" (extended by {seen[-1]})" if seen else ""))
     if path.resolve() in seen:
         raise UserError(f"{path}: 'extends' goes round in a circle ({' -> '.join(map(str, seen))})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+        raw = yaml.safe_load(text)
+    except OSError as e:  # a folder, no permission, an I/O error
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a YAML text file (not UTF-8: {e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML{where} ({why})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
+    if raw is None:  # an empty file, or only comments: most likely not the file meant
+        raise UserError(f"{path}: the file holds no settings; to use every default, write {{}} in it")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys to values")
     base = raw.pop("extends", None)

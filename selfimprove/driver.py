@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -38,6 +39,7 @@ from selfimprove.errors import UserError
 from selfimprove.io import MARKER, digest, is_done, is_ours, read_table, stage_output, success_record, write_atomic
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import ITERATION_STAGES, RunProgress
+from selfimprove.runtime import check_resources
 
 DTYPE_FILE = "dtype.json"
 # Held (flock) by the process running in a run dir; it names that process.
@@ -70,6 +72,7 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
         check_lora_targets(policy, cfg.train.lora_targets)
     # The saved config keeps `auto`, so a run resumed on another kind of machine computes in that machine's type.
     saved, (cfg, (generate, train)) = cfg, resolve(cfg)
+    check_resources(cfg)
 
     with claim_run_dir(run_dir, saved):
         announce((generate, train))
@@ -132,12 +135,18 @@ def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:
     """Lock `run_dir` for this process, then save the resolved config in a new run dir or check an existing
     run dir was made with it. Returns the open lock file: the run dir is this run's until it is closed.
 
-    A folder that is neither empty nor a run is refused with nothing written into it.
+    A folder that is neither empty nor a run is refused with nothing written into it. A claim that fails (a full
+    disk, a read-only one) takes back what it made: the folders, marker and lock file it created.
     """
+    made: list[Path] = []  # created by this claim, in order
     try:
+        if os.path.lexists(run_dir) and not run_dir.is_dir():
+            raise UserError(f"cannot write the run dir {run_dir}: it is a file, not a folder")
         if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run(run_dir):
             raise UserError(f"{run_dir} is not empty and holds no selfimprove run; pass a new or empty run_dir=...")
+        made += reversed([p for p in (run_dir, *run_dir.parents) if not os.path.lexists(p)])
         run_dir.mkdir(parents=True, exist_ok=True)
+        made += [p for p in (run_dir / MARKER, run_dir / LOCK) if not os.path.lexists(p)]
         (run_dir / MARKER).touch()
         lock = _lock(run_dir)
         try:
@@ -146,8 +155,21 @@ def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:
             lock.close()
             raise
     except OSError as e:
+        _take_back(made)
         raise UserError(f"cannot write the run dir {run_dir}: {e.strerror}") from None
+    except BaseException:
+        _take_back(made)
+        raise
     return lock
+
+
+def _take_back(made: list[Path]) -> None:
+    """Remove what a failed claim created, last first; a folder only if it is empty again."""
+    for path in reversed(made):
+        try:
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _is_run(run_dir: Path) -> bool:
@@ -175,9 +197,14 @@ def _lock(run_dir: Path) -> IO[str]:
         lock.close()
         raise UserError(f"{run_dir} is in use by another selfimprove run ({holder}); wait for it to end, "
                         "or pass another run_dir=...") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    try:
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+    except OSError:  # a full disk: close (which tries the write again) without hiding the first error
+        with contextlib.suppress(OSError):
+            lock.close()
+        raise
     return lock
 
 

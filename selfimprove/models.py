@@ -47,6 +47,8 @@ BUNDLED = {
 }
 MARKER = "selfimprove-source.json"
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a Hugging Face folder keeps its weights in (sharded ones too: model-00001-of-00002.safetensors).
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def home() -> Path:
@@ -61,6 +63,9 @@ def resolve_model(ref: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {ref} has no config.json: not a Hugging Face model folder")
+        if not any(f.suffix in WEIGHTS and f.is_file() for f in path.iterdir()):
+            raise UserError(f"model folder {ref} has a config.json but no weights ({', '.join('*' + s for s in WEIGHTS)}): "
+                            "an unfinished download or copy?")
         return str(path.resolve())
     if path.is_file():
         if path.suffix != ".gguf":
@@ -195,6 +200,8 @@ def _check_gguf(path: Path) -> None:
     """Fail with one line on a file that is not a complete GGUF (bad magic, truncated tensors)."""
     from gguf import GGUFReader
 
+    if path.stat().st_size == 0:
+        raise UserError(f"corrupted or truncated GGUF file {path}: the file is empty")
     try:
         reader = GGUFReader(str(path))
         size = path.stat().st_size

@@ -149,11 +149,11 @@ def engine_machine() -> Machine:
     """The machine engines and trainers run on: this one, or in a Ray cluster one of its nodes of that kind."""
     if not os.environ.get("RAY_ADDRESS"):  # a local Ray instance runs on this machine
         return local_machine()
-    import ray
-
     from selfimprove.runtime import init_ray
 
-    init_ray()
+    init_ray()  # first: an address nothing answers at fails before Ray is imported
+    import ray
+
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     probe = ray.remote(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)(local_machine)
     try:

@@ -2,30 +2,56 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
+import sys
+import tempfile
 import threading
+
+from selfimprove.errors import UserError
+
+CONNECT_SECONDS = 10
 
 
 def init_ray() -> None:
-    """`ray job submit` sets RAY_ADDRESS and we join that cluster; otherwise start a local one."""
+    """`ray job submit` sets RAY_ADDRESS and we join that cluster; otherwise start a local one.
+
+    A cluster that cannot be joined is one line naming RAY_ADDRESS, in bounded time: Ray itself retries an
+    address with nothing listening forever, and logs each retry on stderr.
+    """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_listening(address)
     import ray
 
-    if ray.is_initialized():
-        return
     # Ray refuses a driver env var that the submitted job's runtime env also sets: the job's wins.
     job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}).get("env_vars") or {}
     env = {k: os.environ[k] for k in ("VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM", "SELFIMPROVE_HOME",
                                       "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ and k not in job_env}
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if not os.environ.get("RAY_ADDRESS"):
+    if not address:
         kwargs.update(include_dashboard=False, num_cpus=os.cpu_count())
         bind_to_loopback()
     # Ray's core worker replaces the process's SIGTERM handler with one that aborts (exit -6, no clean-up):
     # the handler this process had (the CLI's: stop as Ctrl-C does) is put back.
     on_term = signal.getsignal(signal.SIGTERM)
-    ray.init(**kwargs)
+    if not address:
+        ray.init(**kwargs)
+    else:  # joining starts no process here, so none inherits the held stderr
+        with _stderr_held() as held:
+            try:
+                ray.init(**kwargs)
+            except Exception as e:
+                said = held.drop()
+                why = ("the cluster refused this process's authentication token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                       "or ~/.ray/auth_token)" if "Unauthenticated" in said or "InvalidAuthToken" in said
+                       else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+                raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {why}") from None
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, on_term)
     from ray.data import DataContext
@@ -56,3 +82,91 @@ def node_cpus() -> int:
     import ray
 
     return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)) or os.cpu_count() or 1
+
+
+def check_listening(address: str) -> None:
+    """Refuse a RAY_ADDRESS (host:port, after any scheme) where nothing accepts a connection within
+    CONNECT_SECONDS. Other forms (auto, local) are left to Ray."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as e:
+        raise UserError(f"nothing answers at RAY_ADDRESS={address} ({e.strerror or e}): start the cluster, fix the "
+                        "address, or unset RAY_ADDRESS to run Ray on this machine") from None
+
+
+class _Held:
+    def __init__(self, file):
+        self.file, self.dropped = file, False
+
+    def text(self) -> str:
+        sys.stderr.flush()
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+    def drop(self) -> str:
+        """What was held, which is then not written out."""
+        self.dropped = True
+        return self.text()
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """Hold what this process writes on stderr (Ray's C++ core writes there too) while the block runs, then write
+    it out unless the block dropped it: a failure can so be one line instead of many."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        held = _Held(file)
+        try:
+            yield held
+        finally:
+            said = held.text()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not held.dropped:
+                sys.stderr.write(said)
+                sys.stderr.flush()
+
+
+def check_resources(cfg, rollout: bool = True, train: bool = True) -> None:
+    """Refuse, before any Ray work, an engine pool or trainer this machine can never hold, when Ray runs on it
+    alone (no RAY_ADDRESS). A cluster is not checked: its autoscaler may still add nodes, and a rollout waits for
+    its engines at most rollout.start_timeout."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from selfimprove.precision import engine_machine
+
+    cpus = os.cpu_count() or 1
+    gpus = _local_gpus() if engine_machine().device == "cuda" else 0
+    r, t = cfg.rollout, cfg.train
+    asks = []  # (what is asked, how many, this machine's number, of what)
+    if rollout and gpus:
+        asks.append((f"rollout.num_actors={r.num_actors} engine(s) x rollout.tensor_parallel_size="
+                     f"{r.tensor_parallel_size} GPU(s)", r.num_actors * r.tensor_parallel_size, gpus, "GPUs"))
+    elif rollout:
+        cores = r.cpus_per_actor or max(cpus // r.num_actors, 1)
+        asks.append((f"rollout.num_actors={r.num_actors} engine(s) x {cores} core(s) (rollout.cpus_per_actor="
+                     f"{r.cpus_per_actor})", r.num_actors * cores, cpus, "cores"))
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        asks.append((f"rollout.num_actors={r.num_actors} engine(s) x rollout.cpu_kvcache_gib={r.cpu_kvcache_gib} "
+                     "GiB of KV cache", r.num_actors * r.cpu_kvcache_gib, round(memory, 1), "GiB of memory"))
+    if train and gpus:
+        asks.append((f"train.num_workers={t.num_workers} worker(s) x 1 GPU", t.num_workers, gpus, "GPUs"))
+    elif train:
+        cores = t.cpus_per_worker or max(cpus // t.num_workers, 1)
+        asks.append((f"train.num_workers={t.num_workers} worker(s) x {cores} core(s) (train.cpus_per_worker="
+                     f"{t.cpus_per_worker})", t.num_workers * cores, cpus, "cores"))
+    for what, need, have, unit in asks:
+        if need > have:
+            raise UserError(f"{what} = {need}, but this machine has {have} {unit} and Ray runs on it alone "
+                            "(RAY_ADDRESS is not set): ask for less, or run on a Ray cluster")
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()

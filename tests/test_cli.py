@@ -1,26 +1,12 @@
 """The command line: each bad input is one line on stderr, exit code 2, no traceback, no Ray started."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_error, run
 
 from selfimprove.io import read_table
-
-
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "selfimprove", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
-def assert_one_line_error(done, fragment):
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert lines == [lines[0]] and lines[0].startswith("selfimprove: error: "), done.stderr
-    assert fragment in lines[0]
-    assert "Traceback" not in done.stderr
 
 
 @pytest.fixture

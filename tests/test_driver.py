@@ -445,6 +445,7 @@ def test_a_prm_backbone_with_another_tokenizer_is_refused_before_ray(tmp_path, b
     other.add_tokens(["<step>"])
     other.save_pretrained(backbone)
     shutil.copy(f"{bundled_model}/config.json", backbone)
+    (backbone / "model.safetensors").symlink_to(f"{bundled_model}/model.safetensors")  # a folder needs weights
     cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=2",
                              f"process.prm_backbone={backbone}", f"model={bundled_model}", f"run_dir={tmp_path / 'r'}",
                              "task.generated_train=10", "task.generated_test=10"])

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -110,9 +111,16 @@ def _read_parquet(file: Path) -> list[tuple[str, dict]]:
 
 def _read_text(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8")
+        data = file.read_bytes()
+    except OSError as e:  # no permission, an I/O error
+        raise UserError(f"{file}: cannot read ({e.strerror or e})") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UserError(f"{file}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{file}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _parse_json(text: str, file: Path, first_line: int):
@@ -120,6 +128,8 @@ def _parse_json(text: str, file: Path, first_line: int):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{file}:{first_line + e.lineno - 1}: not valid JSON ({e.msg})") from None
+    except RecursionError:  # json's parser recurses once per nested [ or {
+        raise UserError(f"{file}:{first_line}: not valid JSON (nested too deeply)") from None
 
 
 def _as_object(row, where: str) -> dict:

@@ -75,10 +75,16 @@ def read_rows(path: str | Path) -> tuple[str, pa.Table]:
         files = [path]
     else:
         raise UserError(f"training data not found: {path}")
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f))
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{f}: not readable Parquet ({(str(e).strip().splitlines() or [''])[0][:200]})") from None
     try:
-        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"{path}: not readable Parquet ({str(e).splitlines()[0][:200]})") from None
+        table = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as e:
+        raise UserError(f"{path}: files that do not fit together ({str(e).splitlines()[0][:200]})") from None
     kind = next((k for k, cols in KINDS.items() if set(cols) <= set(table.column_names)), None)
     if kind is None:
         raise UserError(f"{path}: columns {', '.join(table.column_names) or '(none)'}; expected "

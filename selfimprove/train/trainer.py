@@ -55,6 +55,7 @@ from pathlib import Path
 from selfimprove.config import Config, TrainConfig, check, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
+from selfimprove.runtime import check_resources
 from selfimprove.train.data import Example, collate, padding_id, read_rows, tokenize
 from selfimprove.train.loss_names import needs_reference, needs_rejected
 from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
@@ -88,6 +89,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
 
     tc, out = cfg.train, Path(out).resolve()
     check(cfg)
+    check_resources(cfg, rollout=False)
     # A folder that is not ours is refused now, not after the training that would replace it.
     check_replaceable(out)
     model_path = resolve_model(cfg.model)
