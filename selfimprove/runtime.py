@@ -34,14 +34,12 @@ def init_ray() -> None:
     env = {k: os.environ[k] for k in ("VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM", "SELFIMPROVE_HOME",
                                       "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ and k not in job_env}
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if not address:
-        kwargs.update(include_dashboard=False, num_cpus=os.cpu_count())
-        bind_to_loopback()
     # Ray's core worker replaces the process's SIGTERM handler with one that aborts (exit -6, no clean-up):
     # the handler this process had (the CLI's: stop as Ctrl-C does) is put back.
     on_term = signal.getsignal(signal.SIGTERM)
     if not address:
-        ray.init(**kwargs)
+        bind_to_loopback()
+        ray.init(**kwargs, include_dashboard=False, num_cpus=os.cpu_count())
     else:  # joining starts no process here, so none inherits the held stderr
         with _stderr_held() as held:
             try:
