@@ -163,6 +163,8 @@ class TrainConfig:
                                    lambda v: None if v else "must name at least one module")
     report_every: int = knob(10, "optimizer steps between metric reports (a report costs ~2 s)", positive)
     checkpoint_every: int = knob(50, "optimizer steps between resumable checkpoints (0 = none)", non_negative)
+    worker_restarts: int = knob(1, "times the workers start again from the last checkpoint after one of them (or its "
+                                "node) is lost, or could not be started, before training fails", non_negative)
     storage_path: str | None = knob(None, "where Ray Train keeps checkpoints (none: beside the output; multi-node: a shared path or s3:// URI)",
                                     path=True)
     seed: int = knob(0, "seed of the pair order, LoRA initialisation and dropout")

@@ -30,6 +30,12 @@ def kill_when(proc: subprocess.Popen, log: Path, ready, what: str, timeout: floa
     proc.wait()
 
 
+def named(prefix: str, root: int | None = None) -> list[psutil.Process]:
+    """Descendants of the process `root` (default: this one) whose command line starts with `prefix`; Ray names
+    its workers by what they run (`ray::RayTrainWorker...`, `ray::MapWorker(...)`)."""
+    return [p for p in alive(psutil.Process(root).children(recursive=True)) if " ".join(p.cmdline()).startswith(prefix)]
+
+
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     """Those of `processes` still running whose command line can be read."""
     out = []

@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 import yaml
-from processes import alive, start
+from processes import alive, named, start
 
 
 @pytest.mark.engine
@@ -46,6 +46,9 @@ def test_sigterm_during_training_then_resume(tmp_path, tiny_config, bundled_mode
     for stage in ("iter_0/eval", "iter_1/rollout", "iter_1/pairs", "iter_1/train", "iter_1/eval"):
         assert (run_dir / stage / "_SUCCESS").is_file(), stage
     assert (run_dir / "iter_1" / "train" / "model" / "config.json").is_file()
+    # The steps before the checkpoint are in the model's step log too: the checkpoint carried them.
+    steps = json.loads((run_dir / "iter_1" / "train" / "model" / "train_metrics.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
     assert all(r["problems"] == 6 and 0 <= r["pass@1"] <= 1 for r in rows)
@@ -60,13 +63,8 @@ def test_sigterm_while_an_engine_runs(tmp_path, tiny_config, bundled_model):
     """SIGTERM once the first stage's vLLM engine runs: stopped as during training, the engine processes too."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = start(tiny_config, run_dir, log)
-    interrupt_when(proc, log, run_dir, lambda: processes_named(proc, "VLLM::EngineCore"), "VLLM::EngineCore")
+    interrupt_when(proc, log, run_dir, lambda: named("VLLM::EngineCore", proc.pid), "VLLM::EngineCore")
     assert not (run_dir / "iter_0" / "eval" / "_SUCCESS").exists()
-
-
-def processes_named(proc, prefix: str) -> list[psutil.Process]:
-    """Descendants of `proc` whose command line starts with `prefix`."""
-    return [p for p in alive(psutil.Process(proc.pid).children(recursive=True)) if " ".join(p.cmdline()).startswith(prefix)]
 
 
 def interrupt_when(proc, log, run_dir, ready, stopping: str = "ray::RayTrainWorker") -> None:
@@ -79,7 +77,7 @@ def interrupt_when(proc, log, run_dir, ready, stopping: str = "ray::RayTrainWork
         assert time.time() < deadline, "the run never got there"
         time.sleep(0.5)
     family = psutil.Process(proc.pid).children(recursive=True)
-    assert processes_named(proc, stopping), f"no {stopping} process to stop"
+    assert named(stopping, proc.pid), f"no {stopping} process to stop"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     assert "selfimprove: interrupted; rerun the same command to resume" in log.read_text()

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from selfimprove.config import Config, ProcessConfig
 from selfimprove.errors import UserError
-from selfimprove.io import claim_folder, read_table, remove_ours, stage_output
+from selfimprove.io import read_table, stage_output
 from selfimprove.reward.mc_prm import OUTCOME, scorable_samples, write_stage
 from selfimprove.rollout.generator import SKIPPED
 
@@ -186,14 +186,19 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
     """Train a PRM on `backbone` from the MC-scored `iterations` folders; write the model folder `out`. Returns the
     summary. Checkpoints go where the policy trainer's go (`selfimprove.train.trainer.train`)."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from transformers import AutoConfig, AutoTokenizer
 
     from selfimprove.config import to_dict
     from selfimprove.runtime import init_ray
     from selfimprove.train.data import padding_id
-    from selfimprove.train.trainer import fingerprint, fit, whole_steps, worker_resources
+    from selfimprove.train.trainer import (
+        checkpoint_storage,
+        fingerprint,
+        launch,
+        release_storage,
+        whole_steps,
+        worker_resources,
+    )
 
     pc, tc, out = cfg.process, cfg.train, Path(out).resolve()
     context = getattr(AutoConfig.from_pretrained(backbone), "max_position_embeddings", None)
@@ -217,27 +222,20 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
     use_gpu, cores, resources = worker_resources(tc)
     settings = {k: v for k, v in to_dict(pc).items() if k.startswith("prm_")} | {"seed": tc.seed, "precision": tc.precision}
     run = "prm-" + fingerprint(backbone, settings, examples)
-    storage = tc.storage_path or str(claim_folder(checkpoints or out.with_name(out.name + ".ray")))
+    storage = checkpoint_storage(tc, out, checkpoints)
     worker_config = {
         "process": pc, "seed": tc.seed, "precision": tc.precision, "backbone": backbone,
         "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
         "pad_id": padding_id(tokenizer),
         "tokenizer_hash": tokenizer_hash(tokenizer), "counts": counts | {"unused": counts["examples"] - len(examples)},
     }
-    trainer = TorchTrainer(
-        prm_worker,
-        train_loop_config=worker_config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    checkpoint = fit(trainer).checkpoint
+    checkpoint = launch(prm_worker, worker_config, tc, use_gpu, resources, run, storage).checkpoint
     with stage_output(out) as scratch:
         if checkpoint is None:
             raise UserError("PRM training ended without a saved model")
         checkpoint.to_directory(str(scratch))
         summary = json.loads((scratch / PRM_FILE).read_text())["summary"]
-    if tc.storage_path is None:  # our own scratch space
-        remove_ours(Path(storage))
+    release_storage(tc, storage)
     return summary
 
 

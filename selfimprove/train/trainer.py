@@ -106,26 +106,18 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
     examples = whole_steps(examples, tc.batch_size, tc.seed)
 
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from selfimprove.runtime import init_ray
 
     init_ray()
     use_gpu, cores, resources = worker_resources(tc)
     run = "train-" + fingerprint(model_path, to_dict(tc), examples)
-    storage = tc.storage_path or str(claim_folder(checkpoints or out.with_name(out.name + ".ray")))
+    storage = checkpoint_storage(tc, out, checkpoints)
     worker_config = {
         "train": tc, "model": model_path, "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
         "pad_id": padding_id(tokenizer),
         "counts": vars(counts) | {"unused": counts.examples - len(examples)},
     }
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=worker_config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
 
     def explain(cause: BaseException) -> str | None:
         if not isinstance(cause, NonFiniteLoss):
@@ -135,7 +127,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
                  f"no checkpoint was saved before it (train.checkpoint_every={tc.checkpoint_every})")
         return f"{cause}: training stopped; {where}"
 
-    checkpoint = fit(trainer, explain).checkpoint
+    checkpoint = launch(train_worker, worker_config, tc, use_gpu, resources, run, storage, explain).checkpoint
     with stage_output(out) as scratch:
         if checkpoint is None:
             raise UserError("training ended without a saved model")
@@ -143,8 +135,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
         if not (scratch / METRICS_FILE).is_file():
             raise UserError(f"training ended without a saved model ({checkpoint.path} is not one)")
         summary = json.loads((scratch / METRICS_FILE).read_text())["summary"]
-    if tc.storage_path is None:  # our own scratch space; a user's storage is theirs to clean
-        remove_ours(Path(storage))
+    release_storage(tc, storage)
     return summary
 
 
@@ -157,6 +148,40 @@ def worker_resources(tc: TrainConfig) -> tuple[bool, int, dict]:
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cores = tc.cpus_per_worker or (1 if use_gpu else max(node_cpus() // tc.num_workers, 1))
     return use_gpu, cores, {"CPU": cores, **({"GPU": 1} if use_gpu else {})}
+
+
+def checkpoint_storage(tc: TrainConfig, out: Path, checkpoints: Path | None) -> str:
+    """Where Ray Train keeps a training's checkpoints: `train.storage_path`, else `checkpoints`, else `<out>.ray`."""
+    return tc.storage_path or str(claim_folder(checkpoints or out.with_name(out.name + ".ray")))
+
+
+def release_storage(tc: TrainConfig, storage: str) -> None:
+    """Remove the checkpoints once the model is saved, if they are in our own scratch space: a user's
+    `train.storage_path` is theirs to clean."""
+    if tc.storage_path is None:
+        remove_ours(Path(storage))
+
+
+def launch(worker, worker_config: dict, tc: TrainConfig, use_gpu: bool, resources: dict, run: str, storage: str,
+           explain=None):
+    """Run `worker(worker_config)` on `tc.num_workers` Ray Train workers; return Ray Train's result.
+
+    Checkpoints go to `storage/run`, the newest kept. A worker group that fails (a worker's process, or its node,
+    lost) starts again from that checkpoint, at most `train.worker_restarts` times, and so does one that could not
+    be started (Ray Train would retry that without end); then the failure is one line (`fit`).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=worker_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=tc.worker_restarts,
+                                                          controller_failure_limit=tc.worker_restarts)),
+    )
+    return fit(trainer, explain)
 
 
 def fit(trainer, explain=None):
@@ -301,6 +326,7 @@ def train_worker(config: dict) -> None:
     total_steps = min(tc.max_steps or math.inf, micro_per_epoch // accumulation * tc.epochs)
     step, epoch, start_micro, references, reference_seconds = 0, 0, 0, None, 0.0
     checkpoint_step = 0  # the step of the newest checkpoint: a NaN names it
+    history = []  # every optimizer step's metrics, for train_metrics.json; checkpoints carry it
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -309,7 +335,7 @@ def train_worker(config: dict) -> None:
                 return  # a previous attempt finished and saved the model: nothing left to do
             _, state = engine.load_checkpoint(folder, tag="ds", load_module_strict=not tc.lora)
             references = torch.load(Path(folder) / f"reference-{rank}.pt")
-        step, epoch, start_micro = state["step"], state["epoch"], state["micro"]
+        step, epoch, start_micro, history = state["step"], state["epoch"], state["micro"], state.get("history", [])
         checkpoint_step = step
         if rank == 0:
             worker_print(f"resuming from the checkpoint of step {step}")
@@ -322,7 +348,7 @@ def train_worker(config: dict) -> None:
 
     loss_fn, hyper = LOSSES[tc.loss], loss_kwargs(tc)
     use_rejected = needs_rejected(tc.loss) and shard[0].rejected is not None
-    history, window, report = [], _Window(), _Window()  # this optimizer step's micro-steps; since the last report
+    window, report = _Window(), _Window()  # this optimizer step's micro-steps; since the last report
     train_seconds, train_tokens = 0.0, 0.0
     engine.train()
     while epoch < tc.epochs and step < total_steps:
@@ -366,8 +392,8 @@ def train_worker(config: dict) -> None:
                     _print_row(row, total_steps, use_rejected)
                 report = _Window()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, references, rank, {"step": step, "epoch": epoch, "micro": m + 1},
-                                 history[-1])
+                _save_checkpoint(engine, references, rank,
+                                 {"step": step, "epoch": epoch, "micro": m + 1, "history": history}, history[-1])
                 checkpoint_step = step
             if step >= total_steps:
                 break

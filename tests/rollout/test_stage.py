@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+from processes import named
 
 from selfimprove.config import RolloutConfig, TaskConfig
 from selfimprove.errors import UserError
@@ -92,7 +93,8 @@ def test_two_actors_one_killed_give_the_same_rows(one_actor, ray_local, bundled_
     def kill_one_actor_mid_stage():
         deadline = time.monotonic() + 600
         while not killed and time.monotonic() < deadline:
-            if list((tmp_path / "samples.partial").glob("*.parquet")) and (actors := engine_actors()):
+            actors = named("ray::MapWorker(MapBatches(VLLMGenerator))")
+            if list((tmp_path / "samples.partial").glob("*.parquet")) and actors:
                 actors[0].kill()
                 killed.append(actors[0].pid)
             time.sleep(0.1)
@@ -107,20 +109,6 @@ def test_two_actors_one_killed_give_the_same_rows(one_actor, ray_local, bundled_
     keys = ("pass", "problem_id", "sample_index", "n", "temperature", "seed", "prompt_text", "prompt_tokens", "status")
     assert [tuple(r[k] for k in keys) for r in mine] == [tuple(r[k] for k in keys) for r in before]
     assert len(mine) == len(problems) * (1 + N)
-
-
-def engine_actors() -> list:
-    """The pool's actor processes (Ray names them by their class): descendants of this test's local Ray."""
-    import psutil
-
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if " ".join(p.cmdline()).startswith("ray::MapWorker(MapBatches(VLLMGenerator))"):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 @pytest.mark.engine

@@ -7,6 +7,7 @@ The `engine` tests train the bundled SmolLM2-135M-Instruct with Ray Train + Deep
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -214,13 +215,75 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(extensions
                                                                          tmp_path):
     """lr = 1e30: after step 1 the LoRA weights overflow bf16, so step 2's loss is not finite."""
     data = write_pairs(tmp_path / "pairs.parquet", [GOOD] * 8)
-    tc = TrainConfig(**(ACCEPTANCE | dict(lr=1e30, checkpoint_every=1, report_every=100)))
+    # No restart: a NaN comes again from the same checkpoint, and restarts are another test's subject.
+    tc = TrainConfig(**(ACCEPTANCE | dict(lr=1e30, checkpoint_every=1, report_every=100, worker_restarts=0)))
     with pytest.raises(UserError, match=r"loss is (nan|inf|-inf) at step 2: training stopped; the last good "
                                         r"checkpoint \(step 1\) is kept in .*model.ray/train-\w+/step-000001"):
         train(Config(model=bundled_model, train=tc), data, tmp_path / "model")
     assert not (tmp_path / "model").exists()
     kept = list((tmp_path / "model.ray").glob("train-*/step-000001"))
     assert len(kept) == 1 and (kept[0] / "latest").is_file() and (kept[0] / "reference-1.pt").is_file()
+
+
+@pytest.mark.engine
+@pytest.mark.faults
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(extensions_dir, ray_local, bundled_model, tmp_path,
+                                                                     capfd):
+    """SIGKILL one of the two Ray Train workers once a checkpoint is persisted: Ray Train starts the workers again
+    from it (train.worker_restarts), the steps before it are not redone, and the model is saved whole."""
+    import threading
+    import time
+
+    from processes import named
+
+    data = write_pairs(tmp_path / "pairs.parquet", [GOOD] * 8)
+    tc = TrainConfig(**(ACCEPTANCE | dict(checkpoint_every=1, report_every=100)))
+    killed = []
+
+    def kill_one_worker_after_a_checkpoint():
+        deadline = time.monotonic() + 600
+        while not killed and time.monotonic() < deadline:
+            # Ray Train keeps one checkpoint: once step 2's folder appears, step 1's is registered and complete.
+            if list((tmp_path / "model.ray").glob("train-*/step-00000[2-5]")):
+                if workers := named("ray::RayTrainWorker"):
+                    workers[-1].kill()
+                    killed.append(workers[-1].pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_worker_after_a_checkpoint, daemon=True)
+    killer.start()
+    summary = train(Config(model=bundled_model, train=tc), data, tmp_path / "model")
+    killer.join()
+    assert killed, "no worker was killed: training ended before its second checkpoint"
+    out = capfd.readouterr().out
+    assert re.search(r"resuming from the checkpoint of step [1-5]\b", out), out[-3000:]
+    assert summary["steps"] == 6 and is_done(tmp_path / "model")
+    assert len(json.loads((tmp_path / "model" / "train_metrics.json").read_text())["steps"]) == 6
+
+
+@pytest.mark.faults
+def test_workers_that_cannot_be_placed_fail_in_one_line_after_the_restarts(tmp_path):
+    """Ray Train retries a worker group it cannot start without end by default; `launch` bounds it by
+    train.worker_restarts. (Ray Train's own start timeout, 60 s, is cut to 3 s here, in a process of its own.)"""
+    script = textwrap.dedent(f"""
+        import os
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
+        from selfimprove.config import TrainConfig
+        from selfimprove.errors import UserError
+        from selfimprove.runtime import init_ray
+        from selfimprove.train.trainer import launch
+
+        init_ray()
+        try:
+            launch(print, {{}}, TrainConfig(num_workers=1, worker_restarts=1), False, {{"CPU": 64}}, "unplaceable",
+                   {str(tmp_path)!r})
+        except UserError as e:
+            print("refused:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "refused: training failed: WorkerGroupStartupTimeoutError: The worker group startup timed out" in done.stdout, (
+        done.stdout[-2000:] + done.stderr[-2000:])
+    assert done.stderr.count("[FailurePolicy] RETRY") == 1
 
 
 def test_progress_line_shows_rewards_only_for_preference_losses(capsys):
