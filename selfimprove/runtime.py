@@ -39,7 +39,11 @@ def init_ray() -> None:
     on_term = signal.getsignal(signal.SIGTERM)
     if not address:
         bind_to_loopback()
-        ray.init(**kwargs, include_dashboard=False, num_cpus=os.cpu_count())
+        try:
+            ray.init(**kwargs, include_dashboard=False, num_cpus=os.cpu_count())
+        except Exception as e:  # e.g. its GCS or raylet not up within Ray's minute on an overloaded machine
+            raise UserError(f"could not start Ray on this machine: {type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
     else:  # joining starts no process here, so none inherits the held stderr
         with _stderr_held() as held:
             try:
