@@ -108,8 +108,6 @@ class RolloutConfig:
                               "scheduled and started before it fails", positive)
     actor_restarts: int = knob(2, "times a dead engine actor is restarted, and its batch retried, before the "
                                "rollout fails", non_negative)
-    stall_timeout: int = knob(1800, "seconds a rollout may go with no batch finishing before it fails (e.g. an engine "
-                              "lost with its node, whose restart has no room on the nodes left)", positive)
     enable_prefix_caching: bool = knob(True, "reuse KV cache of shared prompt prefixes")
     temperature_schedule: list[float] = knob([], "training rollouts: temperature of iteration 1, 2, ... (empty = temperature)",
                                              lambda v: None if all(t >= 0 for t in v) else "must be temperatures >= 0")

@@ -31,6 +31,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import TINY_RUN
+
 from selfimprove.io import read_table
 from selfimprove.models import home
 
@@ -43,7 +45,7 @@ RUN = ("rollout.num_actors=2", "rollout.cpus_per_actor=1", "train.num_workers=2"
 ENGINE = ("MapWorker", "VLLMGenerator")  # Ray Data's actor-pool actors: MapWorker(MapBatches(VLLMGenerator))
 TRAIN_WORKER = "RayTrainWorker"
 LOST_NODE_BOUND = 15 * 60  # seconds a run may take to end once the worker node is gone
-STALL = 300  # rollout.stall_timeout of the run that loses a node
+START = 300  # rollout.start_timeout of the run that loses a node: an engine pool that cannot start fails after it
 # `ray start` with ray.scripts.scripts' own view of ray_constants saying clusters are enabled: its check for a
 # worker node passes, while Ray's address resolution (ray._private.services) still sees them disabled.
 WORKER_START = """import sys, types
@@ -84,49 +86,68 @@ class Cluster:
         self.folders: dict[str, Path] = {}
         self.logs = []
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Start the head, then the worker node. On a loaded machine a node's `ray start` can give up: Ray gives a
+        raylet, and the head's client server, 30 s to register (fixed in its code); a head that gives up ends the
+        cluster, even after it answered. Then both nodes are stopped and started again, in fresh temp dirs."""
+        for attempt in range(attempts):
+            if self._try_start(attempt):
+                return
+            print(f"\nthe cluster did not come up (attempt {attempt + 1}):\n" +
+                  "\n".join(f"{n}: {self.log(n, 1500)}" for n in self.nodes))
+            for name in ("worker", "head"):
+                self.stop(name)
+            self.nodes.clear()
+        pytest.fail(f"the cluster did not come up in {attempts} attempts")
+
+    def _try_start(self, attempt: int) -> bool:
         self.gcs, self.dashboard_port, head_agent, client, worker_agent = free_ports(5)
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.address = f"127.0.0.1:{self.gcs}"
-        self._start("head", [str(BIN / "ray")], self._dashboard_up,
-                    "--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={head_agent}",
-                    f"--ray-client-server-port={client}")
-        self._start("worker", [sys.executable, "-c", WORKER_START], lambda: len(self.alive_nodes()) == 2,
-                    f"--address={self.address}", f"--dashboard-agent-listen-port={worker_agent}")
+        if not self._start("head", attempt, [str(BIN / "ray")], self._dashboard_up,
+                           "--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={head_agent}",
+                           f"--ray-client-server-port={client}"):
+            return False
+        if not self._start("worker", attempt, [sys.executable, "-c", WORKER_START],
+                           lambda: len(self.alive_nodes()) == 2,
+                           f"--address={self.address}", f"--dashboard-agent-listen-port={worker_agent}"):
+            return False
+        time.sleep(40)  # past the 30 s in which a node's processes may still give up
+        if any(p.poll() is not None for p in self.nodes.values()) or len(self.alive_nodes()) != 2:
+            return False
         nodes = self.alive_nodes()
         self.head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
         self.worker_id = next(n["node_id"] for n in nodes if not n["is_head_node"])
+        return True
 
-    def _start(self, name: str, ray: list[str], ready, *args: str, attempts: int = 3, timeout: float = 600) -> None:
-        """Start the node and wait for `ready()`. Ray gives a raylet, and the head's client server, 30 s to
-        register (fixed in its code), too little on a loaded machine: a node whose `ray start` gave up before it
-        was ready is started again, in a fresh temp dir."""
-        for attempt in range(attempts):
-            folder = self.folders[name] = Path(self.root) / f"{name[0]}{attempt}"
-            folder.mkdir()
-            log = open(Path(self.root) / f"{folder.name}.log", "w")
-            self.logs.append(log)
-            self.nodes[name] = proc = subprocess.Popen(
-                [*ray, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                 "--num-gpus=0", "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats",
-                 f"--temp-dir={folder}", *args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.time() + timeout
-            while proc.poll() is None and "timed out during startup" not in self.log(name):  # it can hang after
-                assert time.time() < deadline, f"the {name} node did not come up in {timeout} s:\n{self.log(name)}"
-                try:
-                    if ready():
-                        return
-                except OSError:
-                    pass
-                time.sleep(1)
-            print(f"\nthe {name} node's `ray start` gave up (attempt {attempt + 1}):\n{self.log(name)[-1500:]}")
-            self.stop(name)
-        pytest.fail(f"the {name} node's `ray start` gave up {attempts} times:\n{self.log(name)}")
+    def _start(self, name: str, attempt: int, ray: list[str], ready, *args: str, timeout: float = 600) -> bool:
+        """Start the node; whether `ready()` came true before it (or the head) gave up."""
+        folder = self.folders[name] = Path(self.root) / f"{name[0]}{attempt}"
+        folder.mkdir()
+        log = open(Path(self.root) / f"{folder.name}.log", "w")
+        self.logs.append(log)
+        self.nodes[name] = proc = subprocess.Popen(
+            [*ray, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--num-gpus=0", "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats",
+             f"--temp-dir={folder}", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while all(p.poll() is None for p in self.nodes.values()):
+            said = self.log(name, 10**6)
+            if "timed out during startup" in said or "exited unexpectedly" in said:  # it can hang after
+                return False
+            assert time.time() < deadline, f"the {name} node did not come up in {timeout} s:\n{said[-3000:]}"
+            try:  # the dashboard answers before the head's raylet has registered, or given up
+                if "Ray runtime started" in said and ready():
+                    return True
+            except OSError:
+                pass
+            time.sleep(1)
+        return False
 
-    def log(self, name: str) -> str:
-        return (Path(self.root) / f"{self.folders[name].name}.log").read_text()[-3000:]
+    def log(self, name: str, tail: int = 3000) -> str:
+        return (Path(self.root) / f"{self.folders[name].name}.log").read_text(errors="replace")[-tail:]
 
     def _dashboard_up(self) -> bool:
         self.get("/api/version")
@@ -252,7 +273,7 @@ def test_losing_the_worker_node_mid_rollout_is_bounded(cluster, tiny_config, tmp
     """Batches of one prompt, so that each engine has batches in flight and queued when the worker node goes:
     Ray Data writes a stage's Parquet only once every batch is generated, so a written file comes too late."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
-    proc = start_run(cluster, tiny_config, run_dir, log, "rollout.batch_size=1", f"rollout.stall_timeout={STALL}")
+    proc = start_run(cluster, tiny_config, run_dir, log, "rollout.batch_size=1", f"rollout.start_timeout={START}")
     try:
         deadline = time.time() + 1800
         while True:  # both engines built (an actor is ALIVE once its constructor returned): generating now
@@ -285,11 +306,20 @@ def test_losing_the_worker_node_mid_rollout_is_bounded(cluster, tiny_config, tmp
     print(f"the run ended with exit {proc.returncode}, {ended - stopped:.0f} s after the worker node was gone "
           f"({stopped - stopping:.0f} s to stop it)")
     done = [s for s in STAGES if (run_dir / s / "_SUCCESS").is_file()]
+    for stage in done:  # a finished engine stage holds each of its samples once (each pass: problems x n)
+        if (run_dir / stage / "samples").is_dir():
+            samples = read_table(run_dir / stage / "samples")
+            keys = set(zip(*(samples.column(c).to_pylist() for c in ("pass", "problem_id", "sample_index"))))
+            expected = sum(n for n in samples.group_by(["pass", "problem_id"]).aggregate([("n", "max")])
+                           .column("n_max").to_pylist())
+            problems = TINY_RUN["task"]["test_size" if stage.endswith("eval") else "train_size"]
+            per_pass = samples.group_by("pass").aggregate([("problem_id", "count_distinct")])
+            assert set(per_pass.column("problem_id_count_distinct").to_pylist()) == {problems}, stage
+            assert len(keys) == samples.num_rows == expected, stage
+            print(f"{stage}: {samples.num_rows} samples, each once")
     if proc.returncode == 0:
         assert done == list(STAGES), out[-4000:]
         samples = read_table(run_dir / "iter_1" / "rollout" / "samples")
-        from conftest import TINY_RUN
-
         assert samples.num_rows == TINY_RUN["task"]["train_size"] * TINY_RUN["rollout"]["n"]
         print("it finished on the head alone")
     else:
@@ -301,6 +331,4 @@ def test_losing_the_worker_node_mid_rollout_is_bounded(cluster, tiny_config, tmp
             assert not (run_dir / f"{stage}.partial").exists(), stage
         if (run_dir / "iter_1" / "rollout" / "_SUCCESS").is_file():
             samples = read_table(run_dir / "iter_1" / "rollout" / "samples")
-            from conftest import TINY_RUN
-
             assert samples.num_rows == TINY_RUN["task"]["train_size"] * TINY_RUN["rollout"]["n"]
