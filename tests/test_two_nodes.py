@@ -325,6 +325,7 @@ def test_losing_the_worker_node_mid_rollout_is_bounded(cluster, tiny_config, tmp
     else:
         errors = [line for line in out.splitlines() if line.startswith("selfimprove: error:")]
         assert len(errors) == 1, out[-4000:]
+        assert errors[0].rsplit(":", 1)[1].strip(), f"the error names no cause: {errors[0]}"
         print(errors[0])
         # Every stage marked done is whole: none is after the one that was running.
         for stage in done:
