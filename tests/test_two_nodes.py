@@ -10,8 +10,11 @@
    that lifts that one check (WORKER_START) and nothing else.
 2. A run with two engines and two Ray Train workers: the state API shows each kind on both nodes.
 3. A second run: the worker node is stopped while the first engine stage is mid-way. The run must then either
-   finish on the head alone, or stop in bounded time with one `selfimprove: error:` line and no stage marked
-   done that is not complete.
+   finish on the head alone, or stop in bounded time with one `selfimprove: error:` line naming the cause and
+   no stage marked done that is not complete. What happens (Ray 2.60): the lost engine actor is RESTARTING
+   with nowhere to go while the head's engine drains the queue; Ray Data then releases the head's engine, the
+   lost one is restarted on the head and its batch retried, and the stage finishes whole. The next engine
+   stage's pool of two cannot start on one CPU: it fails after rollout.start_timeout (300 s here), in one line.
 Teardown stops both nodes' process trees; nothing with the temp dir in its command line is left.
 """
 
