@@ -124,8 +124,11 @@ def _cpu_only() -> bool:
 
 
 def root_cause(e: BaseException) -> str:
-    """The innermost exception's first line: Ray wraps an actor's error several times."""
-    while getattr(e, "cause", None) is not None or e.__cause__ is not None:
-        e = getattr(e, "cause", None) or e.__cause__
+    """The innermost exception's last line: Ray wraps an actor's error several times. Not Ray Data's
+    `SystemException`: an empty marker it raises an internal error from (e.g. its actor pool's start timeout)."""
+    from ray.data.exceptions import SystemException
+
+    while (cause := getattr(e, "cause", None) or e.__cause__) is not None and not isinstance(cause, SystemException):
+        e = cause
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1] if text else ''}"[:300]
