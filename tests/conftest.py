@@ -6,19 +6,10 @@ import time
 import psutil
 import pytest
 import yaml
+from processes import TINY_RUN
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-TINY_RUN = {
-    "iterations": 1,
-    "task": {"train_size": 8, "test_size": 6},
-    "rollout": {"n": 4, "max_tokens": 64, "batch_size": 8, "max_model_len": 512, "cpu_kvcache_gib": 1},
-    "eval": {"k": 2},
-    "pairs": {"pairs_per_problem": 1, "include_gold": True},
-    "train": {"batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "report_every": 1, "checkpoint_every": 0},
-}
 
 
 @pytest.fixture

@@ -9,6 +9,16 @@ from pathlib import Path
 
 import psutil
 
+# A real run of every stage, sized to take minutes (one iteration, 8 problems, 2 steps); `tiny_config` writes it.
+TINY_RUN = {
+    "iterations": 1,
+    "task": {"train_size": 8, "test_size": 6},
+    "rollout": {"n": 4, "max_tokens": 64, "batch_size": 8, "max_model_len": 512, "cpu_kvcache_gib": 1},
+    "eval": {"k": 2},
+    "pairs": {"pairs_per_problem": 1, "include_gold": True},
+    "train": {"batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "report_every": 1, "checkpoint_every": 0},
+}
+
 
 def start(config, run_dir, log, *overrides) -> subprocess.Popen:
     """`selfimprove run` in its own process group, its output into the file `log` (a pipe could be held open

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from processes import kill_when, start
+from processes import TINY_RUN, kill_when, start
 
 from selfimprove.io import read_table
 
@@ -31,7 +31,6 @@ STAGES = ["iter_0/eval", "iter_1/rollout", "iter_1/process", "iter_1/pairs", "it
 def uninterrupted(tmp_path_factory, bundled_model):
     """The run dir of the tiny run, run once without a fault."""
     import yaml
-    from conftest import TINY_RUN
 
     tmp = tmp_path_factory.mktemp("uninterrupted")
     config = tmp / "tiny.yaml"

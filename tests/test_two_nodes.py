@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY_RUN
+from processes import TINY_RUN
 
 from selfimprove.io import read_table
 from selfimprove.models import home
