@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import TINY_RUN
+from processes import TINY_RUN, free_ports
 
 from selfimprove.io import read_table
 from selfimprove.models import home
@@ -58,18 +58,6 @@ constants.ENABLE_RAY_CLUSTER = True
 scripts.ray_constants = constants
 sys.exit(scripts.main())
 """
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Cluster:
