@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 
-from selfimprove.errors import UserError
+from selfimprove.errors import UserError, first_line
 
 CONNECT_SECONDS = 10
 
@@ -43,7 +43,7 @@ def init_ray() -> None:
             ray.init(**kwargs, include_dashboard=False, num_cpus=os.cpu_count())
         except Exception as e:  # e.g. its GCS or raylet not up within Ray's minute on an overloaded machine
             raise UserError(f"could not start Ray on this machine: {type(e).__name__}: "
-                            f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
+                            f"{first_line(e, 300)}") from None
     else:  # joining starts no process here, so none inherits the held stderr
         with _stderr_held() as held:
             try:
@@ -52,7 +52,7 @@ def init_ray() -> None:
                 said = held.drop()
                 why = ("the cluster refused this process's authentication token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
                        "or ~/.ray/auth_token)" if "Unauthenticated" in said or "InvalidAuthToken" in said
-                       else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+                       else f"{type(e).__name__}: {first_line(e)}")
                 raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {why}") from None
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, on_term)

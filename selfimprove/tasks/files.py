@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selfimprove.errors import UserError
+from selfimprove.errors import UserError, first_line
 
 _SUFFIXES = (".jsonl", ".json", ".parquet")  # what a path (not a hub name) ends with
 
@@ -105,7 +105,7 @@ def _read_parquet(file: Path) -> list[tuple[str, dict]]:
     try:
         rows = pq.read_table(file).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{file}: not a readable Parquet file ({_first_line(e)})") from None
+        raise UserError(f"{file}: not a readable Parquet file ({first_line(e, None)})") from None
     return [(f"{file}:{n}", row) for n, row in enumerate(rows, 1)]
 
 
@@ -146,10 +146,6 @@ def _read_hub(name: str, config: str | None, split: str) -> list[tuple[str, dict
     except Exception as e:  # offline, unknown name, config or split: the same fix for the user
         raise UserError(
             f"could not load '{name}' (split '{split}') from the Hugging Face hub, and it is not a local path "
-            f"({type(e).__name__}: {_first_line(e)}); pass a local JSONL/Parquet file or folder as task.data"
+            f"({type(e).__name__}: {first_line(e, None)}); pass a local JSONL/Parquet file or folder as task.data"
         ) from None
     return [(f"{name}:{n}", dict(row)) for n, row in enumerate(rows, 1)]
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0]

@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selfimprove.errors import UserError
+from selfimprove.errors import UserError, first_line
 
 KINDS = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response")}
 TRUNCATIONS = ("response", "prompt", "drop")
@@ -80,7 +80,7 @@ def read_rows(path: str | Path) -> tuple[str, pa.Table]:
         try:
             tables.append(pq.read_table(f))
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{f}: not readable Parquet ({(str(e).strip().splitlines() or [''])[0][:200]})") from None
+            raise UserError(f"{f}: not readable Parquet ({first_line(e)})") from None
     try:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as e:
