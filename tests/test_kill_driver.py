@@ -22,8 +22,9 @@ from selfimprove.io import read_table
 pytestmark = [pytest.mark.engine, pytest.mark.faults]
 
 # Process pairs scored by Monte Carlo; a checkpoint after every training step, so that a kill can come after one.
+# The tiny run's few pairs fill one step of train.batch_size=2 per epoch: epochs give training its 3 steps.
 SIPF = ("pairs.source=process", "process.k=2", "process.max_steps=3", "process.max_tokens=48", "process.eta=0.0",
-        "train.checkpoint_every=1", "train.max_steps=3")
+        "train.checkpoint_every=1", "train.epochs=3", "train.max_steps=3")
 STAGES = ["iter_0/eval", "iter_1/rollout", "iter_1/process", "iter_1/pairs", "iter_1/train", "iter_1/eval"]
 
 
