@@ -12,6 +12,7 @@ one stage per run, each time a stage later than the last; then rerun to the end.
 
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -60,6 +61,11 @@ def started(run_dir: Path, stage: str, log: Path):
     return lambda: (run_dir / f"{stage}.partial").is_dir()
 
 
+# A run whose pairs stage waits a minute (tests/slow_pairs/sitecustomize.py): too short to catch otherwise.
+SLOW_PAIRS = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "slow_pairs"),
+                                                          os.environ.get("PYTHONPATH")]))}
+
+
 def busy(run_dir: Path, stage: str, log: Path, seconds: float = 20):
     """True once the stage has run for `seconds` (a stage that writes its output only at its end)."""
     first = []
@@ -79,7 +85,8 @@ def run_with_kills(tmp_path, tiny_config, kills) -> Path:
     run_dir, untouched = tmp_path / "run", {}
     for i, (stage, when) in enumerate(kills):
         log = tmp_path / f"run{i}.log"
-        kill_when(start(tiny_config, run_dir, log, *SIPF), log, when(run_dir, stage, log), f"{stage} mid-way")
+        env = SLOW_PAIRS if stage.endswith("/pairs") else None
+        kill_when(start(tiny_config, run_dir, log, *SIPF, env=env), log, when(run_dir, stage, log), f"{stage} mid-way")
         assert not (run_dir / stage / "_SUCCESS").exists(), f"the kill came after {stage} had finished"
         untouched |= finished_files(run_dir)
     log = tmp_path / "last.log"
