@@ -14,8 +14,6 @@ from pathlib import Path
 
 from selfimprove.errors import UserError
 
-STAGE_KINDS = ("rollout", "process", "prm", "pairs", "train", "eval")
-
 
 def main(argv: list[str] | None = None) -> int:
     # vLLM and Ray log every start-up step at INFO; users see our progress bars instead.
@@ -61,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) the self-improvement loop a config describes")
     r.add_argument("config", help="YAML config, e.g. configs/local.yaml")
     r.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run_dir=/tmp/r1 rollout.n=4")
-    r.add_argument("--redo", action="append", default=[], choices=STAGE_KINDS, metavar="STAGE",
-                   help=f"run finished stages of this kind again, and those that read them ({', '.join(STAGE_KINDS)}; "
-                        "repeatable)")
+    r.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                   help="run finished stages of this kind again, and those that read them (a stage of the run's "
+                        "recipe: rollout, process, prm, pairs, train, eval; repeatable)")
     r.set_defaults(func=_run)
 
     e = sub.add_parser("eval", help="greedy pass@1 and maj@k of a model on a task's held-out split")

@@ -210,8 +210,13 @@ class ProcessConfig:
                             "neither trained on nor scored", lambda v: None if v >= 2 else "must be >= 2")
 
 
+RECIPE_NAMES = ("irpo", "star", "dpo", "sipf")  # selfimprove/recipes/<name>.py
+
+
 @dataclass
 class Config:
+    recipe: str | None = knob(None, "irpo, star, dpo or sipf: the stages a run makes, and defaults for the knobs it "
+                              "needs (none: the recipe train.loss and pairs.source describe)", optional(one_of(*RECIPE_NAMES)))
     model: str = knob("smollm2-135m-instruct", "policy model: bundled name, HF id, local folder or .gguf file")
     run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics", path=True)
     iterations: int = knob(2, "self-improvement iterations (each: rollout, pairs, train, evaluate)", positive)
@@ -236,6 +241,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
+    if raw.get("recipe") in RECIPE_NAMES:  # the recipe's knob values, under the ones the config sets
+        from selfimprove.recipes import recipe
+
+        raw = _overlay(recipe(raw["recipe"]).DEFAULTS, raw)
     cfg = _build(Config, raw, "", where)
     check(cfg, where)
     return cfg
@@ -243,7 +252,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def check(cfg: Config, where: str = "config") -> None:
     """Refuse a combination of knobs that each pass their own check (a config built in code skips `load_config`)."""
-    problem = _cross_check(cfg)
+    from selfimprove.recipes import name_of, recipe
+
+    problem = _cross_check(cfg) or recipe(name_of(cfg)).check(cfg)
     if problem:
         raise UserError(f"{where}: {problem}")
 

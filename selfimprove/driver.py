@@ -1,19 +1,16 @@
-"""The iteration loop: rollout -> (process ->) pairs -> train -> evaluate -> promote, T times.
+"""A run: the stages its recipe plans (`selfimprove/recipes`), run in order into one run dir, resumable.
 
-1. Iteration 0 only evaluates the starting model. Iteration t >= 1 samples from model t-1,
-   which is also its DPO reference, as Iterative RPO does; its trained model is model t.
+1. The recipe's plan is built before anything is written: every check a config can fail (the task, the
+   models, the knobs, `--redo` names) fails then, before the run dir is claimed or Ray starts.
 2. Every stage writes `run_dir/iter_<t>/<stage>/` through `io.stage_output`, so a folder is
    complete (with `_SUCCESS`) or absent. The driver skips a finished stage: a killed run
    resumes where it stopped and never redoes a finished rollout.
-3. The run's resolved config is saved as `run_dir/config.yaml`; rerunning into the same
+3. The run's config is saved as `run_dir/config.yaml`; rerunning into the same
    folder with a different config is refused, since finished stages would not match it, except
    for `iterations`: a finished run given more iterations goes on from where it ended. A run holds a
    lock on its run dir while it lives, so a second run in the same folder is refused; a folder that is
    neither empty nor a run is never written into.
-4. With `process.scorer=trained`, iterations up to `process.prm_mc_iterations` score steps by
-   Monte Carlo; the last of them then trains a PRM on all their step values (stage `prm`), and
-   every later iteration's process stage scores with that PRM.
-5. `metrics.jsonl` is rewritten from the finished eval stages after each iteration: it is
+4. `metrics.jsonl` is rewritten from the finished eval stages after each iteration: it is
    derived data, never the only copy of a figure.
 """
 
@@ -22,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import json
 import os
 import socket
@@ -30,15 +26,15 @@ import time
 from pathlib import Path
 from typing import IO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import MARKER, digest, is_done, is_ours, read_table, stage_output, success_record, write_atomic
+from selfimprove.io import MARKER, digest, is_done, is_ours, stage_output, success_record, write_atomic
 from selfimprove.precision import Choice, announce, resolve
-from selfimprove.progress import ITERATION_STAGES, RunProgress
+from selfimprove.progress import RunProgress
+from selfimprove.recipes import name_of, recipe
+from selfimprove.recipes.stages import Model, Run
 from selfimprove.runtime import check_resources
 
 DTYPE_FILE = "dtype.json"
@@ -47,15 +43,40 @@ LOCK = ".lock"
 
 
 def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
-    """Run (or resume) `cfg.iterations` iterations into `cfg.run_dir`; return the metrics rows.
+    """Run (or resume) the stages `cfg`'s recipe plans into `cfg.run_dir`; return the metrics rows.
 
     `redo` names stage kinds (e.g. "train") to run again although finished; the stages that read them follow.
     """
+    run_dir = Path(cfg.run_dir)
+    # Everything a user can get wrong fails here, before the run dir is claimed or Ray starts.
+    plan = recipe(name_of(cfg)).plan(_prepare(cfg))
+    unknown = sorted(set(redo) - {s.kind for s in plan})
+    if unknown:
+        raise UserError(f"--redo {', '.join(unknown)}: recipe {name_of(cfg)} has no such stage (its stages: "
+                        f"{', '.join(dict.fromkeys(s.kind for s in plan))})")
+    check_resources(cfg)
+
+    with claim_run_dir(run_dir, cfg):
+        announce({s.dtype.key: s.dtype for s in plan if s.dtype}.values())
+        from selfimprove.runtime import init_ray
+
+        init_ray()
+        progress = RunProgress(run_dir, cfg.iterations, [(s.iteration, s.kind) for s in plan])
+        done = Redo(frozenset(redo))
+        for s in plan:
+            _stage(s.folder, s.work, progress=progress, dtype=s.dtype, inputs=s.reads, redo=done)
+            if s.kind == "eval" and s.iteration:
+                write_metrics(run_dir)
+        return write_metrics(run_dir)
+
+
+def _prepare(cfg: Config) -> Run:
+    """What a plan is built from: the task and its problems, the starting models (checked), and the types
+    engines and trainers compute in on this machine. The saved config keeps `auto`, so that a run resumed on
+    another kind of machine computes in that machine's type."""
     from selfimprove.models import resolve_model
     from selfimprove.tasks import build_task
 
-    run_dir = Path(cfg.run_dir)
-    # Everything a user can get wrong fails here, before the run dir is claimed or Ray starts.
     task = build_task(cfg.task)
     train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
     policy = resolve_model(cfg.model)
@@ -70,65 +91,9 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
         from selfimprove.train.trainer import check_lora_targets
 
         check_lora_targets(policy, cfg.train.lora_targets)
-    # The saved config keeps `auto`, so a run resumed on another kind of machine computes in that machine's type.
-    saved, (cfg, (generate, train)) = cfg, resolve(cfg)
-    check_resources(cfg)
-
-    with claim_run_dir(run_dir, saved):
-        announce((generate, train))
-        from selfimprove.runtime import init_ray
-
-        init_ray()
-        progress = RunProgress(run_dir, cfg.iterations, lambda t: iteration_stages(cfg, t))
-        stage = functools.partial(_stage, progress=progress, redo=Redo(frozenset(redo)))
-        # What each stage reads, for its `_SUCCESS` record: the model it samples from or trains (the starting
-        # model's folder, or the train stage that made it), the problems, the stages whose files it reads.
-        made_by: Path | str = Path(policy) if Path(policy).is_dir() else policy
-        stage(run_dir / "iter_0" / "eval", _evaluate, cfg, policy, task, test_problems, dtype=generate,
-              inputs={"model": made_by, "problems": test_problems})
-        for t in range(1, cfg.iterations + 1):
-            it = run_dir / f"iter_{t}"
-            stages = iteration_stages(cfg, t)
-            temperature = cfg.rollout.temperature_schedule[t - 1] if cfg.rollout.temperature_schedule else cfg.rollout.temperature
-            stage(it / "rollout", _rollout, cfg, policy, task, train_problems, temperature, dtype=generate,
-                  inputs={"model": made_by, "problems": train_problems, "temperature": temperature})
-            if "process" in stages:
-                prm = prm_model(run_dir, cfg, t)
-                stage(it / "process", _process, cfg, policy, task, it / "rollout", prm,
-                      dtype=generate if prm is None else None,
-                      inputs={"model": made_by, "rollout": it / "rollout", "prm": prm and prm.parent})
-            if "prm" in stages:
-                scored = [run_dir / f"iter_{s}" for s in range(1, t + 1)]
-                stage(it / "prm", _train_prm, cfg, backbone, scored, dtype=train,
-                      inputs={"backbone": Path(backbone) if Path(backbone).is_dir() else backbone,
-                              **{f"process_{s}": i / "process" for s, i in enumerate(scored, 1)}})
-            previous = run_dir / f"iter_{t - 1}" / "pairs" if cfg.pairs.accumulate and t > 1 else None
-            stage(it / "pairs", _pairs, cfg, train_problems, it, previous,
-                  inputs={"rollout": it / "rollout", "process": it / "process" if "process" in stages else None,
-                          "previous": previous, "problems": train_problems})
-            stage(it / "train", _train, cfg, policy, it / "pairs", dtype=train,
-                  inputs={"model": made_by, "pairs": it / "pairs"})
-            policy, made_by = str((it / "train" / "model").resolve()), it / "train"
-            stage(it / "eval", _evaluate, cfg, policy, task, test_problems, dtype=generate,
-                  inputs={"model": made_by, "problems": test_problems})
-            write_metrics(run_dir)
-        return write_metrics(run_dir)
-
-
-def iteration_stages(cfg: Config, t: int) -> tuple[str, ...]:
-    """The stages of iteration t >= 1, in order: a process stage for process pairs, and with a trained
-    PRM, a prm stage after the last Monte Carlo iteration (`process.prm_mc_iterations`)."""
-    if cfg.pairs.source != "process":
-        return ITERATION_STAGES
-    prm = ("prm",) if cfg.process.scorer == "trained" and t == cfg.process.prm_mc_iterations else ()
-    return ("rollout", "process", *prm, "pairs", "train", "eval")
-
-
-def prm_model(run_dir: Path, cfg: Config, t: int) -> Path | None:
-    """The trained PRM iteration t's process stage scores with, or None when it runs Monte Carlo."""
-    if cfg.process.scorer != "trained" or t <= cfg.process.prm_mc_iterations:
-        return None
-    return (run_dir / f"iter_{cfg.process.prm_mc_iterations}" / "prm" / "model").resolve()
+    concrete, (generate, train) = resolve(cfg)
+    return Run(concrete, Path(cfg.run_dir), task, train_problems, test_problems,
+               Model(policy, Path(policy) if Path(policy).is_dir() else policy), generate, train, backbone)
 
 
 def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:
@@ -216,7 +181,9 @@ def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
         write_atomic(saved, yaml.safe_dump(mine, sort_keys=False))
         return
     # Read back as a config, so keys added since the run was made compare at their defaults.
-    theirs = to_dict(load_config(saved))
+    theirs = load_config(saved)
+    # A run saved before recipes names none: it is the recipe its knobs describe.
+    theirs, mine = to_dict(dataclasses.replace(theirs, recipe=name_of(theirs))), dict(mine, recipe=name_of(cfg))
     if theirs == mine:
         return
     # More (or fewer) iterations of the same run: it goes on from where it is.
@@ -230,16 +197,17 @@ def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
 
 
 def write_metrics(run_dir: Path) -> list[dict]:
-    """`metrics.jsonl`: one row per finished eval stage, with that iteration's step-scoring, pair and stage figures."""
+    """`metrics.jsonl`: one row per finished eval stage, with what each stage of its iteration counted (`stats.json`),
+    its seconds and the type it computed in."""
     rows = []
     for t in range(0, 1 + len(list(run_dir.glob("iter_*")))):
         it = run_dir / f"iter_{t}"
         if not is_done(it / "eval"):
             continue
         row = {"iteration": t, **json.loads((it / "eval" / "metrics.json").read_text())["metrics"]}
-        for stage in ("process", "pairs"):
-            if is_done(it / stage):
-                row[stage] = json.loads((it / stage / "stats.json").read_text())
+        for stats in sorted(it.glob("*/stats.json")):  # what each stage counted, under the stage's name
+            if is_done(stats.parent):
+                row[stats.parent.name] = json.loads(stats.read_text())
         row["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
                                 for p in sorted(it.glob("*/timing.json"))}
         row["stage_dtype"] = {p.parent.name: json.loads(p.read_text())["value"] for p in sorted(it.glob(f"*/{DTYPE_FILE}"))}
@@ -296,85 +264,6 @@ def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: 
     redo.ran.add(folder.resolve())
     if progress:
         progress.finished(folder, seconds)
-
-
-def _rollout(cfg: Config, policy: str, task, problems: list[dict], temperature: float, out: Path) -> None:
-    from selfimprove.rollout.stage import request_rows, rollout
-
-    rows = request_rows(task, problems, {"train": (cfg.rollout.n, temperature)}, cfg.rollout.seed)
-    rollout(policy, cfg.rollout, task, rows, out / "samples")
-
-
-def _process(cfg: Config, policy: str, task, rollout_dir: Path, prm: Path | None, out: Path) -> None:
-    """Step values of the iteration's samples: Monte Carlo, rolled out by the policy that wrote them,
-    or, given a trained `prm`, its predictions."""
-    samples = read_table(rollout_dir / "samples").to_pylist()
-    if prm is None:
-        from selfimprove.reward.mc_prm import run_mc_prm
-
-        run_mc_prm(policy, cfg.rollout, cfg.process, task, samples, out)
-    else:
-        from selfimprove.reward.trained_prm import run_trained_prm
-
-        run_trained_prm(prm, policy, cfg.process, samples, out)
-
-
-def _train_prm(cfg: Config, backbone: str, iterations: list[Path], out: Path) -> None:
-    """A PRM trained on the step values of the Monte Carlo `iterations`: the folder `out/model`."""
-    from selfimprove.reward.trained_prm import train_prm
-
-    train_prm(cfg, backbone, iterations, out / "model", checkpoints=_checkpoints(out))
-
-
-def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, out: Path) -> None:
-    """Training rows from the iteration's samples: `pairs.parquet` (outcome or process pairs) for
-    preference losses, `sft.parquet` of correct samples for `train.loss=sft` (STaR); with
-    `previous`, the earlier iterations' rows too.
-    """
-    from selfimprove.pairs import accumulate_pairs, outcome_pairs, process_pairs, sample_scores, winner_rows
-    from selfimprove.train.loss_names import needs_rejected
-
-    samples = read_table(it / "rollout" / "samples").to_pylist()
-    gold = {p["id"]: p["solution"] for p in problems} if cfg.pairs.include_gold else None
-    if cfg.pairs.source == "process":
-        scores = sample_scores(pq.read_table(it / "process" / "steps.parquet").to_pylist(), cfg.process.path_score)
-        rows, stats = process_pairs(samples, scores, cfg.pairs.pairs_per_problem, cfg.process.eta)
-        name, why = "pairs.parquet", f"{stats['no_gap']} had no two samples process.eta={cfg.process.eta} apart"
-    elif needs_rejected(cfg.train.loss):
-        rows, stats = outcome_pairs(samples, cfg.pairs.pairs_per_problem, gold)
-        name, why = "pairs.parquet", f"{stats['no_winner']} had no correct sample and {stats['no_loser']} no incorrect one"
-    else:
-        rows, stats = winner_rows(samples, cfg.pairs.pairs_per_problem, gold)
-        name, why = "sft.parquet", f"{stats['no_winner']} had no correct sample"
-    if previous is not None:
-        rows = accumulate_pairs(pq.read_table(previous / name).to_pylist(), rows)
-        stats["accumulated"] = len(rows)
-    stats["rows"] = len(rows)  # what the trainer gets
-    if not rows:
-        raise UserError(
-            f"nothing to train on from {it / 'rollout'}: of {stats['problems']} problems, {why}; raise rollout.n or "
-            "rollout.temperature, use easier problems, or set pairs.include_gold=true")
-    pq.write_table(pa.Table.from_pylist(rows), out / name)
-    (out / "stats.json").write_text(json.dumps(stats))
-
-
-def _train(cfg: Config, policy: str, pairs_dir: Path, out: Path) -> None:
-    from selfimprove.train.trainer import train
-
-    # `out` is the stage's scratch folder: the trainer writes its model folder inside it.
-    train(dataclasses.replace(cfg, model=policy), pairs_dir, out / "model", checkpoints=_checkpoints(out))
-
-
-def _checkpoints(scratch: Path) -> Path:
-    """Where a training stage keeps its checkpoints: beside its scratch folder, which a rerun clears, so that
-    the rerun resumes from them (`iter_<t>/train.ray`)."""
-    return scratch.with_name(scratch.name.removesuffix(".partial") + ".ray")
-
-
-def _evaluate(cfg: Config, policy: str, task, problems: list[dict], out: Path) -> None:
-    from selfimprove.evaluate import run_eval
-
-    run_eval(cfg, policy, task, problems, out)
 
 
 def _first_difference(a, b, prefix: str = "") -> str:

@@ -1,7 +1,6 @@
 """Where a run is: a status line as each stage starts and ends, with elapsed time and an ETA.
 
-1. A run is a fixed plan of stages: evaluate the base model, then rollout, (process, prm,)
-   pairs, train and eval for each iteration.
+1. A run is the fixed plan of stages its recipe declares; the progress lines number them from it.
 2. The ETA sums, over the stages still to run, the mean time this run has taken for a stage of
    the same kind, read from finished stages' `timing.json` (so a resumed run knows its past).
    Until each remaining kind has finished once there is no honest estimate, and the line says so.
@@ -12,18 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-ITERATION_STAGES = ("rollout", "pairs", "train", "eval")
-Stages = tuple[str, ...] | Callable[[int], tuple[str, ...]]
-
-
-def plan(iterations: int, stages: Stages = ITERATION_STAGES) -> list[tuple[int, str]]:
-    """(iteration, stage) in the order the driver runs them, iteration t >= 1 made of `stages`
-    (or of `stages(t)`, when iterations differ)."""
-    of = stages if callable(stages) else lambda t: stages
-    return [(0, "eval")] + [(t, kind) for t in range(1, iterations + 1) for kind in of(t)]
 
 
 def eta_seconds(remaining: list[str], seconds_by_kind: dict[str, list[float]]) -> float | None:
@@ -43,11 +31,12 @@ def clock(seconds: float) -> str:
 class RunProgress:
     """Prints the stage lines of one run; the driver calls it around every stage."""
 
-    def __init__(self, run_dir: Path, iterations: int, stages: Stages = ITERATION_STAGES):
+    def __init__(self, run_dir: Path, iterations: int, stages: list[tuple[int, str]]):
+        """`stages`: the plan's (iteration, stage kind), in the order they run."""
         from rich.console import Console
 
         self.run_dir, self.iterations = Path(run_dir), iterations
-        self.stages = plan(iterations, stages)
+        self.stages = list(stages)
         self.start = time.monotonic()
         self.console = Console(stderr=True)
 

@@ -100,12 +100,13 @@ def test_extends_missing_or_circular_base_is_one_line(tmp_path):
         load_config(tmp_path / "b.yaml")
 
 
-@pytest.mark.parametrize("name, loss", [("local-star.yaml", "sft"), ("local-dpo.yaml", "dpo")])
-def test_baseline_recipes_differ_from_local_only_in_loss_and_run_dir(name, loss):
+@pytest.mark.parametrize("name, recipe, loss", [("local-star.yaml", "star", "sft"), ("local-dpo.yaml", "dpo", "dpo")])
+def test_baseline_recipes_differ_from_local_only_in_recipe_loss_and_run_dir(name, recipe, loss):
     configs = Path(__file__).resolve().parents[1] / "configs"
     local, baseline = to_dict(load_config(configs / "local.yaml")), to_dict(load_config(configs / name))
-    assert baseline["train"]["loss"] == loss and baseline["run_dir"] == f"runs/{name.removesuffix('.yaml')}"
-    baseline["train"]["loss"], baseline["run_dir"] = local["train"]["loss"], local["run_dir"]
+    assert (baseline["recipe"], baseline["train"]["loss"], baseline["run_dir"]) == (
+        recipe, loss, f"runs/{name.removesuffix('.yaml')}")
+    baseline["recipe"], baseline["train"]["loss"], baseline["run_dir"] = local["recipe"], local["train"]["loss"], local["run_dir"]
     assert baseline == local
 
 

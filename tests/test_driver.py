@@ -18,11 +18,12 @@ import yaml
 
 from selfimprove.cli import main
 from selfimprove.config import load_config
-from selfimprove.driver import LOCK, Redo, _pairs, _stage, claim_run_dir, run, write_metrics
+from selfimprove.driver import LOCK, Redo, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
 from selfimprove.io import MARKER, _folder_digest, digest, is_done, success_record
 from selfimprove.precision import Machine
+from selfimprove.recipes.stages import _pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,9 +344,9 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     is trained on iterations 1 and 2 from the starting model; iteration 3 is scored by that PRM. A rerun
     does nothing; with iteration 3's process stage gone, it is redone and so are the stages that read it;
     `redo=("prm",)` redoes the PRM and what reads it."""
-    import selfimprove.driver as driver
     import selfimprove.models
     import selfimprove.precision
+    import selfimprove.recipes.stages as stages
     import selfimprove.reward.mc_prm
     import selfimprove.reward.trained_prm
     import selfimprove.runtime
@@ -382,9 +383,9 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
 
     monkeypatch.setattr(selfimprove.models, "resolve_model", lambda ref: "/start")
     monkeypatch.setattr(selfimprove.runtime, "init_ray", lambda: None)
-    monkeypatch.setattr(driver, "_rollout", fake_rollout)
-    monkeypatch.setattr(driver, "_train", fake_train)
-    monkeypatch.setattr(driver, "_evaluate", fake_eval)
+    monkeypatch.setattr(stages, "_rollout", fake_rollout)
+    monkeypatch.setattr(stages, "_train", fake_train)
+    monkeypatch.setattr(stages, "_evaluate", fake_eval)
     monkeypatch.setattr(selfimprove.reward.mc_prm, "run_mc_prm", fake_scorer("mc"))
     monkeypatch.setattr(selfimprove.reward.trained_prm, "run_trained_prm", fake_scorer("trained"))
     monkeypatch.setattr(selfimprove.reward.trained_prm, "train_prm", fake_train_prm)

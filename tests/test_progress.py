@@ -1,13 +1,11 @@
-"""Run progress: the stage plan, the ETA from past stage times, and the lines a run prints."""
+"""Run progress: the ETA from past stage times, and the lines a run prints for a plan's stages."""
 
 import json
 
-from selfimprove.progress import RunProgress, clock, eta_seconds, plan
+from selfimprove.progress import RunProgress, clock, eta_seconds
 
-
-def test_plan_is_base_eval_then_four_stages_per_iteration():
-    assert plan(2) == [(0, "eval"), (1, "rollout"), (1, "pairs"), (1, "train"), (1, "eval"),
-                       (2, "rollout"), (2, "pairs"), (2, "train"), (2, "eval")]
+# The plan of a two-iteration IRPO run (tests/test_recipes.py builds it from the recipe).
+IRPO_2 = [(0, "eval")] + [(t, kind) for t in (1, 2) for kind in ("rollout", "pairs", "train", "eval")]
 
 
 def test_eta_sums_the_mean_time_of_each_remaining_kind():
@@ -29,7 +27,7 @@ def test_lines_name_iteration_stage_and_eta_from_finished_stages(tmp_path, capsy
     for t, kind, seconds in ((0, "eval", 60), (1, "rollout", 300), (1, "pairs", 2), (1, "train", 800), (1, "eval", 40)):
         (tmp_path / f"iter_{t}" / kind).mkdir(parents=True)
         (tmp_path / f"iter_{t}" / kind / "timing.json").write_text(json.dumps({"seconds": seconds}))
-    progress = RunProgress(tmp_path, iterations=2)
+    progress = RunProgress(tmp_path, 2, IRPO_2)
     progress.skipped(tmp_path / "iter_1" / "train")
     progress.starting(tmp_path / "iter_2" / "rollout")  # left: rollout 300 + pairs 2 + train 800 + eval 50
     progress.finished(tmp_path / "iter_2" / "rollout", 75)
@@ -40,16 +38,5 @@ def test_lines_name_iteration_stage_and_eta_from_finished_stages(tmp_path, capsy
 
 
 def test_first_iteration_says_there_is_no_estimate_yet(tmp_path, capsys):
-    RunProgress(tmp_path, iterations=1).starting(tmp_path / "iter_0" / "eval")
+    RunProgress(tmp_path, 1, IRPO_2[:5]).starting(tmp_path / "iter_0" / "eval")
     assert "no ETA until each stage kind has run once" in " ".join(capsys.readouterr().err.split())
-
-
-def test_plan_of_iterations_that_differ():
-    """With a trained PRM after iteration 1's MC labels, only iteration 1 has a prm stage."""
-    from selfimprove.config import load_config
-    from selfimprove.driver import iteration_stages
-
-    cfg = load_config(None, ["pairs.source=process", "train.loss=orpo", "process.scorer=trained", "iterations=2"])
-    assert plan(2, lambda t: iteration_stages(cfg, t)) == [
-        (0, "eval"), (1, "rollout"), (1, "process"), (1, "prm"), (1, "pairs"), (1, "train"), (1, "eval"),
-        (2, "rollout"), (2, "process"), (2, "pairs"), (2, "train"), (2, "eval")]

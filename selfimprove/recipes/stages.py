@@ -1,0 +1,192 @@
+"""The stage kinds recipes build their plans from: each a builder that declares a `Stage` and the work it does.
+
+1. A `Stage` is a folder (`run_dir/iter_<t>/<kind>`), the work that fills it, what it reads (recorded in its
+   `_SUCCESS`, so that a rerun whose inputs changed is refused) and the type it computes in. Building a stage
+   does nothing: the driver runs the plan, skipping finished stages.
+2. The work functions import engines and trainers when they run, so building a plan is cheap and Ray-free.
+3. A model is named by its reference (what engines load) and by what made it (the starting model's folder or
+   name, or the train stage that wrote it): the latter is what stages record as read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selfimprove.config import Config
+from selfimprove.errors import UserError
+from selfimprove.io import read_table
+from selfimprove.precision import Choice
+
+
+@dataclass(frozen=True)
+class Model:
+    ref: str  # what engines and trainers load: a bundled name, hub id, folder or .gguf
+    made_by: Path | str  # what a stage reading it records: the model's folder, or the train stage that wrote it
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every stage of one run is built from: the config, its folder, its problems and starting models."""
+
+    cfg: Config
+    run_dir: Path
+    task: object
+    train_problems: list[dict]
+    test_problems: list[dict]
+    policy: Model  # the starting model
+    generate: Choice  # the type engines compute in
+    train: Choice  # the type trainers compute in
+    backbone: str | None = None  # process.scorer=trained: the model the PRM is a classifier on
+
+    def iteration(self, t: int) -> Path:
+        return self.run_dir / f"iter_{t}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    folder: Path  # run_dir/iter_<t>/<kind>
+    work: Callable[[Path], None]  # fills the scratch folder it is given
+    reads: dict = dataclasses.field(default_factory=dict)  # name -> path, model or value it reads
+    dtype: Choice | None = None  # the type it computes in, if it computes with a model
+
+    @property
+    def kind(self) -> str:
+        return self.folder.name
+
+    @property
+    def iteration(self) -> int:
+        return int(self.folder.parent.name.removeprefix("iter_"))
+
+
+def trained_model(stage: Stage) -> Model:
+    """The model a train stage writes."""
+    return Model(str((stage.folder / "model").resolve()), stage.folder)
+
+
+def evaluate(run: Run, t: int, model: Model) -> Stage:
+    """Greedy pass@1 and maj@k of `model` on the held-out problems: `metrics.json` and the samples."""
+    return Stage(run.iteration(t) / "eval", functools.partial(_evaluate, run.cfg, model.ref, run.task, run.test_problems),
+                 {"model": model.made_by, "problems": run.test_problems}, run.generate)
+
+
+def rollout(run: Run, t: int, model: Model) -> Stage:
+    """`rollout.n` samples of `model` per training problem, at iteration t's temperature: `samples/`."""
+    r = run.cfg.rollout
+    temperature = r.temperature_schedule[t - 1] if r.temperature_schedule else r.temperature
+    return Stage(run.iteration(t) / "rollout",
+                 functools.partial(_rollout, run.cfg, model.ref, run.task, run.train_problems, temperature),
+                 {"model": model.made_by, "problems": run.train_problems, "temperature": temperature}, run.generate)
+
+
+def process(run: Run, t: int, model: Model, prm: Path | None) -> Stage:
+    """Step values of iteration t's samples (`steps.parquet`): Monte Carlo completions by `model`, the policy that
+    wrote them, or, given a trained `prm` folder, its predictions."""
+    samples = run.iteration(t) / "rollout"
+    return Stage(run.iteration(t) / "process", functools.partial(_process, run.cfg, model.ref, run.task, samples, prm),
+                 {"model": model.made_by, "rollout": samples, "prm": prm and prm.parent},
+                 run.generate if prm is None else None)
+
+
+def train_prm(run: Run, t: int, scored: list[int]) -> Stage:
+    """A PRM trained on the step values of the process stages of iterations `scored`: the folder `model`."""
+    backbone = run.backbone
+    processes = {f"process_{s}": run.iteration(s) / "process" for s in scored}
+    return Stage(run.iteration(t) / "prm", functools.partial(_train_prm, run.cfg, backbone, list(processes.values())),
+                 {"backbone": Path(backbone) if Path(backbone).is_dir() else backbone, **processes}, run.train)
+
+
+def pairs(run: Run, t: int, previous: Path | None = None) -> Stage:
+    """Training rows from iteration t's samples (and step values, for process pairs); with `previous` (an
+    earlier pairs stage), its rows too."""
+    it = run.iteration(t)
+    scored = run.cfg.pairs.source == "process"
+    return Stage(it / "pairs", functools.partial(_pairs, run.cfg, run.train_problems, it, previous),
+                 {"rollout": it / "rollout", "process": it / "process" if scored else None, "previous": previous,
+                  "problems": run.train_problems})
+
+
+def train(run: Run, t: int, model: Model, rows: Path) -> Stage:
+    """`model` trained on the rows of the stage folder `rows` with `train.loss`; `model` is also the reference."""
+    return Stage(run.iteration(t) / "train", functools.partial(_train, run.cfg, model.ref, rows),
+                 {"model": model.made_by, "pairs": rows}, run.train)
+
+
+def _evaluate(cfg: Config, model: str, task, problems: list[dict], out: Path) -> None:
+    from selfimprove.evaluate import run_eval
+
+    run_eval(cfg, model, task, problems, out)
+
+
+def _rollout(cfg: Config, model: str, task, problems: list[dict], temperature: float, out: Path) -> None:
+    from selfimprove.rollout.stage import request_rows, rollout
+
+    rows = request_rows(task, problems, {"train": (cfg.rollout.n, temperature)}, cfg.rollout.seed)
+    rollout(model, cfg.rollout, task, rows, out / "samples")
+
+
+def _process(cfg: Config, model: str, task, rollout_dir: Path, prm: Path | None, out: Path) -> None:
+    samples = read_table(rollout_dir / "samples").to_pylist()
+    if prm is None:
+        from selfimprove.reward.mc_prm import run_mc_prm
+
+        run_mc_prm(model, cfg.rollout, cfg.process, task, samples, out)
+    else:
+        from selfimprove.reward.trained_prm import run_trained_prm
+
+        run_trained_prm(prm, model, cfg.process, samples, out)
+
+
+def _train_prm(cfg: Config, backbone: str, processes: list[Path], out: Path) -> None:
+    from selfimprove.reward.trained_prm import train_prm
+
+    train_prm(cfg, backbone, [p.parent for p in processes], out / "model", checkpoints=checkpoints(out))
+
+
+def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, out: Path) -> None:
+    """`pairs.parquet` (outcome or process pairs) for preference losses, `sft.parquet` of correct samples for
+    `train.loss=sft` (STaR), and `stats.json` counting what was dropped and why."""
+    from selfimprove.pairs import accumulate_pairs, outcome_pairs, process_pairs, sample_scores, winner_rows
+    from selfimprove.train.loss_names import needs_rejected
+
+    samples = read_table(it / "rollout" / "samples").to_pylist()
+    gold = {p["id"]: p["solution"] for p in problems} if cfg.pairs.include_gold else None
+    if cfg.pairs.source == "process":
+        scores = sample_scores(pq.read_table(it / "process" / "steps.parquet").to_pylist(), cfg.process.path_score)
+        rows, stats = process_pairs(samples, scores, cfg.pairs.pairs_per_problem, cfg.process.eta)
+        name, why = "pairs.parquet", f"{stats['no_gap']} had no two samples process.eta={cfg.process.eta} apart"
+    elif needs_rejected(cfg.train.loss):
+        rows, stats = outcome_pairs(samples, cfg.pairs.pairs_per_problem, gold)
+        name, why = "pairs.parquet", f"{stats['no_winner']} had no correct sample and {stats['no_loser']} no incorrect one"
+    else:
+        rows, stats = winner_rows(samples, cfg.pairs.pairs_per_problem, gold)
+        name, why = "sft.parquet", f"{stats['no_winner']} had no correct sample"
+    if previous is not None:
+        rows = accumulate_pairs(pq.read_table(previous / name).to_pylist(), rows)
+        stats["accumulated"] = len(rows)
+    stats["rows"] = len(rows)  # what the trainer gets
+    if not rows:
+        raise UserError(
+            f"nothing to train on from {it / 'rollout'}: of {stats['problems']} problems, {why}; raise rollout.n or "
+            "rollout.temperature, use easier problems, or set pairs.include_gold=true")
+    pq.write_table(pa.Table.from_pylist(rows), out / name)
+    (out / "stats.json").write_text(json.dumps(stats))
+
+
+def _train(cfg: Config, model: str, rows: Path, out: Path) -> None:
+    from selfimprove.train.trainer import train
+
+    train(dataclasses.replace(cfg, model=model), rows, out / "model", checkpoints=checkpoints(out))
+
+
+def checkpoints(scratch: Path) -> Path:
+    """Where a training stage keeps its checkpoints: beside its scratch folder, which a rerun clears, so that
+    the rerun resumes from them (`iter_<t>/train.ray`)."""
+    return scratch.with_name(scratch.name.removesuffix(".partial") + ".ray")
