@@ -74,9 +74,11 @@ def busy(run_dir: Path, stage: str, log: Path, seconds: float = 20):
 
 
 def checkpointed(run_dir: Path, stage: str, log: Path):
-    """True once the training stage has persisted a checkpoint: Ray Train keeps one, so once step 2's folder
-    appears, step 1's is registered and complete."""
-    return lambda: any((run_dir / "iter_1" / "train.ray").glob("train-*/step-00000[2-9]"))
+    """True once Ray Train has registered a checkpoint of the training stage: its controller writes this file then
+    (a checkpoint's folder appears before that, when a worker persists it)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return lambda: any((run_dir / "iter_1" / "train.ray").glob(f"train-*/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"))
 
 
 def run_with_kills(tmp_path, tiny_config, kills) -> Path:
