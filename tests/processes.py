@@ -69,3 +69,12 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def checkpoint_registered(storage: Path) -> bool:
+    """Whether Ray Train has registered a checkpoint of a training that keeps them in `storage`: its controller
+    writes this file then, and a restarted or rerun training resumes from it. (A checkpoint's folder appears
+    earlier, when a worker persists it: a kill between the two leaves nothing to resume from.)"""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return any(Path(storage).glob(f"train-*/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from processes import TINY_RUN, kill_when, start
+from processes import TINY_RUN, checkpoint_registered, kill_when, start
 
 from selfimprove.io import read_table
 
@@ -74,11 +74,7 @@ def busy(run_dir: Path, stage: str, log: Path, seconds: float = 20):
 
 
 def checkpointed(run_dir: Path, stage: str, log: Path):
-    """True once Ray Train has registered a checkpoint of the training stage: its controller writes this file then
-    (a checkpoint's folder appears before that, when a worker persists it)."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    return lambda: any((run_dir / "iter_1" / "train.ray").glob(f"train-*/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"))
+    return lambda: checkpoint_registered(run_dir / "iter_1" / "train.ray")
 
 
 def run_with_kills(tmp_path, tiny_config, kills) -> Path:

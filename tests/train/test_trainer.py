@@ -234,8 +234,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(extensions_
     import threading
     import time
 
-    from processes import named
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    from processes import checkpoint_registered, named
 
     data = write_pairs(tmp_path / "pairs.parquet", [GOOD] * 8)
     tc = TrainConfig(**(ACCEPTANCE | dict(checkpoint_every=1, report_every=100)))
@@ -244,9 +243,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(extensions_
     def kill_one_worker_after_a_checkpoint():
         deadline = time.monotonic() + 600
         while not killed and time.monotonic() < deadline:
-            # Ray Train's controller writes this file when it registers a checkpoint: from then on a restarted
-            # group gets one. (A checkpoint's folder appears before that, when a worker persists it.)
-            if list((tmp_path / "model.ray").glob(f"train-*/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")):
+            if checkpoint_registered(tmp_path / "model.ray"):
                 if workers := named("ray::RayTrainWorker"):
                     workers[-1].kill()
                     killed.append(workers[-1].pid)
