@@ -62,9 +62,9 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
 
         init_ray()
         progress = RunProgress(run_dir, cfg.iterations, [(s.iteration, s.kind) for s in plan])
-        done = Redo(frozenset(redo))
+        redoing = Redo(frozenset(redo))
         for s in plan:
-            _stage(s.folder, s.work, progress=progress, dtype=s.dtype, inputs=s.reads, redo=done)
+            _stage(s.folder, s.work, progress=progress, dtype=s.dtype, inputs=s.reads, redo=redoing)
             if s.kind == "eval" and s.iteration:
                 write_metrics(run_dir)
         return write_metrics(run_dir)
