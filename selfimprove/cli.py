@@ -110,11 +110,15 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     rows = run(cfg, tuple(args.redo))
     table = Table(title=f"{cfg.model} on {cfg.task.name}: held-out accuracy per iteration ({cfg.run_dir})")
-    for column in ("iteration", "pass@1", f"maj@{cfg.eval.k}", "training rows", "seconds"):
+    sets = list(cfg.eval.extra)
+    for column in ("iteration", "pass@1", f"maj@{cfg.eval.k}", *(f"{name} pass@1" for name in sets), "training rows",
+                   "seconds"):
         table.add_column(column, justify="right")
     for row in rows:
+        extra = [f"{row['extra'][name]['pass@1']:.3f}" if name in row.get("extra", {}) else "" for name in sets]
+        trained_on = row.get("pairs", row.get("labels", {}))
         table.add_row(str(row["iteration"]), f"{row['pass@1']:.3f}", f"{row.get(f'maj@{cfg.eval.k}', float('nan')):.3f}",
-                      str(training_rows(row.get("pairs", {}))), f"{sum(row['stage_seconds'].values()):.0f}")
+                      *extra, str(training_rows(trained_on)), f"{sum(row['stage_seconds'].values()):.0f}")
     Console().print(table)
     from selfimprove.evaluate import write_report
 
@@ -138,7 +142,7 @@ def _eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from selfimprove.evaluate import run_eval
+    from selfimprove.evaluate import check_answered, run_eval
     from selfimprove.io import check_replaceable, claim_folder
     from selfimprove.models import resolve_model
     from selfimprove.precision import announce, resolve
@@ -149,6 +153,7 @@ def _eval(args) -> int:
     check_replaceable(out)
     task = build_task(cfg.task)
     problems = task.load(cfg.eval.split)
+    check_answered(problems, f"task.data={cfg.task.data}")
     model = resolve_model(cfg.model)
     cfg, choices = resolve(cfg)
     check_resources(cfg, train=False)

@@ -118,6 +118,8 @@ class EvalConfig:
     split: str = knob("test", "held-out split to evaluate on", one_of("train", "test"))
     k: int = knob(8, "samples per problem for maj@k (1 = greedy pass@1 only)", up_to(MAX_SAMPLES))
     temperature: float = knob(0.8, "sampling temperature of the maj@k samples", non_negative)
+    extra: dict[str, TaskConfig] = knob({}, "further held-out sets evaluated beside the task's (out of domain): name -> "
+                                        "task keys that differ from the run's task, e.g. {wide: {min_value: 16}}")
 
 
 LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -210,14 +212,33 @@ class ProcessConfig:
                             "neither trained on nor scored", lambda v: None if v >= 2 else "must be >= 2")
 
 
-RECIPE_NAMES = ("irpo", "star", "dpo", "sipf")  # selfimprove/recipes/<name>.py
+@dataclass
+class ModelsConfig:
+    policy: str | None = knob(None, "the model a run trains and evaluates (none: `model`, which means the same)")
+    teacher: str | None = knob(None, "self_refine: the model that writes demonstrations (bundled name, HF id, folder "
+                               "or .gguf; or give teacher.data)")
+
+
+@dataclass
+class TeacherConfig:
+    data: str | None = knob(None, "self_refine: ready demonstrations (JSONL/Parquet rows with question and response) "
+                            "instead of a teacher model", path=True)
+    n: int = knob(4, "demonstrations the teacher writes per training question", up_to(MAX_SAMPLES))
+    temperature: float = knob(0.7, "sampling temperature of the teacher's demonstrations", non_negative)
+    rows_per_problem: int = knob(2, "most distinct kept demonstrations per question the student is tuned on", positive)
+
+
+RECIPE_NAMES = ("irpo", "star", "dpo", "sipf", "self_refine")  # selfimprove/recipes/<name>.py
 
 
 @dataclass
 class Config:
-    recipe: str | None = knob(None, "irpo, star, dpo or sipf: the stages a run makes, and defaults for the knobs it "
-                              "needs (none: the recipe train.loss and pairs.source describe)", optional(one_of(*RECIPE_NAMES)))
+    recipe: str | None = knob(None, "irpo, star, dpo, sipf or self_refine: the stages a run makes, and defaults for "
+                              "the knobs it needs (none: the recipe train.loss and pairs.source describe)",
+                              optional(one_of(*RECIPE_NAMES)))
     model: str = knob("smollm2-135m-instruct", "policy model: bundled name, HF id, local folder or .gguf file")
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics", path=True)
     iterations: int = knob(2, "self-improvement iterations (each: rollout, pairs, train, evaluate)", positive)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -245,16 +266,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         from selfimprove.recipes import recipe
 
         raw = _overlay(recipe(raw["recipe"]).DEFAULTS, raw)
+    raw = _policy_as_model(raw, where)
+    extra = (raw.get("eval") or {}).get("extra")
+    if isinstance(extra, dict):  # an extra set is the run's task but for the keys it gives
+        raw["eval"]["extra"] = {name: _overlay(raw.get("task") or {}, keys) if isinstance(keys, dict) else keys
+                                for name, keys in extra.items()}
     cfg = _build(Config, raw, "", where)
     check(cfg, where)
     return cfg
 
 
+def _policy_as_model(raw: dict, where: str) -> dict:
+    """`models.policy` is another name for `model`: the config keeps it in `model` alone."""
+    policy = (raw.get("models") or {}).get("policy") if isinstance(raw.get("models"), dict) else None
+    if policy is None:
+        return raw
+    if raw.get("model") not in (None, policy):
+        raise UserError(f"{where}: 'model' ({raw['model']!r}) and 'models.policy' ({policy!r}) name two policies; "
+                        "give one of them")
+    return dict(raw, model=policy, models={k: v for k, v in raw["models"].items() if k != "policy"})
+
+
 def check(cfg: Config, where: str = "config") -> None:
     """Refuse a combination of knobs that each pass their own check (a config built in code skips `load_config`)."""
-    from selfimprove.recipes import name_of, recipe
+    from selfimprove.recipes import name_of, recipe, role_problem
 
-    problem = _cross_check(cfg) or recipe(name_of(cfg)).check(cfg)
+    problem = _cross_check(cfg) or role_problem(cfg) or recipe(name_of(cfg)).check(cfg)
     if problem:
         raise UserError(f"{where}: {problem}")
 
@@ -390,6 +427,18 @@ def _coerce(value: Any, typ, dotted: str, where: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{where}: '{dotted}' must be a list, got {value!r}")
         return [_coerce(v, args[0], dotted, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: '{dotted}' must be a section of names, got {value!r}")
+        out = {}
+        for name, item in value.items():
+            if dataclasses.is_dataclass(args[1]):
+                if not isinstance(item, dict):
+                    raise UserError(f"{where}: '{dotted}.{name}' must be a section of keys, got {item!r}")
+                out[str(name)] = _build(args[1], item, f"{dotted}.{name}.", where)
+            else:
+                out[str(name)] = _coerce(item, args[1], f"{dotted}.{name}", where)
+        return out
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):

@@ -33,7 +33,7 @@ from selfimprove.errors import UserError
 from selfimprove.io import MARKER, digest, is_done, is_ours, stage_output, success_record, write_atomic
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import RunProgress
-from selfimprove.recipes import name_of, recipe
+from selfimprove.recipes import name_of, needs_gold, recipe
 from selfimprove.recipes.stages import Model, Run
 from selfimprove.runtime import check_resources
 
@@ -61,7 +61,7 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
         from selfimprove.runtime import init_ray
 
         init_ray()
-        progress = RunProgress(run_dir, cfg.iterations, [(s.iteration, s.kind) for s in plan])
+        progress = RunProgress(run_dir, [(s.iteration, s.kind) for s in plan])
         redoing = Redo(frozenset(redo))
         for s in plan:
             _stage(s.folder, s.work, progress=progress, dtype=s.dtype, inputs=s.reads, redo=redoing)
@@ -79,7 +79,14 @@ def _prepare(cfg: Config) -> Run:
 
     task = build_task(cfg.task)
     train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
+    _check_answers(cfg, train_problems, test_problems, f"task.data={cfg.task.data}")
+    extra = {}
+    for name, set_cfg in cfg.eval.extra.items():
+        set_task = build_task(set_cfg)
+        extra[name] = (set_task, set_task.load(cfg.eval.split))
+        _check_answers(cfg, [], extra[name][1], f"eval.extra.{name}.data={set_cfg.data}")
     policy = resolve_model(cfg.model)
+    teacher = resolve_model(cfg.models.teacher) if cfg.models.teacher else None
     backbone = None
     if cfg.process.scorer == "trained":
         from selfimprove.reward.trained_prm import check_tokenizer
@@ -92,8 +99,24 @@ def _prepare(cfg: Config) -> Run:
 
         check_lora_targets(policy, cfg.train.lora_targets)
     concrete, (generate, train) = resolve(cfg)
-    return Run(concrete, Path(cfg.run_dir), task, train_problems, test_problems,
-               Model(policy, Path(policy) if Path(policy).is_dir() else policy), generate, train, backbone)
+    return Run(concrete, Path(cfg.run_dir), task, train_problems, test_problems, _model(policy), generate, train,
+               backbone, teacher and _model(teacher), extra)
+
+
+def _model(ref: str) -> Model:
+    return Model(ref, Path(ref) if Path(ref).is_dir() else ref)
+
+
+def _check_answers(cfg: Config, train: list[dict], test: list[dict], source: str) -> None:
+    """Refuse problems without answers where they are needed: held-out problems always, training problems unless
+    the recipe labels them itself. `source` names where they came from."""
+    from selfimprove.evaluate import check_answered
+
+    check_answered(test, source)
+    unanswered = sum(not p["answer"] for p in train)
+    if unanswered and needs_gold(name_of(cfg)):
+        raise UserError(f"{source}: {unanswered} of the {len(train)} training problems have no answer, and recipe "
+                        f"{name_of(cfg)} learns from gold answers; recipe self_refine labels questions by its teacher")
 
 
 def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:
@@ -208,6 +231,9 @@ def write_metrics(run_dir: Path) -> list[dict]:
         for stats in sorted(it.glob("*/stats.json")):  # what each stage counted, under the stage's name
             if is_done(stats.parent):
                 row[stats.parent.name] = json.loads(stats.read_text())
+        for other in sorted(it.glob("*/metrics.json")):  # another model's evaluation (the teacher's)
+            if other.parent.name != "eval" and is_done(other.parent):
+                row[other.parent.name] = json.loads(other.read_text())["metrics"]
         row["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
                                 for p in sorted(it.glob("*/timing.json"))}
         row["stage_dtype"] = {p.parent.name: json.loads(p.read_text())["value"] for p in sorted(it.glob(f"*/{DTYPE_FILE}"))}

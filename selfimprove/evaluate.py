@@ -60,21 +60,41 @@ def aggregate(rows: list[dict], k: int) -> dict:
     return metrics
 
 
-def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Path) -> dict:
-    """Evaluate a resolved model on `problems`; writes `out/samples/` and `out/metrics.json`."""
+def check_answered(problems: list[dict], source: str) -> None:
+    """Refuse held-out problems without an answer (a question-only file): evaluation scores answers."""
+    unanswered = sum(not p["answer"] for p in problems)
+    if unanswered:
+        raise UserError(f"{source}: {unanswered} of the {len(problems)} held-out problems have no answer, which "
+                        "evaluation needs to score them")
+
+
+def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Path,
+             extra: dict[str, tuple[Task, list[dict]]] | None = None, name: str | None = None) -> dict:
+    """Evaluate a resolved model (called `name`, default `cfg.model`) on `problems` and on each further set of
+    `extra` (name -> (task, problems)); writes `out/samples/` (`out/extra/<set>/samples/`) and `out/metrics.json`.
+    Each set is its own rollout: a set may be another task, with its own prompt and verifier."""
     passes = {"greedy": (1, 0.0)}
     if cfg.eval.k > 1:
         passes["sample"] = (cfg.eval.k, cfg.eval.temperature)
-    table = rollout(model, cfg.rollout, task, request_rows(task, problems, passes, cfg.rollout.seed), out / "samples")
-    rows = problem_results(table.to_pylist())
-    metrics = {"model": cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
+
+    def results(task: Task, problems: list[dict], samples: Path) -> list[dict]:
+        rows = request_rows(task, problems, passes, cfg.rollout.seed)
+        return problem_results(rollout(model, cfg.rollout, task, rows, samples).to_pylist())
+
+    rows = results(task, problems, out / "samples")
+    metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
                **aggregate(rows, cfg.eval.k)}
+    if extra:
+        metrics["extra"] = {set_name: aggregate(results(set_task, set_problems, out / "extra" / set_name / "samples"),
+                                                cfg.eval.k)
+                            for set_name, (set_task, set_problems) in extra.items()}
     write_atomic(out / "metrics.json", json.dumps({"metrics": metrics, "problems": rows}, indent=1))
     return metrics
 
 
 # Pair-stage stats that count what was kept, not problems dropped for a reason.
-COUNTED_NOT_DROPPED = ("problems", "pairs", "rows", "accumulated")
+COUNTED_NOT_DROPPED = ("problems", "pairs", "rows", "accumulated", "gold_labels", "majority_labels",
+                       "demonstration_accuracy")
 
 
 def training_rows(stats: dict) -> int | str:
@@ -97,6 +117,11 @@ def write_report(run_dir: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
         ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker="o", label=key)
+    sets = list(dict.fromkeys(name for r in rows for name in r.get("extra", {})))
+    for name in sets:
+        had = [r for r in rows if name in r.get("extra", {})]
+        ax.plot([r["iteration"] for r in had], [r["extra"][name]["pass@1"] for r in had], marker="s", linestyle="--",
+                label=f"{name} pass@1")
     ax.set_xlabel("iteration")
     ax.set_ylabel("held-out accuracy")
     ax.set_xticks([r["iteration"] for r in rows])
@@ -113,10 +138,21 @@ def write_report(run_dir: Path) -> Path:
              "| iteration | " + " | ".join(keys) + " | training rows | problems dropped | seconds |",
              "|---" * (len(keys) + 4) + "|"]
     for r in rows:
-        p = r.get("pairs", {})
+        p = r.get("pairs", r.get("labels", {}))  # what the iteration trained on: pairs, or the teacher's demonstrations
         dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
                      + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f} |")
+    if sets:
+        lines += ["", "Further held-out sets (`eval.extra`), beside the task's own:", "",
+                  "| iteration | " + " | ".join(f"{name} {k}" for name in sets for k in keys) + " |",
+                  "|---" * (len(sets) * len(keys) + 1) + "|"]
+        for r in rows:
+            lines.append(f"| {r['iteration']} | " + " | ".join(
+                f"{r['extra'][name][k]:.3f}" if name in r.get("extra", {}) else "" for name in sets for k in keys) + " |")
+    teacher = rows[0].get("teacher_eval")
+    if teacher:
+        lines += ["", f"Teacher `{teacher['model']}`: " + ", ".join(f"{k} {teacher[k]:.3f}" for k in keys) + "".join(
+            f"; {name}: " + ", ".join(f"{k} {m[k]:.3f}" for k in keys) for name, m in teacher.get("extra", {}).items())]
     scored = [r for r in rows if "process" in r]
     if scored:
         figures = list(dict.fromkeys(k for r in scored for k in r["process"]))

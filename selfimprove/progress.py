@@ -31,11 +31,11 @@ def clock(seconds: float) -> str:
 class RunProgress:
     """Prints the stage lines of one run; the driver calls it around every stage."""
 
-    def __init__(self, run_dir: Path, iterations: int, stages: list[tuple[int, str]]):
+    def __init__(self, run_dir: Path, stages: list[tuple[int, str]]):
         """`stages`: the plan's (iteration, stage kind), in the order they run."""
         from rich.console import Console
 
-        self.run_dir, self.iterations = Path(run_dir), iterations
+        self.run_dir, self.iterations = Path(run_dir), max(t for t, _ in stages)
         self.stages = list(stages)
         self.start = time.monotonic()
         self.console = Console(stderr=True)

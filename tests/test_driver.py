@@ -242,6 +242,31 @@ def test_report_from_metrics(tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_shows_the_extra_sets_and_the_teacher_beside_the_task(tmp_path):
+    head = {"model": "m", "task": "arithmetic", "split": "test", "problems": 10}
+    rows = [{"iteration": 0, **head, "pass@1": 0.2, "maj@4": 0.1, "extra": {"wide": {"pass@1": 0.05, "maj@4": 0.0}},
+             "teacher_eval": {**head, "model": "t", "pass@1": 0.5, "maj@4": 0.4,
+                              "extra": {"wide": {"pass@1": 0.3, "maj@4": 0.2}}},
+             "stage_seconds": {"eval": 5.0, "teacher_eval": 6.0}},
+            {"iteration": 1, **head, "pass@1": 0.4, "maj@4": 0.3, "extra": {"wide": {"pass@1": 0.1, "maj@4": 0.15}},
+             "labels": {"problems": 9, "gold_labels": 9, "majority_labels": 0, "no_answer": 0, "no_correct": 2,
+                        "demonstration_accuracy": 0.5, "rows": 7},
+             "stage_seconds": {"demos": 3.0, "labels": 1.0, "train": 20.0, "eval": 5.0}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_report(tmp_path).read_text().splitlines()[6:] == [
+        "| 0 | 0.200 | 0.100 |  |  | 11 |",
+        "| 1 | 0.400 | 0.300 | 7 | no answer 0, no correct 2 | 29 |",
+        "",
+        "Further held-out sets (`eval.extra`), beside the task's own:",
+        "",
+        "| iteration | wide pass@1 | wide maj@4 |",
+        "|---|---|---|",
+        "| 0 | 0.050 | 0.000 |",
+        "| 1 | 0.100 | 0.150 |",
+        "",
+        "Teacher `t`: pass@1 0.500, maj@4 0.400; wide: pass@1 0.300, maj@4 0.200"]
+
+
 def test_report_has_a_step_scoring_table_when_steps_were_scored(tmp_path):
     """Iteration 1 scored by simulation, iteration 2 by a trained PRM: their figures differ, so the columns are
     the union in first-seen order and a figure an iteration lacks is blank."""

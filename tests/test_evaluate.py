@@ -43,3 +43,42 @@ def test_greedy_only():
     rows = problem_results([sample("p1", "greedy", 0, "5", True), sample("p2", "greedy", 0, "4", False),
                             sample("p3", "greedy", 0, "5", True)])
     assert aggregate(rows, 1) == {"problems": 3, "pass@1": 2 / 3}
+
+
+def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tmp_path, monkeypatch):
+    """Driver logic only (a fake rollout that answers 5 to everything): the task's set and each extra set are
+    rolled out with their own task into their own folders, and metrics.json carries every set's figures."""
+    import json
+
+    import pyarrow as pa
+
+    import selfimprove.evaluate
+    from selfimprove.config import load_config
+    from selfimprove.evaluate import run_eval
+
+    calls = []
+
+    def fake_rollout(model, cfg, task, rows, out):
+        calls.append((task, out))
+        return pa.Table.from_pylist([
+            {"problem_id": r["problem_id"], "pass": r["pass"], "sample_index": i, "extracted": "5",
+             "correct": r["answer"] == "5", "answer": r["answer"]} for r in rows for i in range(r["n"])])
+
+    monkeypatch.setattr(selfimprove.evaluate, "rollout", fake_rollout)
+    cfg = load_config(None, ["eval.k=2"])
+
+    class FakeTask:
+        def prompt(self, problem):
+            return []
+
+    task, task_b = FakeTask(), FakeTask()
+
+    def problems(*answers):
+        return [{"id": f"p{i}", "question": "q", "answer": a, "solution": ""} for i, a in enumerate(answers)]
+
+    metrics = run_eval(cfg, "/m", task, problems("5", "6"), tmp_path, {"wide": (task_b, problems("5", "5", "5", "7"))},
+                       name="teacher")
+    assert calls == [(task, tmp_path / "samples"), (task_b, tmp_path / "extra" / "wide" / "samples")]
+    assert (metrics["model"], metrics["pass@1"], metrics["extra"]) == (
+        "teacher", 0.5, {"wide": {"problems": 4, "pass@1": 0.75, "maj@2": 0.75, "pass@2": 0.75}})
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == metrics

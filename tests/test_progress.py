@@ -27,7 +27,7 @@ def test_lines_name_iteration_stage_and_eta_from_finished_stages(tmp_path, capsy
     for t, kind, seconds in ((0, "eval", 60), (1, "rollout", 300), (1, "pairs", 2), (1, "train", 800), (1, "eval", 40)):
         (tmp_path / f"iter_{t}" / kind).mkdir(parents=True)
         (tmp_path / f"iter_{t}" / kind / "timing.json").write_text(json.dumps({"seconds": seconds}))
-    progress = RunProgress(tmp_path, 2, IRPO_2)
+    progress = RunProgress(tmp_path, IRPO_2)
     progress.skipped(tmp_path / "iter_1" / "train")
     progress.starting(tmp_path / "iter_2" / "rollout")  # left: rollout 300 + pairs 2 + train 800 + eval 50
     progress.finished(tmp_path / "iter_2" / "rollout", 75)
@@ -38,5 +38,5 @@ def test_lines_name_iteration_stage_and_eta_from_finished_stages(tmp_path, capsy
 
 
 def test_first_iteration_says_there_is_no_estimate_yet(tmp_path, capsys):
-    RunProgress(tmp_path, 1, IRPO_2[:5]).starting(tmp_path / "iter_0" / "eval")
+    RunProgress(tmp_path, IRPO_2[:5]).starting(tmp_path / "iter_0" / "eval")
     assert "no ETA until each stage kind has run once" in " ".join(capsys.readouterr().err.split())

@@ -1,7 +1,9 @@
 """Recipes: each a module that declares the stages of a run, and the knob values it needs.
 
 A recipe module has `DEFAULTS` (knob values a config naming it gets unless it sets them), `check(cfg)` (what is
-wrong with a config for this recipe, or None) and `plan(run)` (every stage of the run, in order). The driver runs
+wrong with a config for this recipe, or None) and `plan(run)` (every stage of the run, in order); `ROLES`, the
+models it uses besides the policy's, and `NEEDS_GOLD`, whether its training problems need answers, if they
+differ from the loop recipes' (the policy alone; yes). The driver runs
 that plan; progress, resume, input fingerprints and the metrics all read it, and nothing else lists stages.
 """
 
@@ -23,3 +25,20 @@ def name_of(cfg) -> str:
     if cfg.pairs.source == "process":
         return "sipf"
     return {"sft": "star", "dpo": "dpo", "ipo": "dpo"}.get(cfg.train.loss, "irpo")
+
+
+def roles(name: str) -> tuple[str, ...]:
+    return getattr(recipe(name), "ROLES", ("policy",))
+
+
+def needs_gold(name: str) -> bool:
+    return getattr(recipe(name), "NEEDS_GOLD", True)
+
+
+def role_problem(cfg) -> str | None:
+    """A model role the config gives that its recipe does not use, or None."""
+    name = name_of(cfg)
+    if (cfg.models.teacher or cfg.teacher.data) and "teacher" not in roles(name):
+        return (f"recipe {name} has no teacher: models.teacher and teacher.data are read by recipe self_refine "
+                "only")
+    return None

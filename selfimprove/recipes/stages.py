@@ -25,6 +25,8 @@ from selfimprove.errors import UserError
 from selfimprove.io import read_table
 from selfimprove.precision import Choice
 
+PROBLEMS = "problems.json"  # a stage's problem rows for later stages (JSON: the training rows' Parquet is beside it)
+
 
 @dataclass(frozen=True)
 class Model:
@@ -45,6 +47,8 @@ class Run:
     generate: Choice  # the type engines compute in
     train: Choice  # the type trainers compute in
     backbone: str | None = None  # process.scorer=trained: the model the PRM is a classifier on
+    teacher: Model | None = None  # models.teacher: the model that writes demonstrations
+    extra: dict = dataclasses.field(default_factory=dict)  # eval.extra: name -> (task, held-out problems)
 
     def iteration(self, t: int) -> Path:
         return self.run_dir / f"iter_{t}"
@@ -71,19 +75,27 @@ def trained_model(stage: Stage) -> Model:
     return Model(str((stage.folder / "model").resolve()), stage.folder)
 
 
-def evaluate(run: Run, t: int, model: Model) -> Stage:
-    """Greedy pass@1 and maj@k of `model` on the held-out problems: `metrics.json` and the samples."""
-    return Stage(run.iteration(t) / "eval", functools.partial(_evaluate, run.cfg, model.ref, run.task, run.test_problems),
-                 {"model": model.made_by, "problems": run.test_problems}, run.generate)
+def evaluate(run: Run, t: int, model: Model, kind: str = "eval", name: str | None = None) -> Stage:
+    """Greedy pass@1 and maj@k of `model` (called `name` in the metrics, default `model`) on the held-out problems
+    and on each `eval.extra` set: `metrics.json` and the samples."""
+    extra = {set_name: problems for set_name, (_, problems) in run.extra.items()}
+    return Stage(run.iteration(t) / kind, functools.partial(_evaluate, run.cfg, model.ref, name or run.cfg.model,
+                                                            run.task, run.test_problems, run.extra),
+                 {"model": model.made_by, "problems": run.test_problems, "extra": extra or None}, run.generate)
 
 
-def rollout(run: Run, t: int, model: Model) -> Stage:
-    """`rollout.n` samples of `model` per training problem, at iteration t's temperature: `samples/`."""
+def rollout(run: Run, t: int, model: Model, problems: list[dict] | Path | None = None, kind: str = "rollout",
+            n: int | None = None, temperature: float | None = None) -> Stage:
+    """`n` (default `rollout.n`) samples of `model` per training problem, at iteration t's temperature: `samples/`.
+    `problems` is the training problems, or a stage folder whose `problems.json` holds them when it has run."""
     r = run.cfg.rollout
-    temperature = r.temperature_schedule[t - 1] if r.temperature_schedule else r.temperature
-    return Stage(run.iteration(t) / "rollout",
-                 functools.partial(_rollout, run.cfg, model.ref, run.task, run.train_problems, temperature),
-                 {"model": model.made_by, "problems": run.train_problems, "temperature": temperature}, run.generate)
+    if temperature is None:
+        temperature = r.temperature_schedule[t - 1] if r.temperature_schedule else r.temperature
+    problems = run.train_problems if problems is None else problems
+    return Stage(run.iteration(t) / kind,
+                 functools.partial(_rollout, run.cfg, model.ref, run.task, problems, n or r.n, temperature),
+                 {"model": model.made_by, "problems": problems, "temperature": temperature,
+                  "n": n if n is not None and n != r.n else None}, run.generate)
 
 
 def process(run: Run, t: int, model: Model, prm: Path | None) -> Stage:
@@ -113,22 +125,50 @@ def pairs(run: Run, t: int, previous: Path | None = None) -> Stage:
                   "problems": run.train_problems})
 
 
-def train(run: Run, t: int, model: Model, rows: Path) -> Stage:
-    """`model` trained on the rows of the stage folder `rows` with `train.loss`; `model` is also the reference."""
-    return Stage(run.iteration(t) / "train", functools.partial(_train, run.cfg, model.ref, rows),
-                 {"model": model.made_by, "pairs": rows}, run.train)
+def demonstrations(run: Run, t: int) -> Stage:
+    """The teacher's demonstrations for the training problems, as sample rows (`samples/`): `teacher.n` samples of
+    `models.teacher` through the rollout pool, or the rows of `teacher.data` (read now: a file with no usable row
+    fails before any work)."""
+    tc = run.cfg.teacher
+    if run.teacher is not None:
+        return rollout(run, t, run.teacher, kind="demos", n=tc.n, temperature=tc.temperature)
+    samples, stats = read_demonstrations(tc.data, run.task, run.train_problems)
+    return Stage(run.iteration(t) / "demos", functools.partial(_write_demonstrations, samples, stats),
+                 {"data": samples})
 
 
-def _evaluate(cfg: Config, model: str, task, problems: list[dict], out: Path) -> None:
+def labels(run: Run, t: int, demos: Path) -> Stage:
+    """Each training problem's label (its gold answer, or the teacher's majority answer) and the demonstrations
+    that reach it: `problems.json` (the labelled problems), `sft.parquet` (the student's tuning rows, prompted
+    in the student's own chat template) and `stats.json`."""
+    return Stage(run.iteration(t) / "labels",
+                 functools.partial(_labels, run.cfg, run.task, run.train_problems, run.policy.ref, demos),
+                 {"demos": demos, "problems": run.train_problems, "student": run.policy.made_by})
+
+
+def train(run: Run, t: int, model: Model, rows: Path, loss: str | None = None) -> Stage:
+    """`model` trained on the rows of the stage folder `rows` with `loss` (default `train.loss`); `model` is also
+    the reference."""
+    cfg = run.cfg if loss is None else dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, loss=loss))
+    return Stage(run.iteration(t) / "train", functools.partial(_train, cfg, model.ref, rows),
+                 {"model": model.made_by, "pairs": rows, "loss": loss}, run.train)
+
+
+def problems_of(source: list[dict] | Path) -> list[dict]:
+    """Problem rows given as such, or as the stage folder that wrote them to `problems.json`."""
+    return json.loads((source / PROBLEMS).read_text()) if isinstance(source, Path) else source
+
+
+def _evaluate(cfg: Config, model: str, name: str, task, problems: list[dict], extra: dict, out: Path) -> None:
     from selfimprove.evaluate import run_eval
 
-    run_eval(cfg, model, task, problems, out)
+    run_eval(cfg, model, task, problems, out, extra, name)
 
 
-def _rollout(cfg: Config, model: str, task, problems: list[dict], temperature: float, out: Path) -> None:
+def _rollout(cfg: Config, model: str, task, problems: list[dict] | Path, n: int, temperature: float, out: Path) -> None:
     from selfimprove.rollout.stage import request_rows, rollout
 
-    rows = request_rows(task, problems, {"train": (cfg.rollout.n, temperature)}, cfg.rollout.seed)
+    rows = request_rows(task, problems_of(problems), {"train": (n, temperature)}, cfg.rollout.seed)
     rollout(model, cfg.rollout, task, rows, out / "samples")
 
 
@@ -142,6 +182,63 @@ def _process(cfg: Config, model: str, task, rollout_dir: Path, prm: Path | None,
         from selfimprove.reward.trained_prm import run_trained_prm
 
         run_trained_prm(prm, model, cfg.process, samples, out)
+
+
+def read_demonstrations(path: str, task, problems: list[dict]) -> tuple[list[dict], dict]:
+    """(sample rows, stats) from a demonstrations file of rows with `question` and `response`; a row whose
+    question is not a training problem's, or that lacks either field, is dropped and counted. UserError if no
+    row is usable."""
+    from selfimprove.tasks.files import read_rows
+
+    by_question = {p["question"].strip(): p for p in problems}
+    rows = read_rows(path, "train", (), lambda row: row)
+    samples, stats = [], {"rows": len(rows), "no_question": 0, "no_response": 0, "unknown_question": 0}
+    seen: dict[str, int] = {}
+    for row in rows:
+        question, response = row.get("question"), row.get("response")
+        if not isinstance(question, str) or not question.strip():
+            stats["no_question"] += 1
+        elif not isinstance(response, str) or not response.strip():
+            stats["no_response"] += 1
+        elif question.strip() not in by_question:
+            stats["unknown_question"] += 1
+        else:
+            p = by_question[question.strip()]
+            seen[p["id"]] = seen.get(p["id"], -1) + 1
+            samples.append({"pass": "demos", "problem_id": p["id"], "sample_index": seen[p["id"]], "text": response,
+                            "status": "ok", "extracted": task.answer_key(response), "correct": task.check(response, p)})
+    stats["used"] = len(samples)
+    if not samples:
+        dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items() if k not in ("rows", "used") and v)
+        raise UserError(f"{path}: no usable demonstrations among its {len(rows)} rows ({dropped}); each row needs a "
+                        "`question` that is one of the training problems' and a `response`")
+    return samples, stats
+
+
+def _write_demonstrations(samples: list[dict], stats: dict, out: Path) -> None:
+    (out / "samples").mkdir()
+    pq.write_table(pa.Table.from_pylist(samples), out / "samples" / "demos.parquet")
+    (out / "stats.json").write_text(json.dumps(stats))
+
+
+def _labels(cfg: Config, task, problems: list[dict], student: str, demos: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from selfimprove.labels import teacher_labels
+
+    samples = read_table(demos / "samples").to_pylist()
+    labelled, rows, stats = teacher_labels(problems, samples, cfg.teacher.rows_per_problem)
+    if not rows:
+        raise UserError(
+            f"no demonstrations to tune the student on from {demos}: of {stats['problems']} problems, "
+            f"{stats['no_correct']} had no correct one and {stats['no_answer']} no stated answer; raise teacher.n, "
+            "or use a stronger teacher")
+    tokenizer = AutoTokenizer.from_pretrained(student)  # the teacher's template may differ: the student's counts
+    prompts = {p["id"]: tokenizer.apply_chat_template(task.prompt(p), tokenize=False, add_generation_prompt=True)
+               for p in labelled}
+    pq.write_table(pa.Table.from_pylist([dict(r, prompt=prompts[r["problem_id"]]) for r in rows]), out / "sft.parquet")
+    (out / PROBLEMS).write_text(json.dumps(labelled))
+    (out / "stats.json").write_text(json.dumps(stats))
 
 
 def _train_prm(cfg: Config, backbone: str, processes: list[Path], out: Path) -> None:

@@ -1,10 +1,13 @@
 """The rollout stage: problem rows -> scored sample rows, on Ray Data over a vLLM actor pool.
 
-1. Problems become one Ray Data row each (prompt as chat-message JSON, gold answer, and the
-   pass's `n` and `temperature`, so one engine start serves several passes).
+1. Problems become one Ray Data row each (prompt as chat-message JSON, gold answer, the whole
+   problem row as JSON for the verifier, and the pass's `n` and `temperature`, so one engine
+   start serves several passes).
 2. `map_batches(VLLMGenerator, compute=ActorPoolStrategy(size=num_actors))`: one engine per
    actor; on GPU an actor asks for `tensor_parallel_size` GPUs, on CPU for its cores.
-3. `map_batches(verify_batch)` adds the extracted answer and `correct` with the task's verify.
+3. `map_batches(verify_batch)`, a step of its own with the task's `verify_cpus`, adds the extracted
+   answer and `correct` from the task's `check` of each sample against its whole problem row (a
+   task may verify against tests or a label, not only a gold string), then drops that row.
 4. Ray Data writes Parquet into a scratch folder that becomes `samples/` with `_SUCCESS` last.
 """
 
@@ -46,7 +49,7 @@ def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, 
         raise UserError(f"no problems to roll out for task '{task.name}'")
     return [
         {"pass": name, "problem_id": p["id"], "question": p["question"], "answer": p["answer"],
-         "prompt": json.dumps(task.prompt(p)), "n": n, "temperature": temperature,
+         "problem": json.dumps(p), "prompt": json.dumps(task.prompt(p)), "n": n, "temperature": temperature,
          "seed": request_seed(seed, name, p["id"])}
         for name, (n, temperature) in passes.items() for p in problems
     ]
@@ -58,11 +61,12 @@ def request_seed(*parts) -> int:
 
 
 def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarray]:
-    """Add `extracted` (the stated answer, canonical) and `correct` to a batch of samples."""
-    texts, golds, status = batch["text"], batch["answer"], batch["status"]
+    """Add `extracted` (the stated answer, canonical) and `correct` to a batch of samples, and drop the problem
+    rows they were checked against."""
+    texts, problems, status = batch["text"], batch.pop("problem"), batch["status"]
     batch["extracted"] = np.array([task.answer_key(t) if s == "ok" else None for t, s in zip(texts, status)],
                                   dtype=object)
-    batch["correct"] = np.array([s == "ok" and task.verify(t, g) for t, g, s in zip(texts, golds, status)])
+    batch["correct"] = np.array([s == "ok" and task.check(t, json.loads(p)) for t, p, s in zip(texts, problems, status)])
     return batch
 
 
@@ -85,8 +89,8 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
         max_task_retries=cfg.actor_restarts,
         **resources,
     )
-    # Light Python work: it must not wait for cores the engines hold.
-    ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=0)
+    # An answer check is light (verify_cpus 0: it must not wait for cores the engines hold); running tests is not.
+    ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=task.verify_cpus)
     try:
         with stage_output(out) as scratch:
             ds.write_parquet(str(scratch), schema=SAMPLE_SCHEMA)

@@ -32,6 +32,9 @@ class Task(ABC):
     # The prompt's first line, and the worked (question, solution) pair shown before the problem.
     instruction: str = ""
     example: tuple[str, str] = ("", "")
+    # Cores one batch's verification holds: 0 for answer matching, which must not wait behind the engines; a task
+    # whose check runs programs asks for a core.
+    verify_cpus: float = 0
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -71,6 +74,10 @@ class Task(ABC):
     @abstractmethod
     def verify(self, text: str, gold: str) -> bool:
         """Whether a model's text reaches the gold answer. Pure and total: never raises."""
+
+    def check(self, text: str, problem: dict) -> bool:
+        """Whether a model's text solves `problem`, a whole problem row: by default, reaches its answer."""
+        return self.verify(text, problem["answer"])
 
     def answer_key(self, text: str) -> str | None:
         """What majority voting groups samples by: the stated answer in canonical form, None if none."""

@@ -8,6 +8,8 @@ annotations ("9 * 2 = <<9*2=18>>18") and a last line "#### 18". A task row keeps
   answer    the text after "####", commas removed ("2,125" -> "2125")
   solution  the text before "####" without the annotations, plus " The answer is N.", the
             same form the one-shot example shows and the verifier reads
+A row with a question and no answer is a question alone (answer and solution ""): recipe
+self_refine labels such questions by its teacher's majority answer; the others refuse them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _ANNOTATION = re.compile(r"<<.*?>>")
 
 def to_row(raw: dict) -> dict:
     """A task row from a raw GSM8K row; ValueError if the answer has no "#### N"."""
+    if raw.get("answer") in (None, ""):
+        return {"question": str(raw["question"]), "answer": "", "solution": ""}
     reasoning, marker, final = str(raw["answer"]).rpartition("####")
     answer = final.strip().replace(",", "")
     if not marker or not answer:
@@ -44,7 +48,7 @@ class GSM8K(Task):
     )
 
     def read(self, split: str) -> list[dict]:
-        return read_rows(self.cfg.data or HUB_NAME, split, ("question", "answer"), to_row, hub_config="main")
+        return read_rows(self.cfg.data or HUB_NAME, split, ("question",), to_row, hub_config="main")
 
     def verify(self, text: str, gold: str) -> bool:
         return is_correct(text, gold)

@@ -148,12 +148,25 @@ def test_empty_problem_set(task):
 
 
 def test_verify_batch_skipped_rows_are_wrong(task):
+    problem = json.dumps({"id": "p", "question": "q", "answer": "5", "solution": ""})
     batch = {"text": np.array(["so 2 + 3 = 5. The answer is 5.", "The answer is 6.", ""], dtype=object),
-             "answer": np.array(["5", "5", "5"], dtype=object),
+             "problem": np.array([problem] * 3, dtype=object),
              "status": np.array(["ok", "ok", SKIPPED], dtype=object)}
     out = verify_batch(batch, task)
     assert out["correct"].tolist() == [True, False, False]
     assert out["extracted"].tolist() == ["5", "6", None]
+    assert "problem" not in out  # not a sample column
+
+
+def test_verify_batch_hands_the_task_the_whole_problem_row(task):
+    class Labelled(type(task)):
+        def check(self, text, problem):  # a task that verifies against another field than `answer`
+            return self.verify(text, problem["label"])
+
+    problem = json.dumps({"id": "p", "question": "q", "answer": "5", "label": "6", "solution": ""})
+    batch = {"text": np.array(["The answer is 5.", "The answer is 6."], dtype=object),
+             "problem": np.array([problem] * 2, dtype=object), "status": np.array(["ok", "ok"], dtype=object)}
+    assert verify_batch(batch, Labelled(task.cfg))["correct"].tolist() == [False, True]
 
 
 def test_check_complete_wants_each_sample_once():

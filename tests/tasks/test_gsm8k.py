@@ -57,7 +57,6 @@ def test_verify(task_config, text, expected):
     "row, fragment",
     [
         ({"answer": "#### 3"}, ":1: row has no 'question'"),
-        ({"question": "q"}, ":1: row has no 'answer'"),
         ({"question": "q", "answer": "just 3"}, ":1: 'answer' has no final '#### N' line"),
     ],
 )
@@ -65,6 +64,13 @@ def test_bad_rows(write_jsonl, task_config, row, fragment):
     path = write_jsonl("test.jsonl", [row])
     with pytest.raises(UserError, match=fragment):
         build_task(task_config(name="gsm8k", data=path)).load("test")
+
+
+def test_a_row_without_an_answer_is_a_question_alone(write_jsonl, task_config):
+    path = write_jsonl("train.jsonl", [{"question": "q1"}, {"question": "q2", "answer": ""},
+                                       {"question": "q3", "answer": "2 + 1 = 3\n#### 3"}])
+    rows = build_task(task_config(name="gsm8k", data=path)).load("train")
+    assert [(r["answer"], r["solution"]) for r in rows] == [("", ""), ("", ""), ("3", "2 + 1 = 3 The answer is 3.")]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared GSM8K data not found at {SHARED} (set SELFIMPROVE_SHARED_DATA)")
