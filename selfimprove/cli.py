@@ -142,7 +142,7 @@ def _eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from selfimprove.evaluate import check_answered, run_eval
+    from selfimprove.evaluate import check_answered, extra_sets, run_eval
     from selfimprove.io import check_replaceable, claim_folder
     from selfimprove.models import resolve_model
     from selfimprove.precision import announce, resolve
@@ -154,18 +154,20 @@ def _eval(args) -> int:
     task = build_task(cfg.task)
     problems = task.load(cfg.eval.split)
     check_answered(problems, f"task.data={cfg.task.data}")
+    extra = extra_sets(cfg)
     model = resolve_model(cfg.model)
     cfg, choices = resolve(cfg)
     check_resources(cfg, train=False)
     claim_folder(out)
     announce(choices[:1])
     init_ray()
-    metrics = run_eval(cfg, model, task, problems, out)
-    table = Table(title=f"{cfg.model} on {cfg.task.name} ({cfg.eval.split}, {metrics['problems']} problems)")
-    for key in metrics:
-        if "@" in key:
-            table.add_column(key, justify="right")
-    table.add_row(*(f"{v:.3f}" for k, v in metrics.items() if "@" in k))
+    metrics = run_eval(cfg, model, task, problems, out, extra)
+    table = Table(title=f"{cfg.model} ({cfg.eval.split})")
+    keys = [k for k in metrics if "@" in k]
+    for column in ("set", "problems", *keys):
+        table.add_column(column, justify="right")
+    for name, m in {cfg.task.name: metrics, **metrics.get("extra", {})}.items():
+        table.add_row(name, str(m["problems"]), *(f"{m[k]:.3f}" for k in keys))
     Console().print(table)
     print(f"wrote {out / 'metrics.json'}")
     return 0

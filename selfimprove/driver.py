@@ -74,17 +74,14 @@ def _prepare(cfg: Config) -> Run:
     """What a plan is built from: the task and its problems, the starting models (checked), and the types
     engines and trainers compute in on this machine. The saved config keeps `auto`, so that a run resumed on
     another kind of machine computes in that machine's type."""
+    from selfimprove.evaluate import extra_sets
     from selfimprove.models import resolve_model
     from selfimprove.tasks import build_task
 
     task = build_task(cfg.task)
     train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
     _check_answers(cfg, train_problems, test_problems, f"task.data={cfg.task.data}")
-    extra = {}
-    for name, set_cfg in cfg.eval.extra.items():
-        set_task = build_task(set_cfg)
-        extra[name] = (set_task, set_task.load(cfg.eval.split))
-        _check_answers(cfg, [], extra[name][1], f"eval.extra.{name}.data={set_cfg.data}")
+    extra = extra_sets(cfg)
     policy = resolve_model(cfg.model)
     teacher = resolve_model(cfg.models.teacher) if cfg.models.teacher else None
     backbone = None

@@ -68,6 +68,18 @@ def check_answered(problems: list[dict], source: str) -> None:
                         "evaluation needs to score them")
 
 
+def extra_sets(cfg: Config) -> dict[str, tuple[Task, list[dict]]]:
+    """`eval.extra` as name -> (task, held-out problems), each checked."""
+    from selfimprove.tasks import build_task
+
+    sets = {}
+    for name, set_cfg in cfg.eval.extra.items():
+        task = build_task(set_cfg)
+        sets[name] = (task, task.load(cfg.eval.split))
+        check_answered(sets[name][1], f"eval.extra.{name}.data={set_cfg.data}")
+    return sets
+
+
 def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Path,
              extra: dict[str, tuple[Task, list[dict]]] | None = None, name: str | None = None) -> dict:
     """Evaluate a resolved model (called `name`, default `cfg.model`) on `problems` and on each further set of

@@ -1,6 +1,7 @@
 """The command line: each bad input is one line on stderr, exit code 2, no traceback, no Ray started."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,10 @@ def test_prepare_model_unknown_name():
 def test_eval_end_to_end(tmp_path, bundled_model):
     out = tmp_path / "eval"
     done = run("eval", "smollm2-135m-instruct", "--task", "arithmetic", "--limit", 4, "--n", 2, "--out", out,
-               "rollout.max_tokens=64", "rollout.batch_size=4")
+               "rollout.max_tokens=64", "rollout.batch_size=4", "eval.extra.wide.min_value=16",
+               "eval.extra.wide.max_value=40")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "pass@1" in done.stdout and "maj@2" in done.stdout
+    assert "pass@1" in done.stdout and "maj@2" in done.stdout and "wide" in done.stdout
     report = json.loads((out / "metrics.json").read_text())
     samples = read_table(out / "samples").to_pylist()
     assert len(samples) == 4 * 1 + 4 * 2
@@ -85,6 +87,10 @@ def test_eval_end_to_end(tmp_path, bundled_model):
     assert report["metrics"]["pass@1"] == sum(s["correct"] for s in greedy) / 4
     assert {r["id"] for r in report["problems"]} == {s["problem_id"] for s in greedy}
     assert Path(out / "samples" / "_SUCCESS").is_file()
+    # The extra set: the task's 4 problems but with numbers 16-40, scored on their own.
+    wide = [s for s in read_table(out / "extra" / "wide" / "samples").to_pylist() if s["pass"] == "greedy"]
+    assert len(wide) == 4 and all(all(16 <= int(n) <= 40 for n in re.findall(r"\d+", s["question"])) for s in wide)
+    assert report["metrics"]["extra"]["wide"]["pass@1"] == sum(s["correct"] for s in wide) / 4
 
 
 def test_eval_and_train_refuse_an_out_folder_they_did_not_write(files, tmp_path):
