@@ -184,7 +184,7 @@ def _train(args) -> int:
     announce(choices[1:])
     data = Path(args.data or Path(cfg.run_dir) / "iter_0" / "pairs").expanduser()
     out = Path(args.out or Path(cfg.run_dir) / "iter_0" / "model").expanduser()
-    summary = train(cfg, data, out)
+    summary = train(cfg, data, out, reference=cfg.models.reference)
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     print(f"wrote {out}")
     return 0

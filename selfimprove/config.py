@@ -215,6 +215,8 @@ class ProcessConfig:
 @dataclass
 class ModelsConfig:
     policy: str | None = knob(None, "the model a run trains and evaluates (none: `model`, which means the same)")
+    reference: str | None = knob(None, "the DPO reference of every preference train stage (none: the model the stage "
+                                 "starts from, as iterative recipes do); must share the policy's tokenizer")
     teacher: str | None = knob(None, "self_refine: the model that writes demonstrations (bundled name, HF id, folder "
                                "or .gguf; or give teacher.data)")
 
@@ -287,11 +289,14 @@ def _policy_as_model(raw: dict, where: str) -> dict:
     return dict(raw, model=policy, models={k: v for k, v in raw["models"].items() if k != "policy"})
 
 
-def check(cfg: Config, where: str = "config") -> None:
-    """Refuse a combination of knobs that each pass their own check (a config built in code skips `load_config`)."""
-    from selfimprove.recipes import name_of, recipe, role_problem
+def check(cfg: Config, where: str = "config", recipe: bool = True) -> None:
+    """Refuse a combination of knobs that each pass their own check (a config built in code skips `load_config`).
+    `recipe=False` leaves out the recipe's own checks: a trainer given one stage's settings (self_refine tunes
+    with SFT before its DPO rounds) checks the knobs it reads."""
+    from selfimprove.recipes import name_of, role_problem
+    from selfimprove.recipes import recipe as recipe_module
 
-    problem = _cross_check(cfg) or role_problem(cfg) or recipe(name_of(cfg)).check(cfg)
+    problem = _cross_check(cfg) or (recipe and (role_problem(cfg) or recipe_module(name_of(cfg)).check(cfg)))
     if problem:
         raise UserError(f"{where}: {problem}")
 

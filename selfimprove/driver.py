@@ -75,7 +75,7 @@ def _prepare(cfg: Config) -> Run:
     engines and trainers compute in on this machine. The saved config keeps `auto`, so that a run resumed on
     another kind of machine computes in that machine's type."""
     from selfimprove.evaluate import extra_sets
-    from selfimprove.models import resolve_model
+    from selfimprove.models import check_tokenizer, resolve_model
     from selfimprove.tasks import build_task
 
     task = build_task(cfg.task)
@@ -84,10 +84,13 @@ def _prepare(cfg: Config) -> Run:
     extra = extra_sets(cfg)
     policy = resolve_model(cfg.model)
     teacher = resolve_model(cfg.models.teacher) if cfg.models.teacher else None
+    reference = None
+    if cfg.models.reference:
+        from selfimprove.train.trainer import check_reference
+
+        reference = check_reference(cfg.models.reference, policy)
     backbone = None
     if cfg.process.scorer == "trained":
-        from selfimprove.reward.trained_prm import check_tokenizer
-
         backbone = resolve_model(cfg.process.prm_backbone) if cfg.process.prm_backbone else policy
         if backbone != policy:
             check_tokenizer(backbone, policy, "(process.prm_backbone) has")
@@ -97,7 +100,7 @@ def _prepare(cfg: Config) -> Run:
         check_lora_targets(policy, cfg.train.lora_targets)
     concrete, (generate, train) = resolve(cfg)
     return Run(concrete, Path(cfg.run_dir), task, train_problems, test_problems, _model(policy), generate, train,
-               backbone, teacher and _model(teacher), extra)
+               backbone, teacher and _model(teacher), reference and _model(reference), extra)
 
 
 def _model(ref: str) -> Model:

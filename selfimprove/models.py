@@ -51,6 +51,24 @@ HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def tokenizer_hash(tokenizer) -> str:
+    """A hash of a tokenizer's vocabulary (added tokens included): equal hashes read text as the same ids."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def check_tokenizer(folder: str | Path, policy: str, what: str = "was trained with",
+                    why: str = "a PRM must read the policy's token ids; use a backbone with the policy's tokenizer"
+                    ) -> None:
+    """Refuse a model (a PRM folder, a backbone, a reference) whose tokenizer is not the policy's, in one line:
+    `folder {what} another tokenizer ...: {why}`."""
+    from transformers import AutoTokenizer
+
+    theirs, ours = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(policy)
+    if tokenizer_hash(theirs) != tokenizer_hash(ours):
+        raise UserError(f"{folder} {what} another tokenizer than the policy {policy} ({len(theirs)} vs {len(ours)} "
+                        f"tokens, vocabularies differ): {why}")
+
+
 def home() -> Path:
     return Path(os.environ.get("SELFIMPROVE_HOME", Path.home() / ".cache" / "selfimprove")).expanduser()
 

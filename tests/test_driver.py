@@ -399,7 +399,7 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
         log.append(("train_prm", out.parent.parent.name, backbone, [p.name for p in iterations]))
         out.mkdir()
 
-    def fake_train(cfg, policy, pairs_dir, out):
+    def fake_train(cfg, policy, pairs_dir, reference, out):
         log.append(("train", out.parent.name, len(pq.read_table(pairs_dir / "pairs.parquet"))))
         (out / "model").mkdir()
 

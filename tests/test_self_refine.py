@@ -17,10 +17,10 @@ from tests.test_recipes import GENERATE, TRAIN
 TEACHER = ["recipe=self_refine", "models.teacher=/teacher"]
 
 
-def plan(*overrides, teacher=Model("/teacher", "/teacher"), task=None, problems=()):
+def plan(*overrides, teacher=Model("/teacher", "/teacher"), task=None, problems=(), reference=None):
     cfg = load_config(None, list(overrides))
     run = Run(cfg, Path("/r"), task, list(problems), [], Model("/student", "/student"), GENERATE, TRAIN,
-              teacher=teacher)
+              teacher=teacher, reference=reference)
     return recipe("self_refine").plan(run)
 
 
@@ -31,14 +31,33 @@ def test_it_evaluates_both_models_tunes_on_the_teachers_demonstrations_then_runs
         (2, "rollout"), (2, "pairs"), (2, "train"), (2, "eval"), (3, "rollout"), (3, "pairs"), (3, "train"), (3, "eval")]
     reads = {(s.iteration, s.kind): s.reads for s in stages}
     assert reads[(0, "teacher_eval")]["model"] == reads[(1, "demos")]["model"] == "/teacher"
-    assert reads[(1, "train")] == {"model": "/student", "pairs": Path("/r/iter_1/labels"), "loss": "sft"}
+    assert reads[(1, "train")] == {"model": "/student", "pairs": Path("/r/iter_1/labels"), "loss": "sft",
+                                   "reference": None}
     # Rounds sample the labelled questions, each from the last model, and train with train.loss (dpo).
     assert reads[(2, "rollout")]["problems"] == reads[(3, "rollout")]["problems"] == Path("/r/iter_1/labels")
     assert [reads[(t, "rollout")]["model"] for t in (2, 3)] == [Path("/r/iter_1/train"), Path("/r/iter_2/train")]
-    assert reads[(3, "train")] == {"model": Path("/r/iter_2/train"), "pairs": Path("/r/iter_3/pairs"), "loss": None}
+    assert reads[(3, "train")] == {"model": Path("/r/iter_2/train"), "pairs": Path("/r/iter_3/pairs"), "loss": None,
+                                   "reference": None}
     assert load_config(None, TEACHER).train.loss == "dpo"
     # The teacher samples teacher.n at teacher.temperature.
     assert (reads[(1, "demos")]["n"], reads[(1, "demos")]["temperature"]) == (4, 0.7)
+
+
+def test_a_fixed_reference_is_read_by_the_preference_rounds_not_by_instruction_tuning():
+    reads = {(s.iteration, s.kind): s.reads for s in plan(*TEACHER, "iterations=1", reference=Model("/ref", "/base"))}
+    assert (reads[(1, "train")]["reference"], reads[(2, "train")]["reference"]) == (None, "/base")
+
+
+def test_the_instruction_tuning_stage_passes_the_trainers_check_although_its_loss_is_not_the_recipes():
+    import dataclasses
+
+    from selfimprove.config import check
+
+    cfg = load_config(None, TEACHER)
+    tuning = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss="sft"))
+    check(tuning, recipe=False)  # what the trainer checks: the knobs it reads
+    with pytest.raises(UserError, match="recipe self_refine's rounds train outcome pairs"):
+        check(tuning)
 
 
 def test_demonstrations_from_a_file_are_read_when_planned_and_no_teacher_is_evaluated(tmp_path):
@@ -61,6 +80,7 @@ def test_demonstrations_from_a_file_are_read_when_planned_and_no_teacher_is_eval
                                                  "read by recipe self_refine only"),
     (["model=a", "models.policy=b"], "'model' ('a') and 'models.policy' ('b') name two policies; give one of them"),
     (["eval.extra.wide.max_valu=40"], "unknown key 'eval.extra.wide.max_valu'"),
+    (["models.reference=/r", "train.loss=orpo"], "models.reference is a DPO reference, which train.loss=orpo does not use"),
 ])
 def test_bad_roles_and_sets_fail_at_load(overrides, message):
     with pytest.raises(UserError) as e:

@@ -2,8 +2,8 @@
 
 A recipe module has `DEFAULTS` (knob values a config naming it gets unless it sets them), `check(cfg)` (what is
 wrong with a config for this recipe, or None) and `plan(run)` (every stage of the run, in order); `ROLES`, the
-models it uses besides the policy's, and `NEEDS_GOLD`, whether its training problems need answers, if they
-differ from the loop recipes' (the policy alone; yes). The driver runs
+models it uses, and `NEEDS_GOLD`, whether its training problems need answers, if they differ from the loop
+recipes' (policy and reference; yes). The driver runs
 that plan; progress, resume, input fingerprints and the metrics all read it, and nothing else lists stages.
 """
 
@@ -28,7 +28,7 @@ def name_of(cfg) -> str:
 
 
 def roles(name: str) -> tuple[str, ...]:
-    return getattr(recipe(name), "ROLES", ("policy",))
+    return getattr(recipe(name), "ROLES", ("policy", "reference"))
 
 
 def needs_gold(name: str) -> bool:
@@ -37,8 +37,12 @@ def needs_gold(name: str) -> bool:
 
 def role_problem(cfg) -> str | None:
     """A model role the config gives that its recipe does not use, or None."""
+    from selfimprove.train.loss_names import needs_reference
+
     name = name_of(cfg)
     if (cfg.models.teacher or cfg.teacher.data) and "teacher" not in roles(name):
         return (f"recipe {name} has no teacher: models.teacher and teacher.data are read by recipe self_refine "
                 "only")
+    if cfg.models.reference and not needs_reference(cfg.train.loss):
+        return f"models.reference is a DPO reference, which train.loss={cfg.train.loss} does not use"
     return None

@@ -15,7 +15,7 @@ from selfimprove.recipes.stages import Run, Stage
 from selfimprove.train.loss_names import needs_rejected
 
 DEFAULTS = {"train": {"loss": "dpo"}, "pairs": {"source": "outcome"}}
-ROLES = ("policy", "teacher")
+ROLES = ("policy", "reference", "teacher")
 NEEDS_GOLD = False  # the teacher's majority labels questions that come without answers
 
 

@@ -48,6 +48,7 @@ class Run:
     train: Choice  # the type trainers compute in
     backbone: str | None = None  # process.scorer=trained: the model the PRM is a classifier on
     teacher: Model | None = None  # models.teacher: the model that writes demonstrations
+    reference: Model | None = None  # models.reference: a fixed DPO reference (none: the model a stage starts from)
     extra: dict = dataclasses.field(default_factory=dict)  # eval.extra: name -> (task, held-out problems)
 
     def iteration(self, t: int) -> Path:
@@ -147,11 +148,15 @@ def labels(run: Run, t: int, demos: Path) -> Stage:
 
 
 def train(run: Run, t: int, model: Model, rows: Path, loss: str | None = None) -> Stage:
-    """`model` trained on the rows of the stage folder `rows` with `loss` (default `train.loss`); `model` is also
-    the reference."""
+    """`model` trained on the rows of the stage folder `rows` with `loss` (default `train.loss`); its reference, if
+    the loss has one, is `models.reference`, else `model` itself."""
+    from selfimprove.train.loss_names import needs_reference
+
     cfg = run.cfg if loss is None else dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, loss=loss))
-    return Stage(run.iteration(t) / "train", functools.partial(_train, cfg, model.ref, rows),
-                 {"model": model.made_by, "pairs": rows, "loss": loss}, run.train)
+    reference = run.reference if needs_reference(cfg.train.loss) else None
+    return Stage(run.iteration(t) / "train", functools.partial(_train, cfg, model.ref, rows, reference and reference.ref),
+                 {"model": model.made_by, "pairs": rows, "loss": loss, "reference": reference and reference.made_by},
+                 run.train)
 
 
 def problems_of(source: list[dict] | Path) -> list[dict]:
@@ -277,10 +282,10 @@ def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, o
     (out / "stats.json").write_text(json.dumps(stats))
 
 
-def _train(cfg: Config, model: str, rows: Path, out: Path) -> None:
+def _train(cfg: Config, model: str, rows: Path, reference: str | None, out: Path) -> None:
     from selfimprove.train.trainer import train
 
-    train(dataclasses.replace(cfg, model=model), rows, out / "model", checkpoints=checkpoints(out))
+    train(dataclasses.replace(cfg, model=model), rows, out / "model", checkpoints=checkpoints(out), reference=reference)
 
 
 def checkpoints(scratch: Path) -> Path:

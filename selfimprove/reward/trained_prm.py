@@ -34,7 +34,6 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import tempfile
@@ -46,6 +45,7 @@ import pyarrow.parquet as pq
 from selfimprove.config import Config, ProcessConfig
 from selfimprove.errors import UserError
 from selfimprove.io import read_table, stage_output
+from selfimprove.models import check_tokenizer, tokenizer_hash
 from selfimprove.reward.mc_prm import OUTCOME, scorable_samples, write_stage
 from selfimprove.rollout.generator import SKIPPED
 
@@ -105,22 +105,6 @@ def collate(examples: list[PRMExample], pad_id: int):
 
 
 # -- tokens ----------------------------------------------------------------------------------
-
-def tokenizer_hash(tokenizer) -> str:
-    """A hash of a tokenizer's vocabulary (added tokens included): equal hashes read text as the same ids."""
-    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
-
-
-def check_tokenizer(folder: str | Path, policy: str, what: str = "was trained with") -> None:
-    """Refuse a PRM folder (or a backbone: `what="has"`) whose tokenizer is not the policy's, in one line."""
-    from transformers import AutoTokenizer
-
-    theirs, ours = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(policy)
-    if tokenizer_hash(theirs) != tokenizer_hash(ours):
-        raise UserError(f"{folder} {what} another tokenizer than the policy {policy} ({len(theirs)} vs {len(ours)} "
-                        "tokens, vocabularies differ): a PRM must read the policy's token ids; use a backbone with the "
-                        "policy's tokenizer")
-
 
 class Encoder:
     """(prompt ids, sample text ids, the text's token character spans) of a sample, as the rollout tokenised it."""

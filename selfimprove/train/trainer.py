@@ -14,7 +14,9 @@
 4. Reference log-probs are computed once, before the first step, over the worker's shard, and
    kept beside it (and in every checkpoint): never per step. Full fine-tuning reads them off the
    model before it moves; with LoRA they come from the same model inside `disable_adapter()`,
-   so no second copy of the model exists either way. Losses that need none (sft, orpo) skip it.
+   so no second copy of the model exists either way. A separate reference model (`reference`)
+   is loaded whole on each worker for that pass only, then dropped. Losses that need none (sft,
+   orpo) skip it.
 5. One forward pass per micro-batch over chosen and rejected together, padded to the batch's
    longest. Logits are computed only from the first response position on (`logits_to_keep`):
    prompt positions need none, and a 49k-word head is a fifth of a 135M model's work. Token
@@ -76,8 +78,11 @@ class NonFiniteLoss(Exception):
         return f"loss is {self.loss} at step {self.step}"
 
 
-def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | None = None) -> dict:
+def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | None = None,
+          reference: str | None = None) -> dict:
     """Train `cfg.model` on the pairs or SFT rows at `data`; write the model folder `out`. Returns the summary.
+
+    `reference`: the model a DPO-style loss measures against (default: `cfg.model` as it starts).
 
     Checkpoints go to `train.storage_path`, else to `checkpoints` (default: `<out>.ray`), which is
     removed once the model is saved. A caller whose `out` is a scratch folder passes a `checkpoints`
@@ -88,7 +93,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
     from selfimprove.models import resolve_model
 
     tc, out = cfg.train, Path(out).resolve()
-    check(cfg)
+    check(cfg, recipe=False)
     check_resources(cfg, rollout=False)
     # A folder that is not ours is refused now, not after the training that would replace it.
     check_replaceable(out)
@@ -111,10 +116,12 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
 
     init_ray()
     use_gpu, cores, resources = worker_resources(tc)
-    run = "train-" + fingerprint(model_path, to_dict(tc), examples)
+    reference = reference and check_reference(reference, model_path)
+    run = "train-" + fingerprint(model_path, to_dict(tc) | ({"reference": reference} if reference else {}), examples)
     storage = checkpoint_storage(tc, out, checkpoints)
     worker_config = {
-        "train": tc, "model": model_path, "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
+        "train": tc, "model": model_path, "reference": reference, "examples": ray.put(examples), "use_gpu": use_gpu,
+        "cores": cores,
         "pad_id": padding_id(tokenizer),
         "counts": vars(counts) | {"unused": counts.examples - len(examples)},
     }
@@ -218,6 +225,17 @@ def check_lora_targets(model_path: str, targets: list[str]) -> None:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"train.lora_targets: {', '.join(missing)} not in {type(model).__name__} "
                         f"(its linear layers: {', '.join(linear)}; or use [all-linear])")
+
+
+def check_reference(reference: str, policy: str) -> str:
+    """The resolved reference model; UserError if it reads text as other token ids than the policy."""
+    from selfimprove.models import check_tokenizer, resolve_model
+
+    path = resolve_model(reference)
+    if path != policy:
+        check_tokenizer(path, policy, "(models.reference) has",
+                        "a DPO reference scores the policy's token ids; use a reference with the policy's tokenizer")
+    return path
 
 
 def learning_rate(tc: TrainConfig) -> float:
@@ -341,7 +359,12 @@ def train_worker(config: dict) -> None:
             worker_print(f"resuming from the checkpoint of step {step}")
     elif needs_reference(tc.loss):
         t0 = time.perf_counter()
-        references = _reference_logps(engine, shard, tc, config["pad_id"], device)
+        if config.get("reference"):
+            references = _reference_logps(_load_reference(config["reference"], tc, device), shard, tc,
+                                          config["pad_id"], device)
+        else:
+            references = _reference_logps(engine, shard, tc, config["pad_id"], device,
+                                          engine.module.disable_adapter() if tc.lora else nullcontext())
         reference_seconds = time.perf_counter() - t0
         if rank == 0:
             worker_print(f"reference log-probs of {len(shard)} examples per worker in {reference_seconds:.1f} s")
@@ -474,8 +497,18 @@ def _chosen_only(e: Example) -> Example:
     return Example(e.prompt, e.chosen, None)
 
 
-def _reference_logps(engine, shard: list[Example], tc: TrainConfig, pad_id: int, device):
-    """[len(shard), 2] summed reference log-probs of chosen and rejected, in shard order.
+def _load_reference(path: str, tc: TrainConfig, device):
+    """A separate reference model, whole on this worker, in the type training computes in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def _reference_logps(model, shard: list[Example], tc: TrainConfig, pad_id: int, device, adapter_off=nullcontext()):
+    """[len(shard), 2] summed reference log-probs of chosen and rejected, in shard order, by `model` (the policy's
+    engine before its first step, inside `adapter_off`, or a separate reference).
 
     Micro-batches taken in length order, to pad little (larger batches were slower on CPU,
     measured). Every worker runs the same number of them: ZeRO-3 gathers in each forward.
@@ -485,15 +518,14 @@ def _reference_logps(engine, shard: list[Example], tc: TrainConfig, pad_id: int,
     order = sorted(range(len(shard)), key=lambda i: len(shard[i].prompt) + len(shard[i].chosen))
     size = tc.micro_batch_size
     out = torch.zeros(len(shard), 2)
-    adapter_off = engine.module.disable_adapter() if tc.lora else nullcontext()
-    engine.eval()
+    model.eval()
     with torch.no_grad(), adapter_off:
         for i in range(0, len(shard), size):
             idx = order[i:i + size]
             batch = collate([shard[j] for j in idx], pad_id)
-            logps, _ = sequence_logps(engine, batch, device)
+            logps, _ = sequence_logps(model, batch, device)
             out[idx] = torch.stack([logps[:batch.pairs], logps[batch.pairs:]], dim=1).float().cpu()
-    engine.train()
+    model.train()
     return out
 
 

@@ -12,11 +12,11 @@ import torch
 
 from selfimprove.config import ProcessConfig
 from selfimprove.errors import UserError
+from selfimprove.models import check_tokenizer
 from selfimprove.reward.mc_prm import STEP_SCHEMA
 from selfimprove.reward.trained_prm import (
     Encoder,
     PRMExample,
-    check_tokenizer,
     collate,
     masked_bce,
     score_samples,

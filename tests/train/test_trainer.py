@@ -211,6 +211,40 @@ def test_saved_folder_is_a_bf16_model_that_vllm_generates_with(trained, bundled_
 
 
 @pytest.mark.engine
+def test_a_separate_reference_is_what_the_first_step_measures_against(trained, bundled_model, tmp_path):
+    """The reference is the acceptance run's model, trained to prefer GOOD's chosen answer: the base model, which
+    prefers it less, starts with a negative margin. (Its own reference would start it at 0, as above.)"""
+    folder, _ = trained
+    data = write_pairs(tmp_path / "pairs.parquet", [GOOD] * 4)
+    tc = TrainConfig(**(ACCEPTANCE | dict(epochs=1, report_every=1, checkpoint_every=0)))
+    train(Config(model=bundled_model, train=tc), data, tmp_path / "model", reference=str(folder))
+    first = json.loads((tmp_path / "model" / "train_metrics.json").read_text())["steps"][0]
+    trained_margin = json.loads((folder / "train_metrics.json").read_text())["steps"][-1]["rewards/margins"]
+    assert first["rewards/margins"] < -trained_margin / 2 < 0
+
+
+def test_a_reference_with_another_tokenizer_is_refused_in_one_line(bundled_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from selfimprove.train.trainer import check_reference
+
+    assert check_reference(bundled_model, bundled_model) == bundled_model
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in Path(bundled_model).iterdir():  # the same weights (linked: never written through), another tokenizer
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            (other / f.name).symlink_to(f)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model)
+    tokenizer.add_tokens(["<step>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(UserError) as e:
+        check_reference(str(other), bundled_model)
+    assert str(e.value) == (f"{other} (models.reference) has another tokenizer than the policy {bundled_model} (49153 "
+                            "vs 49152 tokens, vocabularies differ): a DPO reference scores the policy's token ids; use "
+                            "a reference with the policy's tokenizer")
+
+
+@pytest.mark.engine
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(extensions_dir, ray_local, bundled_model,
                                                                          tmp_path):
     """lr = 1e30: after step 1 the LoRA weights overflow bf16, so step 2's loss is not finite."""
