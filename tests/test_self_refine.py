@@ -35,6 +35,7 @@ def test_it_evaluates_both_models_tunes_on_the_teachers_demonstrations_then_runs
                                    "reference": None}
     # Rounds sample the labelled questions, each from the last model, and train with train.loss (dpo).
     assert reads[(2, "rollout")]["problems"] == reads[(3, "rollout")]["problems"] == Path("/r/iter_1/labels")
+    assert reads[(2, "pairs")]["problems"] == Path("/r/iter_1/labels")  # its gold chains: the teacher's
     assert [reads[(t, "rollout")]["model"] for t in (2, 3)] == [Path("/r/iter_1/train"), Path("/r/iter_2/train")]
     assert reads[(3, "train")] == {"model": Path("/r/iter_2/train"), "pairs": Path("/r/iter_3/pairs"), "loss": None,
                                    "reference": None}
@@ -231,3 +232,4 @@ def test_a_question_only_run_labels_by_the_teachers_majority_tunes_then_refines(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert rows[0]["teacher_eval"]["problems"] == 2 and rows[1]["labels"] == stats
+    assert rows[2]["pairs"]["no_winner"] == 0  # each labelled question's first demonstration is a winner

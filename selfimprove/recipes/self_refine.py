@@ -6,8 +6,9 @@ then refines itself on preference pairs judged against the teacher's labels.
    or read from `teacher.data`), each training question's label and the demonstrations that reach it
    (`labels`: the gold answer, or the teacher's majority for a question-only task), then SFT of the student.
 3. Iterations 2 .. iterations + 1 are the self-refine rounds: the last model samples the labelled questions,
-   a sample that agrees with the label beats one that does not (outcome pairs), and `train.loss` (DPO) trains
-   it with itself as the reference.
+   a sample that agrees with the label beats one that does not (outcome pairs; with `pairs.include_gold`, a
+   question's gold chain of thought, or its first demonstration, is a winner too), and `train.loss` (DPO)
+   trains it with itself as the reference.
 """
 
 from selfimprove.recipes import stages
@@ -44,7 +45,7 @@ def plan(run: Run) -> list[Stage]:
     for t in range(2, cfg.iterations + 2):
         out.append(stages.rollout(run, t, model, problems=labels.folder,
                                   temperature=schedule[t - 2] if schedule else None))
-        out.append(stages.pairs(run, t))
+        out.append(stages.pairs(run, t, problems=labels.folder))
         out.append(stages.train(run, t, model, out[-1].folder))
         model = stages.trained_model(out[-1])
         out.append(stages.evaluate(run, t, model))

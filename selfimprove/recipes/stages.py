@@ -116,14 +116,15 @@ def train_prm(run: Run, t: int, scored: list[int]) -> Stage:
                  {"backbone": Path(backbone) if Path(backbone).is_dir() else backbone, **processes}, run.train)
 
 
-def pairs(run: Run, t: int, previous: Path | None = None) -> Stage:
+def pairs(run: Run, t: int, previous: Path | None = None, problems: list[dict] | Path | None = None) -> Stage:
     """Training rows from iteration t's samples (and step values, for process pairs); with `previous` (an
-    earlier pairs stage), its rows too."""
+    earlier pairs stage), its rows too. `problems` (as for `rollout`) gives the gold chains of thought."""
     it = run.iteration(t)
     scored = run.cfg.pairs.source == "process"
-    return Stage(it / "pairs", functools.partial(_pairs, run.cfg, run.train_problems, it, previous),
+    problems = run.train_problems if problems is None else problems
+    return Stage(it / "pairs", functools.partial(_pairs, run.cfg, problems, it, previous),
                  {"rollout": it / "rollout", "process": it / "process" if scored else None, "previous": previous,
-                  "problems": run.train_problems})
+                  "problems": problems})
 
 
 def demonstrations(run: Run, t: int) -> Stage:
@@ -252,14 +253,14 @@ def _train_prm(cfg: Config, backbone: str, processes: list[Path], out: Path) -> 
     train_prm(cfg, backbone, [p.parent for p in processes], out / "model", checkpoints=checkpoints(out))
 
 
-def _pairs(cfg: Config, problems: list[dict], it: Path, previous: Path | None, out: Path) -> None:
+def _pairs(cfg: Config, problems: list[dict] | Path, it: Path, previous: Path | None, out: Path) -> None:
     """`pairs.parquet` (outcome or process pairs) for preference losses, `sft.parquet` of correct samples for
     `train.loss=sft` (STaR), and `stats.json` counting what was dropped and why."""
     from selfimprove.pairs import accumulate_pairs, outcome_pairs, process_pairs, sample_scores, winner_rows
     from selfimprove.train.loss_names import needs_rejected
 
     samples = read_table(it / "rollout" / "samples").to_pylist()
-    gold = {p["id"]: p["solution"] for p in problems} if cfg.pairs.include_gold else None
+    gold = {p["id"]: p["solution"] for p in problems_of(problems)} if cfg.pairs.include_gold else None
     if cfg.pairs.source == "process":
         scores = sample_scores(pq.read_table(it / "process" / "steps.parquet").to_pylist(), cfg.process.path_score)
         rows, stats = process_pairs(samples, scores, cfg.pairs.pairs_per_problem, cfg.process.eta)
