@@ -4,9 +4,10 @@ Input batch columns: `problem_id`, `prompt` (chat messages as JSON), and optiona
 `temperature` and `seed` per row (so one engine serves greedy and sampled passes in one
 go, and a row's samples do not depend on the actor that drew them); any other column is
 passed through to every sample of its row.
-Output: one row per sample with `sample_index`, `text`, `prompt_tokens`,
-`completion_tokens`, `finish_reason` and `status` ("ok", or "skipped=too_long" for a prompt
-that leaves no room in the context: kept, with empty text, so counts add up).
+A row with a non-empty `skip` column is not generated: its n samples get that status (a guidance the
+solver must not be given). Output: one row per sample with `sample_index`, `text`, `prompt_tokens`,
+`completion_tokens`, `finish_reason` and `status` ("ok", the row's `skip`, or "skipped=too_long" for a
+prompt that leaves no room in the context: kept, with empty text, so counts add up).
 
 `VLLMGenerator` builds one vLLM engine per actor in `__init__`. `HFGenerator` has the same
 interface over transformers `generate`: for machines without vLLM, and the baseline of
@@ -43,15 +44,17 @@ class _Generator:
         ns = [int(x) for x in batch["n"]] if "n" in batch else [self.cfg.n] * size
         temps = [float(x) for x in batch["temperature"]] if "temperature" in batch else [self.cfg.temperature] * size
         seeds = [int(x) for x in batch["seed"]] if "seed" in batch else [None] * size
+        skips = [str(x or "") for x in batch["skip"]] if "skip" in batch else [""] * size
         prompts = [self.tokenizer.apply_chat_template(json.loads(p), tokenize=False, add_generation_prompt=True)
                    for p in batch["prompt"]]
-        lengths, results = self.generate_raw(prompts, ns, temps, seeds)
+        lengths, results = self.generate_raw(prompts, ns, temps, seeds, [not s for s in skips])
         # The chat-message JSON is replaced by the templated text the model actually saw.
-        keep = [k for k in batch if k != "prompt"]
+        keep = [k for k in batch if k not in ("prompt", "skip")]
         out: dict[str, list] = {k: [] for k in (*keep, "prompt_text", "sample_index", "text",
                                                 "prompt_tokens", "completion_tokens", "finish_reason", "status")}
         for i in range(size):
-            samples = results.get(i) or [("", 0, SKIPPED)] * ns[i]
+            status = skips[i] or ("ok" if i in results else SKIPPED)
+            samples = results.get(i) or [("", 0, status)] * ns[i]
             for j, (text, tokens, reason) in enumerate(samples):
                 for key in keep:
                     value = batch[key][i]
@@ -62,17 +65,17 @@ class _Generator:
                 out["prompt_tokens"].append(lengths[i])
                 out["completion_tokens"].append(tokens)
                 out["finish_reason"].append(reason)
-                out["status"].append(SKIPPED if reason == SKIPPED else "ok")
+                out["status"].append(status)
         return out
 
-    def generate_raw(self, prompts: list[str], ns: list[int], temps: list[float], seeds: list[int | None]
-                     ) -> tuple[list[int], dict[int, list[tuple[str, int, str]]]]:
+    def generate_raw(self, prompts: list[str], ns: list[int], temps: list[float], seeds: list[int | None],
+                     drawn: list[bool] | None = None) -> tuple[list[int], dict[int, list[tuple[str, int, str]]]]:
         """(prompt tokens of each, {index: its samples}) for prompt texts as the model sees them.
 
-        A prompt that leaves no room for one new token in `max_model_len` gets no entry.
+        A prompt that leaves no room for one new token in `max_model_len`, or is not `drawn`, gets no entry.
         """
         lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        fits = [i for i in range(len(prompts)) if lengths[i] < self.cfg.max_model_len]
+        fits = [i for i in range(len(prompts)) if lengths[i] < self.cfg.max_model_len and (drawn is None or drawn[i])]
         samples = self.generate([prompts[i] for i in fits], [ns[i] for i in fits], [temps[i] for i in fits],
                                 [seeds[i] for i in fits]) if fits else []
         return lengths, dict(zip(fits, samples, strict=True))

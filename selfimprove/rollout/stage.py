@@ -74,28 +74,45 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     """Generate and verify samples for `rows` (from `request_rows`) into `out`; return them as an Arrow table."""
     import ray
 
-    actors = cfg.num_actors
     resources, cores = engine_resources(cfg)
-    batches = max(len(rows) // cfg.batch_size, actors)
+    ds = ray.data.from_items(rows, override_num_blocks=max(len(rows) // cfg.batch_size, cfg.num_actors))
+    ds = generate(ds, model, cfg, task.stop, resources, cores)
+    return write_verified(ds, task, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
+
+
+def expected_samples(rows: list[dict]) -> set[tuple]:
+    """The (pass, problem id, sample index) of each sample request rows ask for."""
+    return {(r["pass"], r["problem_id"], i) for r in rows for i in range(r["n"])}
+
+
+def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resources: dict, cores: int):
+    """`ds` (request rows) mapped to sample rows by a pool of `cfg.num_actors` vLLM actors of `model`, each with
+    `resources` and bound to `cores` cores on CPU."""
+    import ray
+
     # Bounded failure: Ray Data would wait for its actors forever and restart a dying one without end.
     ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.start_timeout
-    ds = ray.data.from_items(rows, override_num_blocks=batches)
-    ds = ds.map_batches(
+    return ds.map_batches(
         VLLMGenerator,
-        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": task.stop, "cores_per_actor": cores},
+        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": stop, "cores_per_actor": cores},
         batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         max_restarts=cfg.actor_restarts,
         max_task_retries=cfg.actor_restarts,
         **resources,
     )
+
+
+def write_verified(ds, task: Task, out: Path, schema: pa.Schema, order: tuple[str, ...], expected: set[tuple]):
+    """Verify the samples of `ds` and write them to `out` as Parquet of `schema`; the folder is marked done only if
+    it holds each key of `expected` (values of the `order` columns) exactly once. Returns the samples, in order."""
     # An answer check is light (verify_cpus 0: it must not wait for cores the engines hold); running tests is not.
     ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=task.verify_cpus)
     try:
         with stage_output(out) as scratch:
-            ds.write_parquet(str(scratch), schema=SAMPLE_SCHEMA)
-            samples = read_table(scratch, SAMPLE_ORDER)
-            check_complete(samples, rows)
+            ds.write_parquet(str(scratch), schema=schema)
+            samples = read_table(scratch, order)
+            check_complete(samples, order, expected)
     except UserError:
         raise
     except Exception as e:
@@ -103,19 +120,19 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     return samples
 
 
-def check_complete(samples: pa.Table, rows: list[dict]) -> None:
-    """Refuse to mark a rollout done unless it holds each (pass, problem, sample index) of `rows` exactly once."""
-    expected = {(r["pass"], r["problem_id"], i) for r in rows for i in range(r["n"])}
-    got = list(zip(*(samples.column(c).to_pylist() for c in SAMPLE_ORDER)))
+def check_complete(samples: pa.Table, order: tuple[str, ...], expected: set[tuple]) -> None:
+    """Refuse to mark a rollout done unless it holds each expected key (e.g. pass, problem, sample index) once."""
+    got = list(zip(*(samples.column(c).to_pylist() for c in order)))
     if len(got) != len(expected) or set(got) != expected:
         raise UserError(f"rollout wrote {len(got)} samples ({len(set(got) & expected)} of the {len(expected)} "
                         "expected, problems x n, each once): not marked done; rerun to redo it")
 
 
-def engine_resources(cfg: RolloutConfig) -> tuple[dict, int]:
-    """(Ray resources of one engine actor, cores it binds to on CPU or 0 on GPU), for a pool of `num_actors`."""
+def engine_resources(cfg: RolloutConfig, actors: int | None = None) -> tuple[dict, int]:
+    """(Ray resources of one engine actor, cores it binds to on CPU or 0 on GPU), for `actors` engines at once
+    (default: a pool of `num_actors`)."""
     if _cpu_only():
-        cores = cfg.cpus_per_actor or max(node_cpus() // cfg.num_actors, 1)
+        cores = cfg.cpus_per_actor or max(node_cpus() // (actors or cfg.num_actors), 1)
         return {"num_cpus": cores}, cores
     return {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}, 0
 

@@ -20,7 +20,14 @@ from selfimprove.config import RolloutConfig, TaskConfig
 from selfimprove.errors import UserError
 from selfimprove.io import is_done
 from selfimprove.rollout.generator import SKIPPED
-from selfimprove.rollout.stage import check_complete, request_rows, rollout, verify_batch
+from selfimprove.rollout.stage import (
+    SAMPLE_ORDER,
+    check_complete,
+    expected_samples,
+    request_rows,
+    rollout,
+    verify_batch,
+)
 from selfimprove.tasks import build_task
 
 N = 3
@@ -176,10 +183,11 @@ def test_check_complete_wants_each_sample_once():
         return pa.table({"pass": [k[0] for k in keys], "problem_id": [k[1] for k in keys],
                          "sample_index": [k[2] for k in keys]})
 
-    check_complete(table(("sample", "p2", 0), ("sample", "p1", 1), ("sample", "p1", 0)), rows)
+    check_complete(table(("sample", "p2", 0), ("sample", "p1", 1), ("sample", "p1", 0)), SAMPLE_ORDER,
+                   expected_samples(rows))
     for keys, kept in ((("sample", "p1", 0), ("sample", "p1", 1)), 2), (
             (("sample", "p1", 0), ("sample", "p1", 0), ("sample", "p2", 0)), 2), (
             (("sample", "p1", 0), ("sample", "p1", 1), ("sample", "p2", 0), ("sample", "p2", 1)), 3):
         with pytest.raises(UserError, match=rf"^rollout wrote {len(keys)} samples \({kept} of the 3 expected, "
                                             r"problems x n, each once\): not marked done; rerun to redo it$"):
-            check_complete(table(*keys), rows)
+            check_complete(table(*keys), SAMPLE_ORDER, expected_samples(rows))
