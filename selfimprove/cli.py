@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="split to evaluate (default: test)")
     e.add_argument("--n", type=int, help="samples per problem for maj@n (1: greedy only; default 8)")
     e.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
+    e.add_argument("--guide", help="evaluate MODEL as a solver answering with this guide model's greedy guidance "
+                                   "(SGFT)")
     e.add_argument("--config", help="YAML config whose rollout and task settings to use")
     e.add_argument("--out", help="folder for samples/ and metrics.json (default: runs/eval/<model>-<task>)")
     e.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rollout.max_tokens=128")
@@ -105,7 +107,7 @@ def _run(args) -> int:
 
     from selfimprove.config import load_config
     from selfimprove.driver import run
-    from selfimprove.evaluate import training_rows
+    from selfimprove.evaluate import trained_on, training_rows
 
     cfg = load_config(args.config, args.overrides)
     rows = run(cfg, tuple(args.redo))
@@ -116,9 +118,8 @@ def _run(args) -> int:
         table.add_column(column, justify="right")
     for row in rows:
         extra = [f"{row['extra'][name]['pass@1']:.3f}" if name in row.get("extra", {}) else "" for name in sets]
-        trained_on = row.get("pairs", row.get("labels", {}))
         table.add_row(str(row["iteration"]), f"{row['pass@1']:.3f}", f"{row.get(f'maj@{cfg.eval.k}', float('nan')):.3f}",
-                      *extra, str(training_rows(trained_on)), f"{sum(row['stage_seconds'].values()):.0f}")
+                      *extra, str(training_rows(trained_on(row))), f"{sum(row['stage_seconds'].values()):.0f}")
     Console().print(table)
     from selfimprove.evaluate import write_report
 
@@ -137,7 +138,8 @@ def _eval(args) -> int:
             overrides.append(f"{key}={value}")
     overrides.append(f"model={args.model}")
     cfg = load_config(args.config, overrides)
-    out = Path(args.out or f"runs/eval/{Path(args.model).name}-{cfg.task.name}").expanduser()
+    pair = f"{Path(args.model).name}+{Path(args.guide).name}" if args.guide else Path(args.model).name
+    out = Path(args.out or f"runs/eval/{pair}-{cfg.task.name}").expanduser()
 
     from rich.console import Console
     from rich.table import Table
@@ -156,14 +158,15 @@ def _eval(args) -> int:
     check_answered(problems, f"task.data={cfg.task.data}")
     extra = extra_sets(cfg)
     model = resolve_model(cfg.model)
+    guide = resolve_model(args.guide) if args.guide else None
     cfg, choices = resolve(cfg)
-    check_resources(cfg, train=False)
+    check_resources(cfg, train=False, guides=cfg.guide.num_actors if guide else 0)
     claim_folder(out)
     announce(choices[:1])
     init_ray()
-    metrics = run_eval(cfg, model, task, problems, out, extra)
-    table = Table(title=f"{cfg.model} ({cfg.eval.split})")
-    keys = [k for k in metrics if "@" in k]
+    metrics = run_eval(cfg, model, task, problems, out, extra, guide=guide)
+    table = Table(title=f"{cfg.model}" + (f" guided by {args.guide}" if guide else "") + f" ({cfg.eval.split})")
+    keys = [k for k in metrics if "@" in k or k == "numbered_guidance"]
     for column in ("set", "problems", *keys):
         table.add_column(column, justify="right")
     for name, m in {cfg.task.name: metrics, **metrics.get("extra", {})}.items():

@@ -215,32 +215,52 @@ class ProcessConfig:
 @dataclass
 class ModelsConfig:
     policy: str | None = knob(None, "the model a run trains and evaluates (none: `model`, which means the same)")
+    guide: str | None = knob(None, "sgft: the guide, which sgft trains (another name for `model`)")
     reference: str | None = knob(None, "the DPO reference of every preference train stage (none: the model the stage "
                                  "starts from, as iterative recipes do); must share the policy's tokenizer")
-    teacher: str | None = knob(None, "self_refine: the model that writes demonstrations (bundled name, HF id, folder "
-                               "or .gguf; or give teacher.data)")
+    teacher: str | None = knob(None, "self_refine: the model that writes demonstrations; sgft: the model that writes "
+                               "guidance data (bundled name, HF id, folder or .gguf; or give teacher.data)")
+    solver: str | None = knob(None, "sgft: the model that answers with the guide's guidance; it is never trained, "
+                              "and may be of another family or size than the guide")
 
 
 @dataclass
 class TeacherConfig:
-    data: str | None = knob(None, "self_refine: ready demonstrations (JSONL/Parquet rows with question and response) "
-                            "instead of a teacher model", path=True)
-    n: int = knob(4, "demonstrations the teacher writes per training question", up_to(MAX_SAMPLES))
-    temperature: float = knob(0.7, "sampling temperature of the teacher's demonstrations", non_negative)
-    rows_per_problem: int = knob(2, "most distinct kept demonstrations per question the student is tuned on", positive)
+    data: str | None = knob(None, "ready rows instead of a teacher model (JSONL/Parquet): self_refine's demonstrations "
+                            "(question, response), sgft's guidance (question, guidance)", path=True)
+    n: int = knob(4, "demonstrations (guidances) the teacher writes per training question", up_to(MAX_SAMPLES))
+    temperature: float = knob(0.7, "sampling temperature of the teacher's demonstrations (guidances)", non_negative)
+    rows_per_problem: int = knob(2, "most distinct kept demonstrations (guidances) per question the student (guide) "
+                                 "is tuned on", positive)
 
 
-RECIPE_NAMES = ("irpo", "star", "dpo", "sipf", "self_refine")  # selfimprove/recipes/<name>.py
+@dataclass
+class GuideConfig:
+    n: int = knob(4, "sgft rounds: guidances the guide samples per training question", up_to(MAX_SAMPLES))
+    temperature: float = knob(0.8, "sgft rounds: sampling temperature of those guidances", non_negative)
+    solver_samples: int = knob(4, "sgft rounds: solver samples drawn with each guidance; the share correct is the "
+                               "guidance's value", up_to(MAX_SAMPLES))
+    solver_temperature: float = knob(0.7, "sgft rounds: sampling temperature of those solver samples", non_negative)
+    min_gap: float = knob(0.25, "sgft rounds: least value gap between a guidance pair's chosen and rejected",
+                          unit_interval)
+    max_tokens: int = knob(160, "most new tokens of a guidance", positive)
+    num_actors: int = knob(1, "vLLM engines in the guide's pool (the solver's pool has rollout.num_actors)", positive)
+    cot_baseline: bool = knob(False, "sgft: also fine-tune the solver on the gold chains of thought of the guidance "
+                              "data's questions, and evaluate it (the paper's baseline)")
+
+
+RECIPE_NAMES = ("irpo", "star", "dpo", "sipf", "self_refine", "sgft")  # selfimprove/recipes/<name>.py
 
 
 @dataclass
 class Config:
-    recipe: str | None = knob(None, "irpo, star, dpo, sipf or self_refine: the stages a run makes, and defaults for "
+    recipe: str | None = knob(None, "irpo, star, dpo, sipf, self_refine or sgft: the stages a run makes, and defaults for "
                               "the knobs it needs (none: the recipe train.loss and pairs.source describe)",
                               optional(one_of(*RECIPE_NAMES)))
     model: str = knob("smollm2-135m-instruct", "policy model: bundled name, HF id, local folder or .gguf file")
     models: ModelsConfig = field(default_factory=ModelsConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
     run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics", path=True)
     iterations: int = knob(2, "self-improvement iterations (each: rollout, pairs, train, evaluate)", positive)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -279,25 +299,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def _policy_as_model(raw: dict, where: str) -> dict:
-    """`models.policy` is another name for `model`: the config keeps it in `model` alone."""
-    policy = (raw.get("models") or {}).get("policy") if isinstance(raw.get("models"), dict) else None
-    if policy is None:
-        return raw
-    if raw.get("model") not in (None, policy):
-        raise UserError(f"{where}: 'model' ({raw['model']!r}) and 'models.policy' ({policy!r}) name two policies; "
-                        "give one of them")
-    return dict(raw, model=policy, models={k: v for k, v in raw["models"].items() if k != "policy"})
+    """`models.policy` is another name for `model`, and so is `models.guide` in recipe sgft, whose trained model is
+    the guide: the config keeps it in `model` alone."""
+    models = raw.get("models") if isinstance(raw.get("models"), dict) else {}
+    if models.get("guide") is not None and raw.get("recipe") != "sgft":
+        raise UserError(f"{where}: models.guide is the guide of recipe sgft; " + (
+            f"recipe {raw['recipe']} has none" if raw.get("recipe") else "set recipe: sgft"))
+    for role in ("policy", "guide"):
+        policy = models.get(role)
+        if policy is None:
+            continue
+        if raw.get("model") not in (None, policy):
+            raise UserError(f"{where}: 'model' ({raw['model']!r}) and 'models.{role}' ({policy!r}) name two "
+                            "policies; give one of them")
+        raw = dict(raw, model=policy)
+    return dict(raw, models={k: v for k, v in models.items() if k not in ("policy", "guide")}) if models else raw
 
 
-def check(cfg: Config, where: str = "config", recipe: bool = True) -> None:
-    """Refuse a combination of knobs that each pass their own check (a config built in code skips `load_config`).
-    `recipe=False` leaves out the recipe's own checks: a trainer given one stage's settings (self_refine tunes
-    with SFT before its DPO rounds) checks the knobs it reads."""
-    from selfimprove.recipes import name_of, role_problem
-    from selfimprove.recipes import recipe as recipe_module
+def check(cfg: Config, where: str = "config") -> None:
+    """Refuse a combination of knobs that each pass their own check, or that the recipe cannot run with (a config
+    built in code skips `load_config`)."""
+    from selfimprove.recipes import name_of, recipe, role_problem
 
-    problem = _cross_check(cfg) or (recipe and (role_problem(cfg) or recipe_module(name_of(cfg)).check(cfg)))
-    if problem:
+    check_knobs(cfg, where)
+    if problem := role_problem(cfg) or recipe(name_of(cfg)).check(cfg):
+        raise UserError(f"{where}: {problem}")
+
+
+def check_knobs(cfg: Config, where: str = "config") -> None:
+    """`check` without the recipe's part: what a trainer given one stage's settings checks (self_refine tunes with
+    SFT before its DPO rounds)."""
+    if problem := _cross_check(cfg):
         raise UserError(f"{where}: {problem}")
 
 

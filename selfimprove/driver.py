@@ -84,6 +84,7 @@ def _prepare(cfg: Config) -> Run:
     extra = extra_sets(cfg)
     policy = resolve_model(cfg.model)
     teacher = resolve_model(cfg.models.teacher) if cfg.models.teacher else None
+    solver = resolve_model(cfg.models.solver) if cfg.models.solver else None
     reference = None
     if cfg.models.reference:
         from selfimprove.train.trainer import check_reference
@@ -100,7 +101,8 @@ def _prepare(cfg: Config) -> Run:
         check_lora_targets(policy, cfg.train.lora_targets)
     concrete, (generate, train) = resolve(cfg)
     return Run(concrete, Path(cfg.run_dir), task, train_problems, test_problems, _model(policy), generate, train,
-               backbone, teacher and _model(teacher), reference and _model(reference), extra)
+               backbone, teacher=teacher and _model(teacher), reference=reference and _model(reference),
+               solver=solver and _model(solver), extra=extra)
 
 
 def _model(ref: str) -> Model:
@@ -110,12 +112,11 @@ def _model(ref: str) -> Model:
 def _check_answers(cfg: Config, train: list[dict], test: list[dict], source: str) -> None:
     """Refuse problems without answers where they are needed: held-out problems always, training problems unless
     the recipe labels them itself. `source` names where they came from."""
-    from selfimprove.evaluate import check_answered
+    from selfimprove.evaluate import check_answered, unanswered
 
     check_answered(test, source)
-    unanswered = sum(not p["answer"] for p in train)
-    if unanswered and needs_gold(name_of(cfg)):
-        raise UserError(f"{source}: {unanswered} of the {len(train)} training problems have no answer, and recipe "
+    if (missing := unanswered(train)) and needs_gold(name_of(cfg)):
+        raise UserError(f"{source}: {missing} of the {len(train)} training problems have no answer, and recipe "
                         f"{name_of(cfg)} learns from gold answers; recipe self_refine labels questions by its teacher")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from selfimprove.config import Config
 from selfimprove.errors import UserError
+from selfimprove.guidance import computed_numbers
 from selfimprove.io import write_atomic
 from selfimprove.rollout.stage import request_rows, rollout
 from selfimprove.tasks.base import Task
@@ -30,8 +31,9 @@ def majority(keys: list[str | None]) -> int | None:
     return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
 
 
-def problem_results(samples: list[dict]) -> list[dict]:
-    """Per-problem results from verified sample rows of the `greedy` and (optional) `sample` passes."""
+def problem_results(samples: list[dict], numbered: bool = False) -> list[dict]:
+    """Per-problem results from verified sample rows of the `greedy` and (optional) `sample` passes; with
+    `numbered`, of a solver's answers with guidance, whether the guidance holds a computed number."""
     by_problem: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for s in samples:
         by_problem[s["problem_id"]][s["pass"]].append(s)
@@ -40,6 +42,8 @@ def problem_results(samples: list[dict]) -> list[dict]:
         (greedy,) = passes["greedy"]
         row = {"id": pid, "gold": greedy["answer"], "greedy_answer": greedy["extracted"],
                "greedy_correct": greedy["correct"]}
+        if numbered:
+            row["guidance_numbers"] = computed_numbers(greedy["guidance"], greedy["question"])
         sampled = sorted(passes.get("sample", []), key=lambda s: s["sample_index"])
         if sampled:
             winner = majority([s["extracted"] for s in sampled])
@@ -54,17 +58,23 @@ def aggregate(rows: list[dict], k: int) -> dict:
     """Accuracy figures over per-problem results from `problem_results`."""
     n = len(rows)
     metrics = {"problems": n, "pass@1": sum(r["greedy_correct"] for r in rows) / n}
+    if rows and "guidance_numbers" in rows[0]:
+        metrics["numbered_guidance"] = sum(bool(r["guidance_numbers"]) for r in rows) / n
     if k > 1:
         metrics[f"maj@{k}"] = sum(r["majority_correct"] for r in rows) / n
         metrics[f"pass@{k}"] = sum(r["any_correct"] for r in rows) / n
     return metrics
 
 
+def unanswered(problems: list[dict]) -> int:
+    """How many problems come without an answer (rows of a question-only file)."""
+    return sum(not p["answer"] for p in problems)
+
+
 def check_answered(problems: list[dict], source: str) -> None:
     """Refuse held-out problems without an answer (a question-only file): evaluation scores answers."""
-    unanswered = sum(not p["answer"] for p in problems)
-    if unanswered:
-        raise UserError(f"{source}: {unanswered} of the {len(problems)} held-out problems have no answer, which "
+    if missing := unanswered(problems):
+        raise UserError(f"{source}: {missing} of the {len(problems)} held-out problems have no answer, which "
                         "evaluation needs to score them")
 
 
@@ -81,21 +91,32 @@ def extra_sets(cfg: Config) -> dict[str, tuple[Task, list[dict]]]:
 
 
 def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Path,
-             extra: dict[str, tuple[Task, list[dict]]] | None = None, name: str | None = None) -> dict:
+             extra: dict[str, tuple[Task, list[dict]]] | None = None, name: str | None = None,
+             guide: str | None = None) -> dict:
     """Evaluate a resolved model (called `name`, default `cfg.model`) on `problems` and on each further set of
     `extra` (name -> (task, problems)); writes `out/samples/` (`out/extra/<set>/samples/`) and `out/metrics.json`.
-    Each set is its own rollout: a set may be another task, with its own prompt and verifier."""
+    Each set is its own rollout: a set may be another task, with its own prompt and verifier.
+
+    With a `guide` (a resolved model), `model` is a solver answering each problem with the guide's greedy guidance
+    (SGFT), whatever numbers it holds: the metrics count the guidances with a computed number."""
     passes = {"greedy": (1, 0.0)}
     if cfg.eval.k > 1:
         passes["sample"] = (cfg.eval.k, cfg.eval.temperature)
 
     def results(task: Task, problems: list[dict], samples: Path) -> list[dict]:
-        rows = request_rows(task, problems, passes, cfg.rollout.seed)
-        return problem_results(rollout(model, cfg.rollout, task, rows, samples).to_pylist())
+        if guide is None:
+            rows = request_rows(task, problems, passes, cfg.rollout.seed)
+            return problem_results(rollout(model, cfg.rollout, task, rows, samples).to_pylist())
+        from selfimprove.rollout.guided import Pool, guide_pool, guide_requests, guided_rollout
+
+        rows = guide_requests(problems, 1, 0.0, cfg.rollout.seed)
+        solved = guided_rollout(task, rows, Pool(model, cfg.rollout), guide_pool(cfg, guide), passes,
+                                cfg.rollout.seed, samples, number_free=False).to_pylist()
+        return problem_results(solved, numbered=True)
 
     rows = results(task, problems, out / "samples")
     metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
-               **aggregate(rows, cfg.eval.k)}
+               **({"guide": guide} if guide else {}), **aggregate(rows, cfg.eval.k)}
     if extra:
         metrics["extra"] = {set_name: aggregate(results(set_task, set_problems, out / "extra" / set_name / "samples"),
                                                 cfg.eval.k)
@@ -106,7 +127,13 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
 
 # Pair-stage stats that count what was kept, not problems dropped for a reason.
 COUNTED_NOT_DROPPED = ("problems", "pairs", "rows", "accumulated", "gold_labels", "majority_labels",
-                       "demonstration_accuracy")
+                       "demonstration_accuracy", "guidances", "questions", "questions_with_guidance", "cot_rows",
+                       "file_rows", "file_used")
+
+
+def trained_on(row: dict) -> dict:
+    """The stats of what a metrics row's iteration trained on: its pairs, a teacher's demonstrations, or guidance."""
+    return row.get("pairs", row.get("labels", row.get("guidance", {})))
 
 
 def training_rows(stats: dict) -> int | str:
@@ -150,7 +177,7 @@ def write_report(run_dir: Path) -> Path:
              "| iteration | " + " | ".join(keys) + " | training rows | problems dropped | seconds |",
              "|---" * (len(keys) + 4) + "|"]
     for r in rows:
-        p = r.get("pairs", r.get("labels", {}))  # what the iteration trained on: pairs, or the teacher's demonstrations
+        p = trained_on(r)
         dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
                      + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f} |")
@@ -161,10 +188,12 @@ def write_report(run_dir: Path) -> Path:
         for r in rows:
             lines.append(f"| {r['iteration']} | " + " | ".join(
                 f"{r['extra'][name][k]:.3f}" if name in r.get("extra", {}) else "" for name in sets for k in keys) + " |")
-    teacher = rows[0].get("teacher_eval")
-    if teacher:
-        lines += ["", f"Teacher `{teacher['model']}`: " + ", ".join(f"{k} {teacher[k]:.3f}" for k in keys) + "".join(
-            f"; {name}: " + ", ".join(f"{k} {m[k]:.3f}" for k in keys) for name, m in teacher.get("extra", {}).items())]
+    others = [(r["iteration"], kind, r[kind]) for r in rows for kind in r if kind.endswith("_eval")]
+    if others:  # other models' evaluations: a teacher, a solver alone, a baseline
+        lines += ["", "Other models, same held-out sets:", ""]
+        lines += [f"- iteration {t} `{kind}`, `{m['model']}`: " + ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
+                  + "".join(f"; {name}: " + ", ".join(f"{k} {e[k]:.3f}" for k in keys if k in e)
+                            for name, e in m.get("extra", {}).items()) for t, kind, m in others]
     scored = [r for r in rows if "process" in r]
     if scored:
         figures = list(dict.fromkeys(k for r in scored for k in r["process"]))

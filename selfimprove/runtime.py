@@ -134,28 +134,34 @@ def _stderr_held():
                 sys.stderr.flush()
 
 
-def check_resources(cfg, rollout: bool = True, train: bool = True) -> None:
+def check_resources(cfg, rollout: bool = True, train: bool = True, guides: int | None = None) -> None:
     """Refuse, before any Ray work, an engine pool or trainer this machine can never hold, when Ray runs on it
     alone (no RAY_ADDRESS). A cluster is not checked: its autoscaler may still add nodes, and a rollout waits for
-    its engines at most rollout.start_timeout."""
+    its engines at most rollout.start_timeout. `guides`: engines of a guide pool beside the rollout's (default:
+    guide.num_actors for a recipe with a solver, else none)."""
     if os.environ.get("RAY_ADDRESS"):
         return
     from selfimprove.precision import engine_machine
+    from selfimprove.recipes import name_of, roles
 
     cpus = os.cpu_count() or 1
     gpus = _local_gpus() if engine_machine().device == "cuda" else 0
     r, t = cfg.rollout, cfg.train
+    if guides is None:  # a guide's pool runs beside the solver's (rollout.num_actors) in one pipeline
+        guides = cfg.guide.num_actors if "solver" in roles(name_of(cfg)) else 0
+    engines, pools = r.num_actors + guides, f"rollout.num_actors={r.num_actors}" + (
+        f" + guide.num_actors={guides}" if guides else "")
     asks = []  # (what is asked, how many, this machine's number, of what)
     if rollout and gpus:
-        asks.append((f"rollout.num_actors={r.num_actors} engine(s) x rollout.tensor_parallel_size="
-                     f"{r.tensor_parallel_size} GPU(s)", r.num_actors * r.tensor_parallel_size, gpus, "GPUs"))
+        asks.append((f"{pools} engine(s) x rollout.tensor_parallel_size={r.tensor_parallel_size} GPU(s)",
+                     engines * r.tensor_parallel_size, gpus, "GPUs"))
     elif rollout:
-        cores = r.cpus_per_actor or max(cpus // r.num_actors, 1)
-        asks.append((f"rollout.num_actors={r.num_actors} engine(s) x {cores} core(s) (rollout.cpus_per_actor="
-                     f"{r.cpus_per_actor})", r.num_actors * cores, cpus, "cores"))
+        cores = r.cpus_per_actor or max(cpus // engines, 1)
+        asks.append((f"{pools} engine(s) x {cores} core(s) (rollout.cpus_per_actor={r.cpus_per_actor})",
+                     engines * cores, cpus, "cores"))
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        asks.append((f"rollout.num_actors={r.num_actors} engine(s) x rollout.cpu_kvcache_gib={r.cpu_kvcache_gib} "
-                     "GiB of KV cache", r.num_actors * r.cpu_kvcache_gib, round(memory, 1), "GiB of memory"))
+        asks.append((f"{pools} engine(s) x rollout.cpu_kvcache_gib={r.cpu_kvcache_gib} GiB of KV cache",
+                     engines * r.cpu_kvcache_gib, round(memory, 1), "GiB of memory"))
     if train and gpus:
         asks.append((f"train.num_workers={t.num_workers} worker(s) x 1 GPU", t.num_workers, gpus, "GPUs"))
     elif train:

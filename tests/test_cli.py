@@ -57,8 +57,11 @@ def test_empty_dataset_says_empty(files):
     assert_one_line_error(done, "test.jsonl: split 'test' has no rows")
 
 
-def test_model_that_resolves_to_nothing():
+def test_model_that_resolves_to_nothing(tmp_path):
     assert_one_line_error(run("eval", "./no/such/model"), "model './no/such/model' resolves to nothing")
+    done = run("eval", "smollm2-135m-instruct", "--guide", "./no/such/guide", "--out", tmp_path / "out")
+    assert_one_line_error(done, "model './no/such/guide' resolves to nothing")
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupted_gguf(files, tmp_path, monkeypatch):

@@ -264,7 +264,9 @@ def test_report_shows_the_extra_sets_and_the_teacher_beside_the_task(tmp_path):
         "| 0 | 0.050 | 0.000 |",
         "| 1 | 0.100 | 0.150 |",
         "",
-        "Teacher `t`: pass@1 0.500, maj@4 0.400; wide: pass@1 0.300, maj@4 0.200"]
+        "Other models, same held-out sets:",
+        "",
+        "- iteration 0 `teacher_eval`, `t`: pass@1 0.500, maj@4 0.400; wide: pass@1 0.300, maj@4 0.200"]
 
 
 def test_report_has_a_step_scoring_table_when_steps_were_scored(tmp_path):
@@ -403,7 +405,7 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
         log.append(("train", out.parent.name, len(pq.read_table(pairs_dir / "pairs.parquet"))))
         (out / "model").mkdir()
 
-    def fake_eval(cfg, policy, name, task, problems, extra, out):
+    def fake_eval(cfg, policy, name, task, problems, extra, guide, out):
         (out / "metrics.json").write_text(json.dumps({"metrics": {"pass@1": 0.5}}))
 
     monkeypatch.setattr(selfimprove.models, "resolve_model", lambda ref: "/start")

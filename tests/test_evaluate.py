@@ -82,3 +82,40 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
     assert (metrics["model"], metrics["pass@1"], metrics["extra"]) == (
         "teacher", 0.5, {"wide": {"problems": 4, "pass@1": 0.75, "maj@2": 0.75, "pass@2": 0.75}})
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == metrics
+
+
+def test_run_eval_with_a_guide_scores_the_solver_and_counts_numbered_guidance_with_a_fake_pipeline(tmp_path,
+                                                                                                   monkeypatch):
+    """Driver logic only (a fake guide -> solver pipeline): one greedy guidance per problem from the guide pool,
+    every solver pass answering it, nothing withheld; p0's guidance computes 17 (numbered), p1's quotes the
+    question. The solver answers p0 right (greedy and both samples) and p1 wrong: pass@1 0.5, numbered 0.5."""
+    import pyarrow as pa
+
+    import selfimprove.rollout.guided
+    from selfimprove.config import load_config
+    from selfimprove.evaluate import run_eval
+    from selfimprove.tasks import build_task
+
+    seen = {}
+
+    def fake_pipeline(task, rows, solver, guide, passes, seed, out, number_free=True):
+        seen.update(rows=rows, solver=solver, guide=guide, passes=passes, number_free=number_free, out=out)
+        guidance = {"p0": "Add 12 and 5 to get 17.", "p1": "Add the 5 to the 12."}
+        return pa.Table.from_pylist([
+            {"problem_id": r["problem_id"], "pass": name, "guidance_index": 0, "sample_index": i,
+             "question": r["question"], "guidance": guidance[r["problem_id"]], "answer": r["answer"],
+             "extracted": "17" if r["problem_id"] == "p0" else "3", "correct": r["problem_id"] == "p0"}
+            for r in rows for name, (n, _) in passes.items() for i in range(n)])
+
+    monkeypatch.setattr(selfimprove.rollout.guided, "guided_rollout", fake_pipeline)
+    cfg = load_config(None, ["eval.k=2", "guide.max_tokens=99", "guide.num_actors=3"])
+    task = build_task(cfg.task)
+    problems = [{"id": f"p{i}", "question": "Ann has 12 pens and buys 5 more. How many?", "answer": "17",
+                 "solution": ""} for i in range(2)]
+    metrics = run_eval(cfg, "/solver", task, problems, tmp_path, name="s", guide="/guide")
+    assert [(r["n"], r["temperature"]) for r in seen["rows"]] == [(1, 0.0), (1, 0.0)]
+    assert seen["passes"] == {"greedy": (1, 0.0), "sample": (2, 0.8)} and seen["number_free"] is False
+    assert (seen["solver"].model, seen["guide"].model, seen["guide"].cfg.max_tokens, seen["guide"].cfg.num_actors) == (
+        "/solver", "/guide", 99, 3)
+    assert {k: metrics[k] for k in ("model", "guide", "pass@1", "maj@2", "numbered_guidance")} == {
+        "model": "s", "guide": "/guide", "pass@1": 0.5, "maj@2": 0.5, "numbered_guidance": 0.5}

@@ -64,7 +64,7 @@ def test_a_config_without_a_recipe_gets_the_one_its_knobs_describe():
                                         "(SFT is recipe star)"),
     (["recipe=sipf", "pairs.source=outcome"], "recipe sipf ranks samples by their steps' values: it needs "
                                               "pairs.source=process"),
-    (["recipe=chess"], "'recipe' must be one of irpo, star, dpo, sipf, self_refine, got 'chess'"),
+    (["recipe=chess"], "'recipe' must be one of irpo, star, dpo, sipf, self_refine, sgft, got 'chess'"),
 ])
 def test_a_recipe_refuses_knobs_it_cannot_run_with(overrides, message):
     with pytest.raises(UserError) as e:

@@ -31,13 +31,14 @@ def test_it_evaluates_both_models_tunes_on_the_teachers_demonstrations_then_runs
         (2, "rollout"), (2, "pairs"), (2, "train"), (2, "eval"), (3, "rollout"), (3, "pairs"), (3, "train"), (3, "eval")]
     reads = {(s.iteration, s.kind): s.reads for s in stages}
     assert reads[(0, "teacher_eval")]["model"] == reads[(1, "demos")]["model"] == "/teacher"
-    assert reads[(1, "train")] == {"model": "/student", "pairs": Path("/r/iter_1/labels"), "loss": "sft",
+    assert reads[(1, "train")] == {"model": "/student", "pairs": Path("/r/iter_1/labels"), "subfolder": None, "loss": "sft",
                                    "reference": None}
     # Rounds sample the labelled questions, each from the last model, and train with train.loss (dpo).
     assert reads[(2, "rollout")]["problems"] == reads[(3, "rollout")]["problems"] == Path("/r/iter_1/labels")
     assert reads[(2, "pairs")]["problems"] == Path("/r/iter_1/labels")  # its gold chains: the teacher's
     assert [reads[(t, "rollout")]["model"] for t in (2, 3)] == [Path("/r/iter_1/train"), Path("/r/iter_2/train")]
-    assert reads[(3, "train")] == {"model": Path("/r/iter_2/train"), "pairs": Path("/r/iter_3/pairs"), "loss": None,
+    assert reads[(3, "train")] == {"model": Path("/r/iter_2/train"), "pairs": Path("/r/iter_3/pairs"),
+                                   "subfolder": None, "loss": None,
                                    "reference": None}
     assert load_config(None, TEACHER).train.loss == "dpo"
     # The teacher samples teacher.n at teacher.temperature.
@@ -52,11 +53,11 @@ def test_a_fixed_reference_is_read_by_the_preference_rounds_not_by_instruction_t
 def test_the_instruction_tuning_stage_passes_the_trainers_check_although_its_loss_is_not_the_recipes():
     import dataclasses
 
-    from selfimprove.config import check
+    from selfimprove.config import check, check_knobs
 
     cfg = load_config(None, TEACHER)
     tuning = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss="sft"))
-    check(tuning, recipe=False)  # what the trainer checks: the knobs it reads
+    check_knobs(tuning)  # what the trainer checks: the knobs it reads
     with pytest.raises(UserError, match="recipe self_refine's rounds train outcome pairs"):
         check(tuning)
 
@@ -78,7 +79,7 @@ def test_demonstrations_from_a_file_are_read_when_planned_and_no_teacher_is_eval
                                    "and a preference train.loss (dpo, rpo, ipo or orpo), got pairs.source=outcome "
                                    "and train.loss=sft"),
     (["recipe=irpo", "models.teacher=/teacher"], "recipe irpo has no teacher: models.teacher and teacher.data are "
-                                                 "read by recipe self_refine only"),
+                                                 "read by recipes self_refine and sgft"),
     (["model=a", "models.policy=b"], "'model' ('a') and 'models.policy' ('b') name two policies; give one of them"),
     (["eval.extra.wide.max_valu=40"], "unknown key 'eval.extra.wide.max_valu'"),
     (["models.reference=/r", "train.loss=orpo"], "models.reference is a DPO reference, which train.loss=orpo does not use"),
@@ -178,13 +179,13 @@ def test_a_question_only_task_file_is_refused_by_a_recipe_that_learns_from_gold(
 
 
 @pytest.mark.engine
-def test_a_question_only_run_labels_by_the_teachers_majority_tunes_then_refines(tmp_path, bundled_model):
-    """A real tiny run (the teacher is the student's own model: this shows the plumbing, not the method): training
-    questions without answers are labelled by the teacher's majority, the student is tuned on the demonstrations
-    that state the label, then refined for a round against those labels."""
+def test_a_question_only_run_labels_by_the_teachers_majority_tunes_then_refines(tmp_path):
+    """A real tiny run from a demonstrations file (the teacher's samples, written by hand: a teacher model goes
+    through the same rollout stage as any other): training questions without answers are labelled by the
+    majority of the stated answers, the student is tuned on the demonstrations that state the label, then refined
+    for a round against those labels."""
     import subprocess
     import sys
-    from collections import Counter
 
     import pyarrow.parquet as pq
     import yaml
@@ -194,42 +195,57 @@ def test_a_question_only_run_labels_by_the_teachers_majority_tunes_then_refines(
 
     data = tmp_path / "data"
     data.mkdir()
+    numbers = ((23, 58, 17), (41, 36, 12), (17, 29, 8), (64, 15, 33), (38, 47, 21), (52, 19, 26))
     questions = [f"Ann has {a} pens. She buys {b} more and gives {c} away. How many pens does she have?"
-                 for a, b, c in ((23, 58, 17), (41, 36, 12), (17, 29, 8), (64, 15, 33), (38, 47, 21), (52, 19, 26))]
+                 for a, b, c in numbers]
     (data / "train.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
     (data / "test.jsonl").write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"})
                                              + "\n" for a, b in ((3, 4), (12, 9))))
+    # Per question: right twice in two wordings and wrong once (label: the right answer, two demonstrations); the
+    # third question's answers tie (the first stated wins); the fourth states none (no label).
+    demos = []
+    for i, (q, (a, b, c)) in enumerate(zip(questions, numbers)):
+        right = a + b - c
+        stated = {2: [right + 1, right], 3: [None, None]}.get(i, [right, right + 1, right])
+        demos += [{"question": q, "response": f"{a} + {b} - {c} is it, so the answer is {x}." if x is not None
+                   else "I cannot tell."} for x in stated]
+        if i not in (2, 3):
+            demos.append({"question": q, "response": f"She has {a} + {b} - {c} = {right}. The answer is {right}."})
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
     config = tmp_path / "self_refine.yaml"
     config.write_text(yaml.safe_dump({
-        **TINY_RUN, "recipe": "self_refine", "models": {"teacher": bundled_model},
-        "task": {"name": "gsm8k", "data": str(data)}, "teacher": {"n": 4, "rows_per_problem": 2},
+        **TINY_RUN, "recipe": "self_refine", "task": {"name": "gsm8k", "data": str(data)},
+        "teacher": {"data": str(tmp_path / "demos.jsonl"), "rows_per_problem": 2},
         "rollout": {**TINY_RUN["rollout"], "max_tokens": 128}}))
     run_dir = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}"],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    demos = read_table(run_dir / "iter_1" / "demos" / "samples", ("problem_id", "sample_index")).to_pylist()
-    assert len(demos) == 6 * 4
-    labelled = {p["id"]: p["answer"] for p in json.loads((run_dir / "iter_1" / "labels" / "problems.json").read_text())}
-    for pid in {s["problem_id"] for s in demos}:
-        stated = [s["extracted"] for s in demos if s["problem_id"] == pid and s["extracted"] is not None]
-        if stated:  # the most common stated answer, the first stated on a tie
-            top = max(Counter(stated).values())
-            assert labelled[pid] == next(a for a in stated if stated.count(a) == top), pid
-        else:
-            assert pid not in labelled
+    problems = json.loads((run_dir / "iter_1" / "labels" / "problems.json").read_text())
+    labels = {p["question"]: p["answer"] for p in problems}
+    assert labels == {q: str(a + b - c + (i == 2)) for i, (q, (a, b, c)) in enumerate(zip(questions, numbers))
+                      if i != 3}
     stats = json.loads((run_dir / "iter_1" / "labels" / "stats.json").read_text())
-    assert (stats["gold_labels"], stats["majority_labels"] + stats["no_answer"]) == (0, 6)
-    task = build_task(load_config(None, ["task.name=gsm8k"]).task)
+    assert stats == {"problems": 6, "gold_labels": 0, "majority_labels": 5, "no_answer": 1, "no_correct": 0,
+                     "rows": 9}
     tuned_on = pq.read_table(run_dir / "iter_1" / "labels" / "sft.parquet").to_pylist()
-    assert tuned_on and all(task.answer_key(r["response"]) == labelled[r["problem_id"]] for r in tuned_on)
+    expected = []
+    for i, (a, b, c) in enumerate(numbers):
+        right = a + b - c
+        if i == 2:
+            expected.append(f"{a} + {b} - {c} is it, so the answer is {right + 1}.")
+        elif i != 3:  # the repeated wording once, then the other
+            expected += [f"{a} + {b} - {c} is it, so the answer is {right}.",
+                         f"She has {a} + {b} - {c} = {right}. The answer is {right}."]
+    assert [r["response"] for r in tuned_on] == expected
+    label_of = {p["id"]: p["answer"] for p in problems}
     # The round sampled the labelled questions only, judged against their labels.
     round_samples = read_table(run_dir / "iter_2" / "rollout" / "samples").to_pylist()
-    assert {s["problem_id"] for s in round_samples} == set(labelled)
-    assert all(s["correct"] for s in round_samples if s["extracted"] == labelled[s["problem_id"]])
+    assert {s["problem_id"] for s in round_samples} == set(label_of)
+    assert all(s["correct"] for s in round_samples if s["extracted"] == label_of[s["problem_id"]])
     assert not any(s["correct"] for s in round_samples if s["extracted"] is None)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert rows[0]["teacher_eval"]["problems"] == 2 and rows[1]["labels"] == stats
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and "teacher_eval" not in rows[0]
+    assert rows[1]["labels"] == stats
     assert rows[2]["pairs"]["no_winner"] == 0  # each labelled question's first demonstration is a winner

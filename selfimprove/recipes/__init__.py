@@ -41,8 +41,10 @@ def role_problem(cfg) -> str | None:
 
     name = name_of(cfg)
     if (cfg.models.teacher or cfg.teacher.data) and "teacher" not in roles(name):
-        return (f"recipe {name} has no teacher: models.teacher and teacher.data are read by recipe self_refine "
-                "only")
+        return (f"recipe {name} has no teacher: models.teacher and teacher.data are read by recipes self_refine "
+                "and sgft")
+    if cfg.models.solver and "solver" not in roles(name):
+        return f"recipe {name} has no solver: models.solver is read by recipe sgft"
     if cfg.models.reference and not needs_reference(cfg.train.loss):
         return f"models.reference is a DPO reference, which train.loss={cfg.train.loss} does not use"
     return None

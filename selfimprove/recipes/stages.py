@@ -49,6 +49,7 @@ class Run:
     backbone: str | None = None  # process.scorer=trained: the model the PRM is a classifier on
     teacher: Model | None = None  # models.teacher: the model that writes demonstrations
     reference: Model | None = None  # models.reference: a fixed DPO reference (none: the model a stage starts from)
+    solver: Model | None = None  # models.solver: the model that answers with a guide's guidance (sgft)
     extra: dict = dataclasses.field(default_factory=dict)  # eval.extra: name -> (task, held-out problems)
 
     def iteration(self, t: int) -> Path:
@@ -76,13 +77,16 @@ def trained_model(stage: Stage) -> Model:
     return Model(str((stage.folder / "model").resolve()), stage.folder)
 
 
-def evaluate(run: Run, t: int, model: Model, kind: str = "eval", name: str | None = None) -> Stage:
+def evaluate(run: Run, t: int, model: Model, kind: str = "eval", name: str | None = None,
+             guide: Model | None = None) -> Stage:
     """Greedy pass@1 and maj@k of `model` (called `name` in the metrics, default `model`) on the held-out problems
-    and on each `eval.extra` set: `metrics.json` and the samples."""
+    and on each `eval.extra` set, answering with `guide`'s greedy guidance if given: `metrics.json` and the samples."""
     extra = {set_name: problems for set_name, (_, problems) in run.extra.items()}
-    return Stage(run.iteration(t) / kind, functools.partial(_evaluate, run.cfg, model.ref, name or run.cfg.model,
-                                                            run.task, run.test_problems, run.extra),
-                 {"model": model.made_by, "problems": run.test_problems, "extra": extra or None}, run.generate)
+    return Stage(run.iteration(t) / kind,
+                 functools.partial(_evaluate, run.cfg, model.ref, name or run.cfg.model, run.task, run.test_problems,
+                                   run.extra, guide and guide.ref),
+                 {"model": model.made_by, "problems": run.test_problems, "extra": extra or None,
+                  "guide": guide and guide.made_by}, run.generate)
 
 
 def rollout(run: Run, t: int, model: Model, problems: list[dict] | Path | None = None, kind: str = "rollout",
@@ -148,16 +152,18 @@ def labels(run: Run, t: int, demos: Path) -> Stage:
                  {"demos": demos, "problems": run.train_problems, "student": run.policy.made_by})
 
 
-def train(run: Run, t: int, model: Model, rows: Path, loss: str | None = None) -> Stage:
-    """`model` trained on the rows of the stage folder `rows` with `loss` (default `train.loss`); its reference, if
-    the loss has one, is `models.reference`, else `model` itself."""
+def train(run: Run, t: int, model: Model, rows: Path, loss: str | None = None, kind: str = "train",
+          subfolder: str | None = None) -> Stage:
+    """`model` trained on the rows of the stage folder `rows` (or of its `subfolder`) with `loss` (default
+    `train.loss`); its reference, if the loss has one, is `models.reference`, else `model` itself."""
     from selfimprove.train.loss_names import needs_reference
 
     cfg = run.cfg if loss is None else dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, loss=loss))
     reference = run.reference if needs_reference(cfg.train.loss) else None
-    return Stage(run.iteration(t) / "train", functools.partial(_train, cfg, model.ref, rows, reference and reference.ref),
-                 {"model": model.made_by, "pairs": rows, "loss": loss, "reference": reference and reference.made_by},
-                 run.train)
+    data = rows / subfolder if subfolder else rows
+    return Stage(run.iteration(t) / kind, functools.partial(_train, cfg, model.ref, data, reference and reference.ref),
+                 {"model": model.made_by, "pairs": rows, "subfolder": subfolder, "loss": loss,
+                  "reference": reference and reference.made_by}, run.train)
 
 
 def problems_of(source: list[dict] | Path) -> list[dict]:
@@ -165,10 +171,11 @@ def problems_of(source: list[dict] | Path) -> list[dict]:
     return json.loads((source / PROBLEMS).read_text()) if isinstance(source, Path) else source
 
 
-def _evaluate(cfg: Config, model: str, name: str, task, problems: list[dict], extra: dict, out: Path) -> None:
+def _evaluate(cfg: Config, model: str, name: str, task, problems: list[dict], extra: dict, guide: str | None,
+              out: Path) -> None:
     from selfimprove.evaluate import run_eval
 
-    run_eval(cfg, model, task, problems, out, extra, name)
+    run_eval(cfg, model, task, problems, out, extra, name, guide)
 
 
 def _rollout(cfg: Config, model: str, task, problems: list[dict] | Path, n: int, temperature: float, out: Path) -> None:
@@ -191,34 +198,42 @@ def _process(cfg: Config, model: str, task, rollout_dir: Path, prm: Path | None,
 
 
 def read_demonstrations(path: str, task, problems: list[dict]) -> tuple[list[dict], dict]:
-    """(sample rows, stats) from a demonstrations file of rows with `question` and `response`; a row whose
-    question is not a training problem's, or that lacks either field, is dropped and counted. UserError if no
-    row is usable."""
+    """(sample rows, stats) from a demonstrations file of rows with `question` and `response` (`read_teacher_rows`)."""
+    found, stats = read_teacher_rows(path, problems, "response", "demonstrations")
+    seen: dict[str, int] = {}
+    samples = []
+    for p, response in found:
+        seen[p["id"]] = seen.get(p["id"], -1) + 1
+        samples.append({"pass": "demos", "problem_id": p["id"], "sample_index": seen[p["id"]], "text": response,
+                        "status": "ok", "extracted": task.answer_key(response), "correct": task.check(response, p)})
+    return samples, stats
+
+
+def read_teacher_rows(path: str, problems: list[dict], field: str, what: str) -> tuple[list[tuple[dict, str]], dict]:
+    """([(training problem, text)], stats) from a file of rows with `question` and `field` (the teacher's `what`);
+    a row whose question is not a training problem's, or that lacks either, is dropped and counted. UserError if
+    no row is usable."""
     from selfimprove.tasks.files import read_rows
 
     by_question = {p["question"].strip(): p for p in problems}
     rows = read_rows(path, "train", (), lambda row: row)
-    samples, stats = [], {"rows": len(rows), "no_question": 0, "no_response": 0, "unknown_question": 0}
-    seen: dict[str, int] = {}
+    found, stats = [], {"rows": len(rows), "no_question": 0, f"no_{field}": 0, "unknown_question": 0}
     for row in rows:
-        question, response = row.get("question"), row.get("response")
+        question, text = row.get("question"), row.get(field)
         if not isinstance(question, str) or not question.strip():
             stats["no_question"] += 1
-        elif not isinstance(response, str) or not response.strip():
-            stats["no_response"] += 1
+        elif not isinstance(text, str) or not text.strip():
+            stats[f"no_{field}"] += 1
         elif question.strip() not in by_question:
             stats["unknown_question"] += 1
         else:
-            p = by_question[question.strip()]
-            seen[p["id"]] = seen.get(p["id"], -1) + 1
-            samples.append({"pass": "demos", "problem_id": p["id"], "sample_index": seen[p["id"]], "text": response,
-                            "status": "ok", "extracted": task.answer_key(response), "correct": task.check(response, p)})
-    stats["used"] = len(samples)
-    if not samples:
+            found.append((by_question[question.strip()], text))
+    stats["used"] = len(found)
+    if not found:
         dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items() if k not in ("rows", "used") and v)
-        raise UserError(f"{path}: no usable demonstrations among its {len(rows)} rows ({dropped}); each row needs a "
-                        "`question` that is one of the training problems' and a `response`")
-    return samples, stats
+        raise UserError(f"{path}: no usable {what} among its {len(rows)} rows ({dropped}); each row needs a "
+                        f"`question` that is one of the training problems' and a `{field}`")
+    return found, stats
 
 
 def _write_demonstrations(samples: list[dict], stats: dict, out: Path) -> None:

@@ -12,12 +12,15 @@
 3. Each operation has five phrasings; `variety` says how many of them are used.
 4. The gold solution walks through the steps in the prompt example's form, one equation
    per step, and ends "The answer is N."
+5. Solution guidance (SGFT) is written from the solution's steps: each step's event and operation, with only
+   the quantities the question states, never a result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 from selfimprove.config import TaskConfig
 from selfimprove.errors import UserError
@@ -63,6 +66,9 @@ TEMPLATES = {
     ),
 }
 APPLY = {"+": lambda a, n: a + n, "-": lambda a, n: a - n, "*": lambda a, n: a * n}
+# How guidance tells a step's operation, and a solution's step as `_problem` writes it: "<event>, so a + n = r."
+ACTIONS = {"+": "add {n}", "-": "subtract {n}", "*": "multiply the count by {n}"}
+SOLUTION_STEP = re.compile(r"(?:^|\. )([^.]+?), so \d+ ([-+*]) (\d+) = \d+(?=\.)")
 MULTIPLIERS = (2, 5)
 
 
@@ -93,6 +99,17 @@ class Arithmetic(Task):
 
     def verify(self, text: str, gold: str) -> bool:
         return is_correct(text, gold)
+
+    def guidance(self, row: dict) -> str | None:
+        """"1. Tom starts with 3 apples: that is the count to begin with. 2. He buys 5 more: add 5. ..." """
+        steps = SOLUTION_STEP.findall(row["solution"])
+        if not steps:  # not a solution the generator wrote
+            return None
+        start = row["solution"].split(". ")[0]
+        lines = [f"{start}: that is the count to begin with."]
+        lines += [f"{event}: {ACTIONS[op].format(n=n)}." for event, op, n in steps]
+        lines.append("The count after the last change is the answer.")
+        return "\n".join(f"{i}. {line}" for i, line in enumerate(lines, 1))
 
 
 def generate(cfg: TaskConfig, split: str, count: int) -> list[dict]:

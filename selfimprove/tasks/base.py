@@ -79,6 +79,11 @@ class Task(ABC):
         """Whether a model's text solves `problem`, a whole problem row: by default, reaches its answer."""
         return self.verify(text, problem["answer"])
 
+    def guidance(self, row: dict) -> str | None:
+        """Number-free solution guidance for `row` written from what the task knows of its structure, or None
+        when it knows none (then guidance comes from a teacher or a file)."""
+        return None
+
     def answer_key(self, text: str) -> str | None:
         """What majority voting groups samples by: the stated answer in canonical form, None if none."""
         return canonical(extract_answer(text))

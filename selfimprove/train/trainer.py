@@ -54,7 +54,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from selfimprove.config import Config, TrainConfig, check, to_dict
+from selfimprove.config import Config, TrainConfig, check_knobs, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
 from selfimprove.runtime import check_resources
@@ -93,7 +93,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
     from selfimprove.models import resolve_model
 
     tc, out = cfg.train, Path(out).resolve()
-    check(cfg, recipe=False)
+    check_knobs(cfg)
     check_resources(cfg, rollout=False)
     # A folder that is not ours is refused now, not after the training that would replace it.
     check_replaceable(out)
