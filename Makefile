@@ -8,7 +8,7 @@ comma   := ,
 export SELFIMPROVE_HOME ?= $(HOME)/.cache/selfimprove
 export TORCH_EXTENSIONS_DIR ?= $(SELFIMPROVE_HOME)/torch_extensions
 
-.PHONY: install model demo test test-faults lint clean
+.PHONY: install bwrap model demo test test-faults lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import vllm, ray, deepspeed, peft" 2>/dev/null || $(PY) -c "import vllm, ray, deepspeed, peft"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) bwrap
+
+# Code tasks isolate model-written programs with bubblewrap (selfimprove/sandbox.py); without it, namespaces only.
+bwrap:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q bubblewrap >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; }; } || \
+	  echo "note: could not install bubblewrap; code tasks will isolate programs with unshare (README, Code tasks)"
 
 model: install
 	$(VENV)/bin/selfimprove prepare-model smollm2-135m-instruct

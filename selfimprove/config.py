@@ -69,6 +69,23 @@ def one_of(*choices) -> Callable[[Any], str | None]:
 
 
 @dataclass
+class SandboxConfig:
+    isolation: str = knob("auto", "how code tasks isolate a program: bwrap (bubblewrap), unshare (namespaces only), "
+                          "none (limits only; needs allow_weak) or auto (the first of these that runs here)",
+                          one_of("auto", "bwrap", "unshare", "none"))
+    allow_weak: bool = knob(False, "run programs without a network namespace when this machine cannot make one")
+    timeout: float = knob(10.0, "seconds of wall time a program and its tests get before the sandbox is killed", positive)
+    cpu_seconds: int = knob(5, "seconds of CPU time a program gets", positive)
+    memory_mb: int = knob(1024, "address space a program may map, MiB", positive)
+    file_mb: int = knob(16, "largest file a program may write, MiB (and its whole working directory under bwrap)",
+                        positive)
+    open_files: int = knob(64, "files a program may hold open at once", positive)
+    processes: int = knob(16, "processes and threads a program may run at once", positive)
+    output_kb: int = knob(256, "output a program may print, KiB; more ends it", positive)
+    workers: int = knob(2, "verification tasks (each one core, one program at a time) running at once", positive)
+
+
+@dataclass
 class TaskConfig:
     name: str = knob("arithmetic", "task: arithmetic, gsm8k, math or arc")
     data: str | None = knob(None, "local file/folder (JSONL or Parquet) or Hugging Face dataset name; none = built-in")
@@ -85,6 +102,7 @@ class TaskConfig:
     variety: int = knob(4, "arithmetic: how many phrasings of each operation to draw from (1 = one template)", positive)
     generated_train: int = knob(2000, "arithmetic: problems generated for the train split", up_to(MAX_GENERATED))
     generated_test: int = knob(200, "arithmetic: problems generated for the test split", up_to(MAX_GENERATED))
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
