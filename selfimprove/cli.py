@@ -64,12 +64,12 @@ def _parser() -> argparse.ArgumentParser:
                         "recipe: rollout, process, prm, pairs, train, eval; repeatable)")
     r.set_defaults(func=_run)
 
-    e = sub.add_parser("eval", help="greedy pass@1 and maj@k of a model on a task's held-out split")
+    e = sub.add_parser("eval", help="greedy pass@1, maj@k and pass@k of a model on a task's held-out split")
     e.add_argument("model", help="bundled name, HF id, local folder or .gguf file")
     e.add_argument("--task", help="arithmetic, gsm8k, math or arc (default: the config's)")
     e.add_argument("--data", help="local JSONL/Parquet file or folder, or a hub dataset name")
     e.add_argument("--split", help="split to evaluate (default: test)")
-    e.add_argument("--n", type=int, help="samples per problem for maj@n (1: greedy only; default 8)")
+    e.add_argument("--n", type=int, help="samples per problem for maj@n and pass@n (1: greedy only; default 8)")
     e.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
     e.add_argument("--guide", help="evaluate MODEL as a solver answering with this guide model's greedy guidance "
                                    "(SGFT)")
@@ -108,17 +108,19 @@ def _run(args) -> int:
     from selfimprove.config import load_config
     from selfimprove.driver import run
     from selfimprove.evaluate import trained_on, training_rows
+    from selfimprove.tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
     rows = run(cfg, tuple(args.redo))
     table = Table(title=f"{cfg.model} on {cfg.task.name}: held-out accuracy per iteration ({cfg.run_dir})")
     sets = list(cfg.eval.extra)
-    for column in ("iteration", "pass@1", f"maj@{cfg.eval.k}", *(f"{name} pass@1" for name in sets), "training rows",
-                   "seconds"):
+    sampled = f"{'maj' if build_task(cfg.task).votes else 'pass'}@{cfg.eval.k}"  # programs do not vote
+    for column in ("iteration", "pass@1", *([sampled] if cfg.eval.k > 1 else []), *(f"{name} pass@1" for name in sets),
+                   "training rows", "seconds"):
         table.add_column(column, justify="right")
     for row in rows:
         extra = [f"{row['extra'][name]['pass@1']:.3f}" if name in row.get("extra", {}) else "" for name in sets]
-        table.add_row(str(row["iteration"]), f"{row['pass@1']:.3f}", f"{row.get(f'maj@{cfg.eval.k}', float('nan')):.3f}",
+        table.add_row(str(row["iteration"]), f"{row['pass@1']:.3f}", *([f"{row[sampled]:.3f}"] if cfg.eval.k > 1 else []),
                       *extra, str(training_rows(trained_on(row))), f"{sum(row['stage_seconds'].values()):.0f}")
     Console().print(table)
     from selfimprove.evaluate import write_report
@@ -170,7 +172,7 @@ def _eval(args) -> int:
     for column in ("set", "problems", *keys):
         table.add_column(column, justify="right")
     for name, m in {cfg.task.name: metrics, **metrics.get("extra", {})}.items():
-        table.add_row(name, str(m["problems"]), *(f"{m[k]:.3f}" for k in keys))
+        table.add_row(name, str(m["problems"]), *(f"{m[k]:.3f}" if k in m else "" for k in keys))
     Console().print(table)
     print(f"wrote {out / 'metrics.json'}")
     return 0

@@ -87,7 +87,7 @@ class SandboxConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = knob("arithmetic", "task: arithmetic, gsm8k, math or arc")
+    name: str = knob("arithmetic", "task: arithmetic, gsm8k, math, arc; code: functions, mbpp, humaneval")
     data: str | None = knob(None, "local file/folder (JSONL or Parquet) or Hugging Face dataset name; none = built-in")
     train_size: int | None = knob(None, "use at most this many training problems (none = all)", optional(up_to(MAX_PROBLEMS)))
     test_size: int | None = knob(None, "use at most this many held-out problems (none = all)", optional(up_to(MAX_PROBLEMS)))

@@ -3,13 +3,15 @@
 1. pass@1 is the share of problems whose greedy (temperature 0) sample verifies.
 2. maj@k samples k answers per problem, votes on the extracted final answers (samples
    with no stated answer do not vote; ties go to the answer seen first) and checks the
-   winner; pass@k (any of the k verifies) is reported beside it.
+   winner; pass@k (any of the k verifies, the unbiased estimator) is reported beside it.
+   Code tasks' programs do not vote: they get pass@k alone.
 3. Both passes go through one rollout, so one engine start serves both.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from io import BytesIO
 from pathlib import Path
@@ -49,20 +51,30 @@ def problem_results(samples: list[dict], numbered: bool = False) -> list[dict]:
             winner = majority([s["extracted"] for s in sampled])
             row["majority_answer"] = None if winner is None else sampled[winner]["extracted"]
             row["majority_correct"] = winner is not None and sampled[winner]["correct"]
-            row["any_correct"] = any(s["correct"] for s in sampled)
+            row["samples"], row["samples_correct"] = len(sampled), sum(s["correct"] for s in sampled)
         rows.append(row)
     return rows
 
 
-def aggregate(rows: list[dict], k: int) -> dict:
-    """Accuracy figures over per-problem results from `problem_results`."""
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c are correct (Chen et al., 2021):
+    1 - C(n-c, k) / C(n, k), the chance that k of the n drawn without replacement hold a correct one."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def aggregate(rows: list[dict], k: int, votes: bool = True) -> dict:
+    """Accuracy figures over per-problem results from `problem_results`: maj@k only where samples vote on an
+    answer (not programs), pass@k by the unbiased estimator."""
     n = len(rows)
     metrics = {"problems": n, "pass@1": sum(r["greedy_correct"] for r in rows) / n}
     if rows and "guidance_numbers" in rows[0]:
         metrics["numbered_guidance"] = sum(bool(r["guidance_numbers"]) for r in rows) / n
     if k > 1:
-        metrics[f"maj@{k}"] = sum(r["majority_correct"] for r in rows) / n
-        metrics[f"pass@{k}"] = sum(r["any_correct"] for r in rows) / n
+        if votes:
+            metrics[f"maj@{k}"] = sum(r["majority_correct"] for r in rows) / n
+        metrics[f"pass@{k}"] = sum(pass_at_k(r["samples"], r["samples_correct"], k) for r in rows) / n
     return metrics
 
 
@@ -116,10 +128,10 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
 
     rows = results(task, problems, out / "samples")
     metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
-               **({"guide": guide} if guide else {}), **aggregate(rows, cfg.eval.k)}
+               **({"guide": guide} if guide else {}), **aggregate(rows, cfg.eval.k, task.votes)}
     if extra:
         metrics["extra"] = {set_name: aggregate(results(set_task, set_problems, out / "extra" / set_name / "samples"),
-                                                cfg.eval.k)
+                                                cfg.eval.k, set_task.votes)
                             for set_name, (set_task, set_problems) in extra.items()}
     write_atomic(out / "metrics.json", json.dumps({"metrics": metrics, "problems": rows}, indent=1))
     return metrics

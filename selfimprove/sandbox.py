@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import marshal
 import os
 import secrets
 import shutil
@@ -94,7 +94,7 @@ def _run(program, tests, setup, cfg: SandboxConfig, kind: str, uid, workdir: str
     output = _Drain(proc.stdout, cfg.output_kb * 1024, on_overflow=lambda: _kill_group(proc))
     report = _Drain(os.fdopen(report_read, "rb"), 1 << 20, on_overflow=lambda: _kill_group(proc))
     try:
-        proc.stdin.write(json.dumps(job).encode())
+        proc.stdin.write(marshal.dumps(job))
         proc.stdin.close()
     except OSError:  # it died before reading its job: the exit status and output say why
         pass
@@ -114,14 +114,11 @@ def _verdict(report: str, nonce: str, code: int, timed_out: bool, overflowed: bo
     """The verdict from what the harness reported (lines carrying the nonce) and how the sandbox ended."""
     events = {}
     for line in report.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("nonce") == nonce:
-            events[event.get("event")] = event
-    if "verdict" in events and events["verdict"]["status"] in STATUSES:
-        return Verdict(events["verdict"]["status"], events["verdict"]["detail"])
+        said, event, status, detail = (line.split(" ", 3) + ["", "", ""])[:4]
+        if said == nonce:
+            events[event] = (status, detail.replace("\\n", "\n"))
+    if "verdict" in events and events["verdict"][0] in STATUSES:
+        return Verdict(*events["verdict"])
     if timed_out:
         return Verdict("timeout", f"no verdict within {cfg.timeout:g} s of wall time")
     if overflowed:

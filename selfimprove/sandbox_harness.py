@@ -1,20 +1,20 @@
 """What runs inside the sandbox: limits itself, drops root, runs a program, then its tests one by one.
 
-`selfimprove.sandbox` starts this file's source with `python -I -S -c` and writes the job to its stdin
-as JSON: the program, its tests and set-up code, the limits, the uid to become, the descriptor of the
-report pipe and a nonce. Stdlib only, and nothing imported from the project: the project's files are
-not inside the sandbox.
+`selfimprove.sandbox` starts this file's source with `python -I -S -c` and writes the job to its stdin,
+marshalled: the program, its tests and set-up code, the limits, the uid to become, the descriptor of the
+report pipe and a nonce. Nothing imported from the project (its files are not inside the sandbox), and
+only built-in modules: `json`, `signal` and `re` would cost more start-up than the isolation does.
 
-The report pipe gets one JSON line when the program starts and one verdict line when it ends, each
-with the nonce. Only the verdict line "passed", written after the last test ran, counts as correct: a
+The report pipe gets a line "<nonce> started" when the program starts and "<nonce> verdict <status>
+<detail>" when it ends. Only the verdict line "passed", written after the last test ran, counts as correct: a
 program that exits early (`sys.exit(0)`, `os._exit(0)`, a signal) writes no verdict, and one that
 prints "passed" prints to stdout, which is not the report pipe.
 """
 
-import json
+import _signal
+import marshal
 import os
 import resource
-import signal
 import sys
 
 LIMITS = {"cpu_seconds": resource.RLIMIT_CPU, "memory_bytes": resource.RLIMIT_AS, "file_bytes": resource.RLIMIT_FSIZE,
@@ -22,21 +22,21 @@ LIMITS = {"cpu_seconds": resource.RLIMIT_CPU, "memory_bytes": resource.RLIMIT_AS
 
 
 def main() -> None:
-    job = json.loads(sys.stdin.read())
+    job = marshal.loads(sys.stdin.buffer.read())
     sys.stdin.close()
     report = os.fdopen(job["report_fd"], "w")
     nonce = job["nonce"]
 
-    def say(**fields) -> None:
-        report.write(json.dumps({"nonce": nonce, **fields}) + "\n")
+    def say(event: str, status: str = "", detail: str = "") -> None:
+        report.write(f"{nonce} {event} {status} {detail}".replace("\n", "\\n") + "\n")
         report.flush()
 
     def out_of_cpu(signum, frame):
         # Said from inside: a namespace tool between us and the host may not pass the signal's exit status on.
-        say(event="verdict", status="timeout", detail=f"used its {job['limits']['cpu_seconds']} s of CPU time")
+        say("verdict", "timeout", f"used its {job['limits']['cpu_seconds']} s of CPU time")
         os._exit(1)
 
-    signal.signal(signal.SIGXCPU, out_of_cpu)
+    _signal.signal(_signal.SIGXCPU, out_of_cpu)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for name, limit in job["limits"].items():
         # CPU: the soft limit sends SIGXCPU (a timeout), the hard one a second later SIGKILL.
@@ -48,7 +48,7 @@ def main() -> None:
         os.setgid(job["uid"])
         os.setuid(job["uid"])
     os.chdir(job["workdir"])
-    say(event="started")
+    say("started")
 
     scope = {"__name__": "__main__"}
     step = "the program"
@@ -72,7 +72,7 @@ def main() -> None:
             stream.flush()
         except (OSError, ValueError):  # the program closed it
             pass
-    say(event="verdict", status=verdict[0], detail=verdict[1])
+    say("verdict", *verdict)
     # Not a normal exit: the program's atexit hooks and threads must not run after its verdict.
     os._exit(0)
 

@@ -22,7 +22,7 @@ def files(tmp_path):
 @pytest.mark.parametrize("yaml_text, fragment", [
     ("rollout:\n  nn: 1\n", "c.yaml: unknown key 'rollout.nn'"),
     ("rollout:\n  n: many\n", "c.yaml: 'rollout.n' must be int, got str 'many'"),
-    ("task:\n  name: chess\n", "unknown task 'chess' (known: arithmetic, arc, gsm8k, math)"),
+    ("task:\n  name: chess\n", "unknown task 'chess' (known: arithmetic, arc, gsm8k, math, functions, mbpp, humaneval)"),
 ])
 def test_bad_config(files, yaml_text, fragment):
     assert_one_line_error(run("eval", "smollm2-135m-instruct", "--config", files("c.yaml", yaml_text)), fragment)

@@ -32,9 +32,9 @@ def test_problem_results_and_aggregate():
     ])
     assert rows == [
         {"id": "p1", "gold": "5", "greedy_answer": "5", "greedy_correct": True,
-         "majority_answer": "6", "majority_correct": False, "any_correct": True},
+         "majority_answer": "6", "majority_correct": False, "samples": 3, "samples_correct": 1},
         {"id": "p2", "gold": "5", "greedy_answer": None, "greedy_correct": False,
-         "majority_answer": "5", "majority_correct": True, "any_correct": True},
+         "majority_answer": "5", "majority_correct": True, "samples": 3, "samples_correct": 2},
     ]
     assert aggregate(rows, 3) == {"problems": 2, "pass@1": 0.5, "maj@3": 0.5, "pass@3": 1.0}
 
@@ -68,6 +68,8 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
     cfg = load_config(None, ["eval.k=2"])
 
     class FakeTask:
+        votes = True
+
         def prompt(self, problem):
             return []
 

@@ -107,7 +107,8 @@ def process(run: Run, t: int, model: Model, prm: Path | None) -> Stage:
     """Step values of iteration t's samples (`steps.parquet`): Monte Carlo completions by `model`, the policy that
     wrote them, or, given a trained `prm` folder, its predictions."""
     samples = run.iteration(t) / "rollout"
-    return Stage(run.iteration(t) / "process", functools.partial(_process, run.cfg, model.ref, run.task, samples, prm),
+    return Stage(run.iteration(t) / "process",
+                 functools.partial(_process, run.cfg, model.ref, run.task, run.train_problems, samples, prm),
                  {"model": model.made_by, "rollout": samples, "prm": prm and prm.parent},
                  run.generate if prm is None else None)
 
@@ -185,12 +186,13 @@ def _rollout(cfg: Config, model: str, task, problems: list[dict] | Path, n: int,
     rollout(model, cfg.rollout, task, rows, out / "samples")
 
 
-def _process(cfg: Config, model: str, task, rollout_dir: Path, prm: Path | None, out: Path) -> None:
+def _process(cfg: Config, model: str, task, problems: list[dict], rollout_dir: Path, prm: Path | None,
+             out: Path) -> None:
     samples = read_table(rollout_dir / "samples").to_pylist()
     if prm is None:
         from selfimprove.reward.mc_prm import run_mc_prm
 
-        run_mc_prm(model, cfg.rollout, cfg.process, task, samples, out)
+        run_mc_prm(model, cfg.rollout, cfg.process, task, samples, problems, out)
     else:
         from selfimprove.reward.trained_prm import run_trained_prm
 

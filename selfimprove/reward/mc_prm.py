@@ -207,13 +207,15 @@ def scorable_samples(samples: list[dict], cfg: ProcessConfig) -> tuple[list[tupl
     return todo, stats
 
 
-def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: ProcessConfig, seed: int
-                  ) -> tuple[list[dict], dict[str, int]]:
+def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: ProcessConfig, seed: int,
+                  problems: dict[str, dict] | None = None) -> tuple[list[dict], dict[str, int]]:
     """(step rows, stats) for sample rows (problem_id, sample_index, prompt_text, text, answer, status, correct).
 
     `complete(prompts, seeds, temperature)` rolls out, one engine call per round
     (`partial(pool_complete, actors)`). `samples` are one pass's rows, so (problem_id,
     sample_index) names a sample. Step rows follow STEP_SCHEMA, in sample then step order.
+    A completion is checked against its whole problem row from `problems` (by id: a code task's
+    tests), or without them against the sample's gold answer.
     """
     from selfimprove.rollout.stage import request_seed
 
@@ -237,7 +239,9 @@ def score_samples(complete: Complete, samples: list[dict], task: Task, cfg: Proc
             if out is None or reached.get((t, i), 0) is None:
                 reached[t, i] = None
                 continue
-            reached[t, i] = reached.get((t, i), 0) + task.verify(prefix + out, todo[t][0]["answer"])
+            sample = todo[t][0]
+            problem = problems[sample["problem_id"]] if problems is not None else {"answer": sample["answer"]}
+            reached[t, i] = reached.get((t, i), 0) + task.check(prefix + out, problem)
             drawn[t, i] += 1
 
     first_errors: dict[int, int | None] = {}
@@ -299,7 +303,10 @@ def write_stage(rows: list[dict], stats: dict[str, int], out: Path) -> dict[str,
 
 
 def run_mc_prm(model: str, rollout_cfg: RolloutConfig, cfg: ProcessConfig, task: Task, samples: list[dict],
-               out: Path) -> dict[str, int]:
-    """The process stage: score `samples` with the policy `model`; write `out/steps.parquet` and `out/stats.json`."""
+               problems: list[dict], out: Path) -> dict[str, int]:
+    """The process stage: score `samples` of `problems` with the policy `model`; write `out/steps.parquet` and
+    `out/stats.json`."""
+    by_id = {p["id"]: p for p in problems}
     with prm_actors(model, dataclasses.replace(rollout_cfg, max_tokens=cfg.max_tokens), task.stop) as actors:
-        return write_stage(*score_samples(partial(pool_complete, actors), samples, task, cfg, rollout_cfg.seed), out)
+        return write_stage(*score_samples(partial(pool_complete, actors), samples, task, cfg, rollout_cfg.seed, by_id),
+                           out)

@@ -35,7 +35,7 @@ SAMPLE_SCHEMA = pa.schema([
     ("n", pa.int64()), ("temperature", pa.float64()), ("seed", pa.int64()), ("prompt_text", pa.string()),
     ("sample_index", pa.int64()), ("text", pa.string()), ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()), ("finish_reason", pa.string()), ("status", pa.string()),
-    ("extracted", pa.string()), ("correct", pa.bool_()),
+    ("extracted", pa.string()), ("correct", pa.bool_()), ("verdict", pa.string()),
 ])
 
 
@@ -61,12 +61,14 @@ def request_seed(*parts) -> int:
 
 
 def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarray]:
-    """Add `extracted` (the stated answer, canonical) and `correct` to a batch of samples, and drop the problem
-    rows they were checked against."""
+    """Add `extracted` (the stated answer, canonical), `correct` and `verdict` (what a code task's tests said) to a
+    batch of samples, and drop the problem rows they were checked against."""
     texts, problems, status = batch["text"], batch.pop("problem"), batch["status"]
     batch["extracted"] = np.array([task.answer_key(t) if s == "ok" else None for t, s in zip(texts, status)],
                                   dtype=object)
-    batch["correct"] = np.array([s == "ok" and task.check(t, json.loads(p)) for t, p, s in zip(texts, problems, status)])
+    judged = [task.judge(t, json.loads(p)) if s == "ok" else (False, None) for t, p, s in zip(texts, problems, status)]
+    batch["correct"] = np.array([correct for correct, _ in judged], dtype=bool)
+    batch["verdict"] = np.array([verdict for _, verdict in judged], dtype=object)
     return batch
 
 
@@ -106,8 +108,10 @@ def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resource
 def write_verified(ds, task: Task, out: Path, schema: pa.Schema, order: tuple[str, ...], expected: set[tuple]):
     """Verify the samples of `ds` and write them to `out` as Parquet of `schema`; the folder is marked done only if
     it holds each key of `expected` (values of the `order` columns) exactly once. Returns the samples, in order."""
-    # An answer check is light (verify_cpus 0: it must not wait for cores the engines hold); running tests is not.
-    ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=task.verify_cpus)
+    # An answer check is light (verify_cpus 0: it must not wait for cores the engines hold); running programs is
+    # not: a core each, a bounded number at once, so hostile samples cannot crowd out the engines or the driver.
+    ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=task.verify_cpus,
+                        concurrency=task.verify_concurrency)
     try:
         with stage_output(out) as scratch:
             ds.write_parquet(str(scratch), schema=schema)

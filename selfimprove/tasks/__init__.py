@@ -10,10 +10,13 @@ from selfimprove.errors import UserError
 from selfimprove.tasks.arc import ARC
 from selfimprove.tasks.arithmetic import Arithmetic
 from selfimprove.tasks.base import Task
+from selfimprove.tasks.functions import Functions
 from selfimprove.tasks.gsm8k import GSM8K
+from selfimprove.tasks.humaneval import HumanEval
 from selfimprove.tasks.math import MATH
+from selfimprove.tasks.mbpp import MBPP
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (Arithmetic, ARC, GSM8K, MATH)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (Arithmetic, ARC, GSM8K, MATH, Functions, MBPP, HumanEval)}
 
 
 def build_task(cfg: TaskConfig) -> Task:

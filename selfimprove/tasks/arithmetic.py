@@ -114,22 +114,27 @@ class Arithmetic(Task):
 
 def generate(cfg: TaskConfig, split: str, count: int) -> list[dict]:
     """The first `count` distinct problems of the seeded stream that hash into `split`."""
-    rng = random.Random(cfg.seed)
+    return distinct_problems(lambda rng: _problem(rng, cfg), cfg.seed, split, count,
+                             "widen task.min_value..task.max_value, or allow more steps or operations")
+
+
+def distinct_problems(draw, seed: int, split: str, count: int, remedy: str) -> list[dict]:
+    """The first `count` problems `draw(rng)` makes from a stream seeded by `seed` whose questions are new and hash
+    into `split` (`draw` may return None: no problem from this draw). UserError saying `remedy` if it runs dry."""
+    rng = random.Random(seed)
     rows, seen = [], set()
     # Generous for any reasonable range; only a tiny problem space (say max_value=1) runs out.
     tries = 100 * count + 10_000
     for _ in range(tries):
-        row = _problem(rng, cfg)
+        row = draw(rng)
         if row is None or row["question"] in seen or split_of(row["question"]) != split:
             continue
         seen.add(row["question"])
         rows.append(row)
         if len(rows) == count:
             return rows
-    raise UserError(
-        f"could only generate {len(rows)} distinct {split} problems of the {count} asked (task.generated_{split}) "
-        f"in {tries} tries: widen task.min_value..task.max_value, or allow more steps or operations"
-    )
+    raise UserError(f"could only generate {len(rows)} distinct {split} problems of the {count} asked "
+                    f"(task.generated_{split}) in {tries} tries: {remedy}")
 
 
 def split_of(question: str) -> str:

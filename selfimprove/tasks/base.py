@@ -35,6 +35,10 @@ class Task(ABC):
     # Cores one batch's verification holds: 0 for answer matching, which must not wait behind the engines; a task
     # whose check runs programs asks for a core.
     verify_cpus: float = 0
+    # Verification tasks running at once (None: as many as Ray Data likes).
+    verify_concurrency: int | None = None
+    # Whether samples vote on their answers (maj@k); a code task's programs do not.
+    votes: bool = True
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -78,6 +82,10 @@ class Task(ABC):
     def check(self, text: str, problem: dict) -> bool:
         """Whether a model's text solves `problem`, a whole problem row: by default, reaches its answer."""
         return self.verify(text, problem["answer"])
+
+    def judge(self, text: str, problem: dict) -> tuple[bool, str | None]:
+        """(`check`, and what a verdict says beyond right or wrong, e.g. which test failed; None if nothing)."""
+        return self.check(text, problem), None
 
     def guidance(self, row: dict) -> str | None:
         """Number-free solution guidance for `row` written from what the task knows of its structure, or None
