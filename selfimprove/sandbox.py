@@ -1,35 +1,41 @@
 """Run a model-written program against its tests, isolated and limited; return a structured verdict.
 
 1. Isolation, the first that runs on this machine (`task.sandbox.isolation=auto`):
-   - `bwrap` (bubblewrap, from the OS packages): new network, pid and ipc namespaces; a root file
-     system holding only the OS's `/usr` and libraries and the Python install, read-only, a minimal
-     `/dev` and no `/proc`; an empty size-limited tmpfs as working directory and HOME.
-   - `unshare` (util-linux): new network, pid, ipc and uts namespaces, but the host's file system (file
-     permissions only) and a fresh host temp dir as working directory.
+   - `bwrap` (bubblewrap, from the OS packages): new network (loopback only), pid, ipc and uts
+     namespaces; a root file system holding only the OS's `/usr` and libraries and the Python
+     install, read-only, a minimal `/dev` and the namespace's own `/proc`; a size-limited tmpfs in
+     which each program gets an empty folder of its own as working directory and HOME.
+   - `unshare` (util-linux): the same namespaces, but the host's file system (file permissions only)
+     and a fresh host temp dir. As root it needs a Python install other users can read.
    - `none`, only with `allow_weak`: limits, a scrubbed environment and a temp dir, no namespaces.
-2. Always: a scrubbed environment (no tokens, no Ray address), `python -I -S` (no site-packages, no
-   user paths), CPU-time / address-space / file-size / open-files / process limits set inside, a
-   fresh unprivileged uid when we are root (so the process limit counts only this program), the
-   whole process group killed at the wall deadline, output capped. Nothing outlives a verdict: in a
-   pid namespace everything dies with its first process; without one, every process still running
-   under the program's uid is killed.
-3. The program runs in `sandbox_harness.py`, which reports on a pipe of its own; see there why
-   only "all tests ran and passed" counts as passed.
+2. One long-lived Python per process and isolation, `sandbox_zygote.py`, runs inside it and forks a
+   child per program: a fork costs about a millisecond where a new interpreter and a new sandbox cost
+   fifteen, so a sandboxed verdict is cheaper than a plain `subprocess` (benchmarks/sandbox.py).
+3. Per program, always: a scrubbed environment (no tokens, no Ray address), the standard library only
+   (`python -I -S`), CPU-time / address-space / file-size / open-files / process limits, a fresh
+   unprivileged uid when we are root (so the process limit counts only this program), its process
+   group killed at the wall deadline or past its output cap, and afterwards every process it left
+   killed. `sandbox_zygote.py` says why only "all tests ran and passed" counts as passed.
+4. A zygote that dies or hangs (past the program's deadline and `ZYGOTE_GRACE`) is killed with all
+   it ran and replaced; the program it was judging is `crashed`, or `sandbox_error` if it never
+   started.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import marshal
 import os
 import secrets
-import selectors
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +44,11 @@ from selfimprove.config import SandboxConfig
 from selfimprove.errors import UserError, first_line
 
 STATUSES = ("passed", "failed", "timeout", "memory", "crashed", "sandbox_error")
-HARNESS = (Path(__file__).parent / "sandbox_harness.py").read_text()
-WORKDIR = "/sandbox"  # the working directory's path inside bwrap
+ZYGOTE = (Path(__file__).parent / "sandbox_zygote.py").read_text()
+WORKDIR = "/sandbox"  # inside bwrap: the tmpfs that holds each program's own folder
+ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # all a program's environment has, with HOME and TMPDIR
+# Seconds past a program's own deadline before its zygote counts as hung.
+ZYGOTE_GRACE = 5.0
 # Uids no account has: each run takes a random one, so concurrent runs do not share a process budget.
 UID_RANGE = (200_000, 2_000_000_000)
 SHOWN_OUTPUT = 1024  # characters of a program's output kept in its verdict
@@ -61,127 +70,107 @@ def run_tests(program: str, tests: list[str], cfg: SandboxConfig, setup: str = "
     """Run `setup` + `program`, then each of `tests` (statements, usually asserts), in a sandbox; never raises for
     anything the program does. UserError only if this machine cannot sandbox at all (see `isolation`)."""
     kind = isolation(cfg.isolation, cfg.allow_weak)
+    # A fresh uid per program: its process limit counts only this program's processes (root's would count none),
+    # and whatever it leaves running can be found and killed.
     uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) if os.getuid() == 0 else None
-    host_dir = None if kind == "bwrap" else Path(tempfile.mkdtemp(prefix="selfimprove-sandbox-"))
-    if host_dir is not None and uid is not None:
-        os.chown(host_dir, uid, uid)
-    workdir = WORKDIR if host_dir is None else str(host_dir)
+    job = {"program": program, "tests": list(tests), "setup": setup, "nonce": secrets.token_hex(16), "uid": uid,
+           "limits": _limits(cfg, uid), "timeout": cfg.timeout, "output_bytes": cfg.output_kb << 10, "env": ENV}
     started = time.monotonic()
-    try:
-        return _run(program, tests, setup, cfg, kind, uid, workdir, started)
-    finally:
-        if uid is not None and kind == "none":  # in a pid namespace, everything died with the namespace's first process
-            _kill_uid(uid)
-        if host_dir is not None:
-            shutil.rmtree(host_dir, ignore_errors=True)
+    with _LOCK:
+        key = (kind, cfg.file_mb)
+        zygote = _ZYGOTES.get(key) or _ZYGOTES.setdefault(key, _Zygote(kind, cfg.file_mb))
+        result = zygote.judge(job, cfg.timeout + ZYGOTE_GRACE)
+        if result is None:
+            del _ZYGOTES[key]
+            verdict = zygote.failure()
+            zygote.close()
+    if result is not None:
+        verdict = Verdict(result["status"], result["detail"], result["output"][:SHOWN_OUTPUT].decode("utf-8", "replace"))
+    return dataclasses.replace(verdict, seconds=time.monotonic() - started)
 
 
-def _run(program, tests, setup, cfg: SandboxConfig, kind: str, uid, workdir: str, started: float) -> Verdict:
-    report_read, report_write = os.pipe()
-    nonce = secrets.token_hex(16)
-    job = {"program": program, "tests": list(tests), "setup": setup, "nonce": nonce, "uid": uid,
-           "workdir": workdir, "report_fd": report_write, "limits": _limits(cfg, uid)}
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-    try:
-        proc = subprocess.Popen(
-            [*_prefix(kind, cfg), _python(), "-I", "-S", "-c", HARNESS], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(report_write,), env=env, cwd=workdir
-            if kind != "bwrap" else "/", start_new_session=True)
-    except OSError as e:
-        os.close(report_read)
-        return Verdict("sandbox_error", f"could not start the sandbox: {first_line(e)}")
-    finally:
-        os.close(report_write)
-    try:
-        proc.stdin.write(marshal.dumps(job))
-        proc.stdin.close()
-    except OSError:  # it died before reading its job: the exit status and output say why
-        pass
-    output, report, timed_out, overflowed = _collect(proc, report_read, cfg)
-    code = proc.wait()
-    return dataclasses.replace(_verdict(report.decode("utf-8", "replace"), nonce, code, timed_out, overflowed, cfg),
-                               output=output[:SHOWN_OUTPUT].decode("utf-8", "replace"),
-                               seconds=time.monotonic() - started)
+class _Zygote:
+    """A long-lived Python inside the isolation (`sandbox_zygote.py`) that forks a child per program; one per
+    process and isolation, used by one caller at a time."""
+
+    def __init__(self, kind: str, file_mb: int):
+        self.host_dir = None if kind == "bwrap" else tempfile.mkdtemp(prefix="selfimprove-sandbox-")
+        if self.host_dir is not None:
+            os.chmod(self.host_dir, 0o711)  # programs of other uids reach their own folders in it, and list nothing
+        root = WORKDIR if self.host_dir is None else self.host_dir
+        self.served = 0
+        self.proc = subprocess.Popen(
+            [*_prefix(kind, file_mb), _python(), "-I", "-S", "-c", ZYGOTE, root,
+             "host" if kind == "none" else "pid-namespace"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/",
+            start_new_session=True)
+
+    def judge(self, job: dict, seconds: float) -> dict | None:
+        """The zygote's verdict on `job`, or None if it died or gave none within `seconds`."""
+        try:
+            self.proc.stdin.write(_frame(marshal.dumps(job)))
+            self.proc.stdin.flush()
+        except OSError:
+            return None
+        deadline = time.monotonic() + seconds
+        header = self._read(4, deadline)
+        body = header and self._read(int.from_bytes(header, "little"), deadline)
+        if body is None:
+            return None
+        self.served += 1
+        return marshal.loads(body)
+
+    def _read(self, n: int, deadline: float) -> bytes | None:
+        data = b""
+        fd = self.proc.stdout.fileno()
+        while len(data) < n:
+            if not select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0]:
+                return None
+            chunk = os.read(fd, n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def failure(self) -> Verdict:
+        """The verdict of a job whose zygote died or hung: a sandbox that never served did not start."""
+        if self.served == 0 and self.proc.poll() is not None:
+            said = self.proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
+            return Verdict("sandbox_error", f"the sandbox did not start: {said[-1] if said else self.proc.returncode}")
+        return Verdict("crashed", "the sandbox's process died or hung while judging it; it was restarted")
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:  # its reader is gone
+                pass
+        if self.host_dir is not None:
+            shutil.rmtree(self.host_dir, ignore_errors=True)
 
 
-def _collect(proc: subprocess.Popen, report_fd: int, cfg: SandboxConfig) -> tuple[bytes, bytes, bool, bool]:
-    """(output, report, timed out, output over its cap): reads the program's output and the harness's report as
-    they come until the process ends, killing its group at the wall deadline or once the output passes its cap.
-    One thread, woken by the data and by the process's end (a pidfd), not by polling: a verdict is 10-20 ms."""
-    cap, deadline = cfg.output_kb * 1024, time.monotonic() + cfg.timeout
-    out_fd = proc.stdout.fileno()
-    kept = {out_fd: bytearray(), report_fd: bytearray()}
-    sizes = dict.fromkeys(kept, 0)
-    selector = selectors.DefaultSelector()
-    for fd in kept:
-        selector.register(fd, selectors.EVENT_READ)
-    try:
-        exit_fd = os.pidfd_open(proc.pid)
-        selector.register(exit_fd, selectors.EVENT_READ)
-    except (AttributeError, OSError):  # Linux before 5.3: notice the end by polling
-        exit_fd = None
-    timed_out = overflowed = False
-    open_pipes, ended_at = set(kept), None
-    try:
-        while open_pipes or ended_at is None:
-            now = time.monotonic()
-            if ended_at is None and exit_fd is None and proc.poll() is not None:
-                ended_at = now
-            if ended_at is None and now >= deadline:
-                timed_out = True
-                _kill_group(proc)
-                ended_at = now
-            if ended_at is not None and (not open_pipes or now > ended_at + 1):
-                break  # a pipe still open after a second is held by a process that outlived it: `_kill_uid` ends it
-            wait = max((deadline if ended_at is None else ended_at + 1) - now, 0)
-            for key, _ in selector.select(wait if exit_fd is not None else min(wait, 0.005)):
-                if key.fd == exit_fd:
-                    selector.unregister(exit_fd)
-                    ended_at = time.monotonic()
-                    continue
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    selector.unregister(key.fd)
-                    open_pipes.discard(key.fd)
-                    continue
-                sizes[key.fd] += len(chunk)
-                room = (cap if key.fd == out_fd else 1 << 20) - len(kept[key.fd])
-                kept[key.fd] += chunk[:max(room, 0)]
-                if key.fd == out_fd and sizes[key.fd] > cap and not overflowed:
-                    overflowed = True
-                    _kill_group(proc)
-    finally:
-        selector.close()
-        for fd in (exit_fd, report_fd):
-            if fd is not None:
-                os.close(fd)
-        proc.stdout.close()
-    return bytes(kept[out_fd]), bytes(kept[report_fd]), timed_out, overflowed
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "little") + data
 
 
-def _verdict(report: str, nonce: str, code: int, timed_out: bool, overflowed: bool, cfg: SandboxConfig) -> Verdict:
-    """The verdict from what the harness reported (lines carrying the nonce) and how the sandbox ended."""
-    events = {}
-    for line in report.splitlines():
-        said, event, status, detail = (line.split(" ", 3) + ["", "", ""])[:4]
-        if said == nonce:
-            events[event] = (status, detail.replace("\\n", "\n"))
-    if "verdict" in events and events["verdict"][0] in STATUSES:
-        return Verdict(*events["verdict"])
-    if timed_out:
-        return Verdict("timeout", f"no verdict within {cfg.timeout:g} s of wall time")
-    if overflowed:
-        return Verdict("crashed", f"printed more than {cfg.output_kb} KiB")
-    if "started" not in events:
-        return Verdict("sandbox_error", f"the sandbox did not start (exit status {code})")
-    if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
-        return Verdict("timeout", f"used its {cfg.cpu_seconds} s of CPU time")
-    return Verdict("crashed", f"exited with status {code} before its tests finished")
+_LOCK = threading.Lock()
+_ZYGOTES: dict[tuple[str, int], _Zygote] = {}
+
+
+@atexit.register
+def _close_zygotes() -> None:
+    while _ZYGOTES:
+        _ZYGOTES.popitem()[1].close()
 
 
 def _limits(cfg: SandboxConfig, uid: int | None) -> dict[str, int]:
-    """The rlimits the harness sets. Without our own uid, the process limit counts the user's other processes too,
-    so it is set above their number now."""
+    """The rlimits a program's process gets. Without a uid of its own, the process limit counts the user's other
+    processes too, so it is set above their number now."""
     processes = cfg.processes if uid is not None else _processes_of(os.getuid()) + cfg.processes
     return {"cpu_seconds": cfg.cpu_seconds, "memory_bytes": cfg.memory_mb << 20, "file_bytes": cfg.file_mb << 20,
             "open_files": cfg.open_files, "processes": processes}
@@ -192,16 +181,15 @@ def _python() -> str:
     return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
 
 
-def _prefix(kind: str, cfg: SandboxConfig) -> list[str]:
-    """The command line that puts the interpreter into the isolation `kind`."""
+def _prefix(kind: str, file_mb: int) -> list[str]:
+    """The command line that puts the zygote into the isolation `kind`, with a working area of `file_mb` MiB."""
     root = os.getuid() == 0
     if kind == "bwrap":
-        # As root no user namespace: the harness then drops to a uid of its own, which a process limit applies to.
-        # No /proc, and no uts or cgroup namespace: as another uid, a program could read or change nothing there that
-        # matters, and each costs start-up time on every verdict (benchmarks/sandbox.py).
-        spaces = ["--unshare-net", "--unshare-pid", "--unshare-ipc"] if root else ["--unshare-all", "--cap-drop", "ALL"]
-        return ["bwrap", *spaces, "--die-with-parent", "--new-session", *_system_binds(), "--dev", "/dev",
-                "--perms", "0777", "--size", str(cfg.file_mb << 20), "--tmpfs", WORKDIR, "--chdir", WORKDIR, "--"]
+        # As root, no user namespace: the zygote makes each program's process another uid, which limits apply to.
+        spaces = ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"] if root else [
+            "--unshare-all", "--cap-drop", "ALL"]
+        return ["bwrap", *spaces, "--die-with-parent", "--new-session", *_system_binds(), "--proc", "/proc",
+                "--dev", "/dev", "--perms", "0711", "--size", str(file_mb << 20), "--tmpfs", WORKDIR, "--"]
     if kind == "unshare":
         return ["unshare", *([] if root else ["--user", "--map-root-user"]), "--net", "--pid", "--ipc", "--uts",
                 "--fork", "--kill-child", "--mount", "--mount-proc"]
@@ -240,8 +228,10 @@ def isolation(wanted: str = "auto", allow_weak: bool = False) -> str:
         if problem is None:
             return kind
         tried.append(f"{kind}: {problem}")
-    if allow_weak:
+    if allow_weak and (problem := _hidden_python()) is None:
         return "none"
+    if allow_weak:
+        tried.append(f"none: {problem}")
     why = "; ".join(tried) if tried else "isolation=none was asked for"
     raise UserError(f"code tasks run model-written programs, and this machine cannot isolate them ({why}): install "
                     "bubblewrap (apt-get install bubblewrap), or set task.sandbox.allow_weak=true to run them with "
@@ -252,19 +242,27 @@ def _probe(kind: str) -> str | None:
     """Why `kind` cannot run a program here, or None if it can."""
     if shutil.which(kind) is None:
         return "not installed"
+    if kind == "unshare" and (problem := _hidden_python()):
+        return problem
     try:
-        done = subprocess.run([*_prefix(kind, SandboxConfig()), _python(), "-I", "-S", "-c", "pass"],
-                              capture_output=True, text=True, timeout=30, cwd="/")
+        done = subprocess.run([*_prefix(kind, 1), _python(), "-I", "-S", "-c", "pass"], capture_output=True, text=True,
+                              timeout=30, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as e:
         return first_line(e)
     return None if done.returncode == 0 else first_line(Exception(done.stderr or f"exit status {done.returncode}"))
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _hidden_python() -> str | None:
+    """Why programs could not use the Python install without bwrap (which mounts it where they can), or None: as
+    root each program runs as a uid of its own, which must be able to reach the install's files."""
+    if os.getuid() != 0:
+        return None
+    path = Path(_python()).resolve()
+    closed = [str(folder) for folder in path.parents if not os.stat(folder).st_mode & 0o001]
+    if closed:
+        return (f"programs run as a uid of their own, and {closed[-1]} keeps the Python install ({path}) from other "
+                "users")
+    return None
 
 
 def _processes_of(uid: int) -> int:
@@ -283,16 +281,3 @@ def _pids_of(uid: int) -> list[int]:
     return pids
 
 
-def _kill_uid(uid: int) -> None:
-    """Kill every process still running under `uid` (a daemon that left the process group and, without a pid
-    namespace, the sandbox), until none is left."""
-    for _ in range(100):
-        pids = _pids_of(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)

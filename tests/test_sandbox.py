@@ -3,6 +3,7 @@ unharmed, and nothing it started is left running. Real bubblewrap (installed by 
 
 import os
 import socket
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -170,29 +171,74 @@ def test_a_syntax_error_and_non_utf8_output_are_verdicts_not_errors():
     assert verdict.passed and verdict.output == "\ufffd\ufffd ok"
 
 
-def test_namespaces_without_bubblewrap_still_keep_the_network_and_daemons_out():
+SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+
+
+@pytest.fixture
+def readable_python(monkeypatch):
+    """Without bwrap, programs (as uids of their own) need a Python install other users can read: the OS's, of our
+    version (Debian's python3 on our machines; ours lives under /root)."""
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"no {SYSTEM_PYTHON} on this machine")
+    monkeypatch.setattr(sandbox, "_python", lambda: str(SYSTEM_PYTHON))
+    sandbox.isolation.cache_clear()
+    sandbox._close_zygotes()
+    yield
+    sandbox.isolation.cache_clear()
+    sandbox._close_zygotes()
+
+
+def test_namespaces_without_bubblewrap_still_keep_the_network_and_daemons_out(readable_python):
     cfg = replace(CFG, isolation="unshare")
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        listener.settimeout(0.5)
         port = listener.getsockname()[1]
         verdict = run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", cfg=cfg)
-    assert verdict.status == "crashed"
+        assert verdict.status == "crashed" and "Network is unreachable" in verdict.detail, verdict.detail
+        with pytest.raises(TimeoutError):
+            listener.accept()
     assert run(DOUBLE, DOUBLE_TESTS, cfg=cfg).passed
     assert run("while True:\n    pass\n", cfg=cfg).status == "timeout"
+    marker = "987655.25"
+    daemon = f"import os, subprocess\nif os.fork() == 0:\n    os.setsid()\n    subprocess.Popen(['sleep', '{marker}'])\n"
+    assert run(daemon + DOUBLE, DOUBLE_TESTS, cfg=cfg).passed
+    assert processes_with(f"sleep {marker}") == []
 
 
-def test_a_machine_that_cannot_isolate_refuses_in_one_line_unless_weak_is_allowed(monkeypatch):
+def test_without_bubblewrap_a_python_install_other_users_cannot_read_is_refused(monkeypatch, tmp_path):
+    private = tmp_path / "private"
+    (private / "bin").mkdir(parents=True)
+    (private / "bin" / "python3").write_text("")
+    private.chmod(0o700)
+    monkeypatch.setattr(sandbox, "_python", lambda: str(private / "bin" / "python3"))
     sandbox.isolation.cache_clear()
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     try:
-        with pytest.raises(UserError, match=r"cannot isolate them \(bwrap: not installed; unshare: not installed\)"
-                                            r".*task\.sandbox\.allow_weak=true"):
-            sandbox.isolation("auto", False)
-        assert sandbox.isolation("auto", True) == "none"
-        with pytest.raises(UserError, match="isolation=none was asked for"):
-            sandbox.isolation("none", False)
+        if os.getuid() == 0:
+            with pytest.raises(UserError, match=rf"unshare: programs run as a uid of their own, and /\S+ keeps the "
+                                                rf"Python install \({private}/bin/python3\) from other users"):
+                sandbox.isolation("unshare", False)
+        else:
+            assert sandbox._hidden_python() is None  # programs run as the user, who reads the install
     finally:
         sandbox.isolation.cache_clear()
-    # Limits alone still judge a program.
-    assert run(DOUBLE, DOUBLE_TESTS, cfg=replace(CFG, isolation="none", allow_weak=True)).passed
+
+
+def test_a_machine_that_cannot_isolate_refuses_in_one_line_unless_weak_is_allowed(monkeypatch, readable_python):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match=r"cannot isolate them \(bwrap: not installed; unshare: not installed\)"
+                                        r".*task\.sandbox\.allow_weak=true"):
+        sandbox.isolation("auto", False)
+    assert sandbox.isolation("auto", True) == "none"
+    with pytest.raises(UserError, match="isolation=none was asked for"):
+        sandbox.isolation("none", False)
+    # Limits alone still judge a program, and sweep what it leaves.
+    weak = replace(CFG, isolation="none", allow_weak=True)
+    assert run(DOUBLE, DOUBLE_TESTS, cfg=weak).passed
+    assert run("import os\nos._exit(0)\n", DOUBLE_TESTS, cfg=weak).status == "crashed"
+    marker = "987656.25"
+    daemon = f"import os, subprocess\nif os.fork() == 0:\n    os.setsid()\n    subprocess.Popen(['sleep', '{marker}'])\n"
+    assert run(daemon + DOUBLE, DOUBLE_TESTS, cfg=weak).passed
+    if os.getuid() == 0:  # a uid of its own to sweep; a user without one has only the process group
+        assert processes_with(f"sleep {marker}") == []
