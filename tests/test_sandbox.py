@@ -242,3 +242,21 @@ def test_a_machine_that_cannot_isolate_refuses_in_one_line_unless_weak_is_allowe
     assert run(daemon + DOUBLE, DOUBLE_TESTS, cfg=weak).passed
     if os.getuid() == 0:  # a uid of its own to sweep; a user without one has only the process group
         assert processes_with(f"sleep {marker}") == []
+
+
+def test_a_killed_zygote_costs_only_the_program_it_was_judging():
+    import signal
+    import threading
+
+    assert run(DOUBLE, DOUBLE_TESTS).passed  # the zygote is up
+    zygote = sandbox._ZYGOTES[("bwrap", CFG.file_mb)]
+    verdicts = []
+    judging = threading.Thread(target=lambda: verdicts.append(run("import time\ntime.sleep(2)\n" + DOUBLE, DOUBLE_TESTS)))
+    judging.start()
+    time.sleep(0.5)
+    os.killpg(zygote.proc.pid, signal.SIGKILL)
+    judging.join()
+    assert (verdicts[0].status, verdicts[0].detail) == (
+        "crashed", "the sandbox's process died or hung while judging it; it was restarted")
+    assert run(DOUBLE, DOUBLE_TESTS).passed
+    assert sandbox._ZYGOTES[("bwrap", CFG.file_mb)] is not zygote
