@@ -78,7 +78,9 @@ def run_tests(program: str, tests: list[str], cfg: SandboxConfig, setup: str = "
     started = time.monotonic()
     with _LOCK:
         key = (kind, cfg.file_mb)
-        zygote = _ZYGOTES.get(key) or _ZYGOTES.setdefault(key, _Zygote(kind, cfg.file_mb))
+        if key not in _ZYGOTES:
+            _ZYGOTES[key] = _Zygote(kind, cfg.file_mb)
+        zygote = _ZYGOTES[key]
         result = zygote.judge(job, cfg.timeout + ZYGOTE_GRACE)
         if result is None:
             del _ZYGOTES[key]
