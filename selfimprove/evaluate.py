@@ -128,7 +128,8 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
 
     rows = results(task, problems, out / "samples")
     metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
-               **({"guide": guide} if guide else {}), **aggregate(rows, cfg.eval.k, task.votes)}
+               **({"guide": guide} if guide else {}), **aggregate(rows, cfg.eval.k, task.votes),
+               **({"sandbox": task.isolation} if task.isolation else {})}
     if extra:
         metrics["extra"] = {set_name: aggregate(results(set_task, set_problems, out / "extra" / set_name / "samples"),
                                                 cfg.eval.k, set_task.votes)

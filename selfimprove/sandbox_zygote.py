@@ -216,32 +216,46 @@ def child(job: dict, workdir: str, out_w: int, report_w: int) -> None:
 
 
 def sweep(uid: int | None, pid: int, own_pids: bool) -> None:
-    """Kill every process the program left: with a uid of its own, all of that uid's (a helper of that uid signals
-    them all at once, until none is left); else, in a pid namespace of our own, every process but ours and the
-    namespace's first; else (limits only, not root) its process group."""
-    if uid is not None:
-        helper = os.fork()
-        if helper == 0:
-            try:
-                os.setgid(uid)
-                os.setuid(uid)
-                for _ in range(1000):
-                    os.kill(-1, _signal.SIGKILL)  # every process this uid may signal, but not the caller
-            except ProcessLookupError:
-                os._exit(0)
-            finally:
-                os._exit(1)
-        os.waitpid(helper, 0)
+    """Kill every process the program left, and return once they are gone (at most 2 s): with a uid of its own,
+    all of that uid's, signalled by a helper of that uid, which can signal nothing else; else, in a pid namespace
+    of our own, every process but ours and the namespace's first; else (limits only, not root) its group."""
+    if uid is None and not own_pids:
+        _kill_group(pid)
         return
-    if own_pids:  # nothing in this namespace is the host's
-        keep = {1, os.getpid()}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) not in keep:
+    until = time.monotonic() + 2
+    while (left := _left(uid)) and time.monotonic() < until:
+        if uid is None:  # nothing in this namespace is the host's
+            for other in left:
                 try:
-                    os.kill(int(entry), _signal.SIGKILL)
+                    os.kill(other, _signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-    _kill_group(pid)
+        else:
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    os.setgid(uid)
+                    os.setuid(uid)
+                    os.kill(-1, _signal.SIGKILL)  # every process this uid may signal, but not the caller
+                finally:
+                    os._exit(0)
+            os.waitpid(helper, 0)
+        time.sleep(0.001)
+
+
+def _left(uid: int | None) -> list[int]:
+    """Processes still there (zombies too, until reaped) that belong to `uid`, or, for None, every process in
+    /proc but ours and the first."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (1, os.getpid()):
+            continue
+        try:
+            if uid is None or os.stat(f"/proc/{entry}").st_uid == uid:
+                found.append(int(entry))
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def _kill_group(pid: int) -> None:

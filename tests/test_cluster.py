@@ -301,7 +301,7 @@ def test_local_job_runs_on_the_cpu_cluster_shape():
 def test_gpu_config_loads_and_fits(path):
     assert "NOT RUN ON A GPU BY US" in path.read_text()
     cfg = load_config(path)
-    assert cfg.model.startswith("Qwen/") and cfg.task.name == "gsm8k" and cfg.train.precision == "bf16"
+    assert cfg.model.startswith("Qwen/") and cfg.task.name in ("gsm8k", "mbpp") and cfg.train.precision == "bf16"
     assert cfg.rollout.max_model_len > cfg.rollout.max_tokens and cfg.train.max_len > cfg.rollout.max_tokens
 
 

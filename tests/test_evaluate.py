@@ -68,7 +68,7 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
     cfg = load_config(None, ["eval.k=2"])
 
     class FakeTask:
-        votes = True
+        votes, isolation = True, None
 
         def prompt(self, problem):
             return []

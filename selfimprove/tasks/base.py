@@ -39,6 +39,8 @@ class Task(ABC):
     verify_concurrency: int | None = None
     # Whether samples vote on their answers (maj@k); a code task's programs do not.
     votes: bool = True
+    # Where a code task's programs run (selfimprove/sandbox.py: bwrap, unshare or none); None: no programs.
+    isolation: str | None = None
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 import re
 
-from selfimprove.sandbox import run_tests
+from selfimprove.sandbox import isolation, run_tests
 from selfimprove.tasks.base import Task
 
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
@@ -73,6 +73,11 @@ class CodeTask(Task):
     )
     verify_cpus = 1
     votes = False  # programs are not voted on: pass@k replaces maj@k
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Which isolation programs will run in (and a machine that has none fails here, before any Ray work).
+        self.isolation = isolation(cfg.sandbox.isolation, cfg.sandbox.allow_weak)
 
     @property
     def verify_concurrency(self) -> int:

@@ -13,5 +13,5 @@ def test_builds_each_known_task(task_config, name):
 
 
 def test_unknown_task_name(task_config):
-    with pytest.raises(UserError, match=r"^unknown task 'x' \(known: arithmetic, arc, gsm8k, math\)$"):
+    with pytest.raises(UserError, match=r"^unknown task 'x' \(known: arithmetic, arc, gsm8k, math, functions, mbpp, humaneval\)$"):
         build_task(task_config(name="x"))

@@ -160,3 +160,16 @@ def test_step_values_of_a_program_come_from_running_its_completions_tests():
 
     rows, _ = score_samples(complete, [sample], task, ProcessConfig(k=4), seed=0, problems={"p": problem})
     assert [r["value"] for r in rows] == [0.5, 0.25, 0.0]
+
+
+def test_a_code_task_knows_its_isolation_at_load_and_a_machine_without_one_fails_there(monkeypatch):
+    from selfimprove import sandbox
+
+    assert build_task(TaskConfig(name="functions")).isolation == "bwrap"
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox.isolation.cache_clear()
+    try:
+        with pytest.raises(UserError, match="cannot isolate them"):
+            build_task(TaskConfig(name="functions"))
+    finally:
+        sandbox.isolation.cache_clear()
