@@ -8,7 +8,7 @@ comma   := ,
 export SELFIMPROVE_HOME ?= $(HOME)/.cache/selfimprove
 export TORCH_EXTENSIONS_DIR ?= $(SELFIMPROVE_HOME)/torch_extensions
 
-.PHONY: install bwrap model demo test test-faults lint clean
+.PHONY: install bwrap model demo test test-faults test-slow lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,10 +35,13 @@ demo: model
 	$(VENV)/bin/selfimprove run configs/local.yaml
 
 test: model
-	$(PY) -m pytest -m "not faults"
+	$(PY) -m pytest -m "not faults and not slow"
 
 test-faults: model
 	$(PY) -m pytest -m faults
+
+test-slow: model
+	$(PY) -m pytest -m slow
 
 lint: install
 	$(VENV)/bin/ruff check selfimprove tests benchmarks

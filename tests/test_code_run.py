@@ -15,6 +15,7 @@ CODE_RUN = {**TINY_RUN, "recipe": "sipf", "task": {"name": "functions", "train_s
 
 
 @pytest.mark.engine
+@pytest.mark.slow  # ~5 min: make test-slow; make test keeps the sandbox, verification-step and step-value tests
 def test_sipf_runs_on_code_with_sandboxed_verification(tmp_path, bundled_model):
     config, run_dir, log = tmp_path / "code.yaml", tmp_path / "run", tmp_path / "run.log"
     config.write_text(yaml.safe_dump(CODE_RUN))
