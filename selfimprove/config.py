@@ -271,6 +271,26 @@ RECIPE_NAMES = ("irpo", "star", "dpo", "sipf", "self_refine", "sgft")  # selfimp
 
 
 @dataclass
+class ServeConfig:
+    name: str | None = knob(None, "model name clients ask for (none: the run folder's or the model's name)")
+    host: str = knob("127.0.0.1", "address the HTTP server binds (127.0.0.1: this machine only)")
+    port: int = knob(8000, "HTTP port", lambda v: None if 0 < v < 65536 else "must be a port number, 1-65535")
+    cpus_per_replica: int = knob(1, "CPU only: cores each engine replica binds to", positive)
+    num_replicas: int = knob(1, "engine replicas of each model (fixed; see max_replicas for autoscaling)", positive)
+    min_replicas: int = knob(1, "autoscaling: fewest engine replicas (used when max_replicas > num_replicas)",
+                             non_negative)
+    max_replicas: int | None = knob(None, "autoscaling: most engine replicas (none: no autoscaling)", optional(positive))
+    target_ongoing_requests: int = knob(8, "autoscaling: requests per replica Serve aims for", positive)
+    max_ongoing_requests: int = knob(32, "requests one replica takes at once; more wait in Serve's queue", positive)
+    max_tokens: int = knob(512, "largest max_tokens a request may ask for", positive)
+    max_n: int = knob(8, "largest n a request may ask for", positive)
+    max_prompt_tokens: int | None = knob(None, "longest prompt (tokens, chat template applied) a request may send "
+                                               "(none: what the context leaves after max_tokens)", optional(positive))
+    max_body_kb: int = knob(256, "largest request body, KiB", positive)
+    drain_seconds: int = knob(300, "seconds a replaced or stopped replica may finish its requests in", positive)
+
+
+@dataclass
 class Config:
     recipe: str | None = knob(None, "irpo, star, dpo, sipf, self_refine or sgft: the stages a run makes, and defaults for "
                               "the knobs it needs (none: the recipe train.loss and pairs.source describe)",
@@ -287,6 +307,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -70,6 +70,30 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
         return write_metrics(run_dir)
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluated:
+    iteration: int
+    model: str  # what an engine loads: a trained model's folder, or the starting model's reference
+    guide: str | None = None  # recipe sgft: the guide whose guidance the model (the solver) answered with
+
+
+def evaluated(run_dir: Path) -> list[Evaluated]:
+    """The models of a run's finished `eval` stages, in iteration order (what `selfimprove serve` can serve)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not (run_dir / MARKER).is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml and {MARKER} made by `selfimprove run`)")
+    cfg = load_config(saved)
+    run_ = _prepare(dataclasses.replace(cfg, run_dir=str(run_dir)))
+    starting = {m.made_by: m.ref for m in (run_.policy, run_.solver, run_.teacher, run_.reference) if m}
+
+    def ref(made_by: Path | str) -> str:  # a train stage's folder holds its model; a starting model is named
+        trained = Path(made_by) / "model"
+        return str(trained) if isinstance(made_by, Path) and trained.is_dir() else starting.get(made_by, str(made_by))
+
+    return [Evaluated(s.iteration, ref(s.reads["model"]), s.reads.get("guide") and ref(s.reads["guide"]))
+            for s in recipe(name_of(cfg)).plan(run_) if s.kind == "eval" and is_done(s.folder)]
+
+
 def _prepare(cfg: Config) -> Run:
     """What a plan is built from: the task and its problems, the starting models (checked), and the types
     engines and trainers compute in on this machine. The saved config keeps `auto`, so that a run resumed on
@@ -210,8 +234,8 @@ def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
     theirs, mine = to_dict(dataclasses.replace(theirs, recipe=name_of(theirs))), dict(mine, recipe=name_of(cfg))
     if theirs == mine:
         return
-    # More (or fewer) iterations of the same run: it goes on from where it is.
-    theirs["iterations"] = cfg.iterations
+    # More (or fewer) iterations of the same run: it goes on from where it is. Serving settings change no stage.
+    theirs.update(iterations=cfg.iterations, serve=mine["serve"])
     if theirs == mine:
         write_atomic(saved, yaml.safe_dump(mine, sort_keys=False))
     else:

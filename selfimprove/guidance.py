@@ -66,7 +66,11 @@ def solver_prompt(task, problem: dict, guidance: str) -> list[dict]:
     and 0.125 with either after the question, 0.150 with no guidance: a list after the question is copied, not
     followed.
     """
-    messages = task.prompt(problem)
+    return with_hint(task.prompt(problem), guidance)
+
+
+def with_hint(messages: list[dict], guidance: str) -> list[dict]:
+    """`messages` with the guidance's steps as one "Hint: ..." paragraph before the last message's text."""
     last = messages[-1]
     hint = " ".join(line.strip() for line in _STEP_LABEL.sub("", guidance).splitlines() if line.strip())
     return [*messages[:-1], dict(last, content=f"Hint: {hint}\n{last['content']}")]

@@ -14,7 +14,11 @@
    have a deadline; cluster/networkpolicy.yaml lets only the cluster's own pods reach its head,
    and submitters (and, for jobs, the KubeRay operator) its dashboard. There is no schema for
    NetworkPolicy here: the policies are evaluated against the labels KubeRay gives each pod.
-4. Broken manifests fail, so a passing check means something.
+4. Serving: the RayService's serveConfigV2 is what selfimprove.serve.serve_config makes for the
+   last model of rayjob-local.yaml's run, passes Ray Serve's own schema, and reads the model from
+   the volume the job writes; its API key comes from a Secret; its head adds Serve's HTTP port,
+   open to the namespace's pods and the operator only.
+5. Broken manifests fail, so a passing check means something.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfimprove.config import load_config
+from selfimprove.config import Config, load_config
+from selfimprove.serve import KEY_ENV, Served, serve_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -63,10 +68,13 @@ def manifest(name: str) -> dict:
     return doc
 
 
+CLUSTER_SPEC_KEYS = {"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}  # KubeRay's names for it
+
+
 def cluster_spec(doc: dict) -> dict:
     """The RayCluster spec of a RayCluster, or the one a RayJob or RayService starts."""
     spec = doc["spec"]
-    return spec.get("rayClusterSpec", spec)
+    return spec[CLUSTER_SPEC_KEYS[doc["kind"]]] if doc["kind"] in CLUSTER_SPEC_KEYS else spec
 
 
 def containers(doc: dict) -> list[tuple[str, dict, dict]]:
@@ -137,7 +145,9 @@ def schema_errors(doc: dict) -> list[str]:
 
 def test_cluster_folder_holds_the_expected_manifests():
     names = {name for name, _ in documents()}
-    assert {"raycluster-cpu.yaml", "rayjob-local.yaml", "rayjob-gpu.yaml", "storage.yaml", "networkpolicy.yaml"} <= names
+    assert {"raycluster-cpu.yaml", "rayjob-local.yaml", "rayjob-gpu.yaml", "rayservice-cpu.yaml", "storage.yaml",
+            "networkpolicy.yaml"} <= names
+    assert manifest("rayservice-cpu.yaml")["kind"] == "RayService"
     for name, doc in documents():
         known = doc.get("kind") in RAY_KINDS and doc.get("apiVersion") == "ray.io/v1"
         assert known or (doc.get("apiVersion"), doc.get("kind")) in OTHER_KINDS, f"{name}: unexpected {doc.get('kind')}"
@@ -171,7 +181,7 @@ def _break_auth_mode(doc):
 
 
 @needs_crds
-@pytest.mark.parametrize("name", ["raycluster-cpu.yaml", "rayjob-local.yaml"])
+@pytest.mark.parametrize("name", ["raycluster-cpu.yaml", "rayjob-local.yaml", "rayservice-cpu.yaml"])
 @pytest.mark.parametrize("breakage,where", [
     (_break_replicas, "workerGroupSpecs.0.replicas: 'two' is not of type 'integer'"),
     (_break_start_param, "headGroupSpec.rayStartParams.num-cpus: 0 is not of type 'string'"),
@@ -216,15 +226,21 @@ def test_job_run_dir_is_on_a_volume_every_pod_mounts(name, doc):
     path, overrides = entrypoint(doc)
     run_dir = Path(load_config(path, overrides).run_dir)
     assert run_dir.is_absolute(), f"{name}: run_dir {run_dir} depends on the driver's working directory"
+    shared_mount(name, doc, run_dir)
+
+
+def shared_mount(name: str, doc: dict, path: Path) -> tuple[str, str]:
+    """(mount path, claim) of the claim holding `path` that every Ray container of `doc` mounts, at the same place."""
     shared = None
     for group, pod, container in containers(doc):
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
                   if "persistentVolumeClaim" in v}
         mounts = {(m["mountPath"], claims.get(m["name"])) for m in container.get("volumeMounts", [])
-                  if run_dir.is_relative_to(m["mountPath"]) and m["name"] in claims}
-        assert len(mounts) == 1, f"{name}: {group} does not mount a claim holding {run_dir}"
+                  if path.is_relative_to(m["mountPath"]) and m["name"] in claims}
+        assert len(mounts) == 1, f"{name}: {group} does not mount a claim holding {path}"
         assert shared in (None, *mounts), f"{name}: {group} mounts {mounts}, others {shared}"
         (shared,) = mounts
+    return shared
 
 
 @pytest.mark.parametrize("name,doc", jobs(), ids=[name for name, _ in jobs()])
@@ -313,7 +329,9 @@ POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GI
 VOLUME_OWNERSHIP = {"fsGroup": RAY_GID, "fsGroupChangePolicy": "OnRootMismatch"}  # pods with volumes only
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 HEAD_PORTS = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"}]
-GCS, DASHBOARD, RAY_CLIENT = 6379, 8265, 10001
+GCS, DASHBOARD, RAY_CLIENT, SERVE = 6379, 8265, 10001, 8000
+# KubeRay builds a RayService's <name>-serve-svc from the head port named "serve" (and refuses to without one).
+SERVE_PORT = {"containerPort": SERVE, "name": "serve"}
 DEADLINES = {"rayjob-local.yaml": 4 * 3600, "rayjob-gpu.yaml": 24 * 3600}
 SUBMITTER = {"selfimprove/submitter": "true"}
 # The operator's pod labels as its Helm chart and its kustomize install set them.
@@ -352,9 +370,13 @@ def test_image_runs_as_the_pods_user_without_sudo():
 
 @pytest.mark.parametrize("name,doc", ray_documents(), ids=[name for name, _ in ray_documents()])
 def test_head_exposes_gcs_and_dashboard_only(name, doc):
-    """KubeRay builds the head Service from these ports: no Ray Client port (10001)."""
+    """KubeRay builds the head Service from these ports: no Ray Client port (10001).
+
+    A RayService's head also lists Serve's HTTP port: its clients' requests come in there (through the serve Service
+    KubeRay builds from it), which is the point of a RayService; no other kind may list it."""
+    head_ports = HEAD_PORTS + ([SERVE_PORT] if doc["kind"] == "RayService" else [])
     for group, _, container in containers(doc):
-        assert container.get("ports", []) == (HEAD_PORTS if group == "head" else []), f"{name} {group}"
+        assert container.get("ports", []) == (head_ports if group == "head" else []), f"{name} {group}"
 
 
 def test_nothing_connects_with_ray_client():
@@ -451,18 +473,25 @@ def test_network_policy_lets_the_cluster_in_and_submitters_to_the_dashboard(name
     labels = pod_labels(doc)
     policy = head_policy(labels["head"])
     assert policy["metadata"]["name"] == f"{doc['metadata']['name']}-head"
-    is_job = doc["kind"] == "RayJob"
-    # (who, labels, same namespace, the ports it may open on the head out of GCS, dashboard, Ray Client)
-    expected = [(f"own {group}", pod, True, {DASHBOARD} if group == "submitter" else {GCS, DASHBOARD, RAY_CLIENT})
+    is_job, is_service = doc["kind"] == "RayJob", doc["kind"] == "RayService"
+    # A RayService's head differs on purpose: its Serve port is for clients, any pod of the namespace (the gateway
+    # wants the API key), and for the operator, which deploys and watches Serve through the dashboard and checks
+    # the proxy's health on the Serve port. No job is submitted to it: its dashboard is closed to submitters.
+    clients = {SERVE} if is_service else set()
+    submitters = set() if is_service else {DASHBOARD}
+    operator_ports = {DASHBOARD, SERVE} if is_service else {DASHBOARD} if is_job else set()
+    # (who, labels, same namespace, the ports it may open on the head out of GCS, dashboard, Ray Client, Serve)
+    expected = [(f"own {group}", pod, True, {DASHBOARD} if group == "submitter" else {GCS, DASHBOARD, RAY_CLIENT, SERVE})
                 for group, pod in labels.items()]
-    expected += [(f"{other} {group}", pod, True, {DASHBOARD} if group == "submitter" else set())
+    expected += [(f"{other} {group}", pod, True, (submitters if group == "submitter" else set()) | clients)
                  for other, other_doc in ray_documents() if other != name for group, pod in pod_labels(other_doc).items()]
-    expected += [("your submitter", SUBMITTER | {"app": "mine"}, True, {DASHBOARD}),
+    expected += [("your submitter", SUBMITTER | {"app": "mine"}, True, submitters | clients),
                  ("a submitter in another namespace", SUBMITTER, False, set()),
-                 ("an unlabelled pod", {"app": "mine"}, True, set())]
-    expected += [("the KubeRay operator", operator, False, {DASHBOARD} if is_job else set()) for operator in OPERATORS]
+                 ("an unlabelled pod", {"app": "mine"}, True, clients),
+                 ("an unlabelled pod in another namespace", {"app": "mine"}, False, set())]
+    expected += [("the KubeRay operator", operator, False, operator_ports) for operator in OPERATORS]
     for who, pod, same_namespace, ports in expected:
-        got = {port for port in (GCS, DASHBOARD, RAY_CLIENT) if reaches(policy, pod, port, same_namespace)}
+        got = {port for port in (GCS, DASHBOARD, RAY_CLIENT, SERVE) if reaches(policy, pod, port, same_namespace)}
         assert got == ports, f"{name}: {who} {pod} reaches {got}"
     (head,) = [c for g, _, c in containers(doc) if g == "head"]
     assert {"containerPort": DASHBOARD, "name": "dashboard"} in head["ports"]
@@ -478,3 +507,111 @@ def test_network_policy_check_notices_a_wrong_policy():
     assert not reaches(policy, labels["submitter"], RAY_CLIENT)
     del policy["spec"]["ingress"][1]["ports"]
     assert reaches(policy, labels["submitter"], RAY_CLIENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: cluster/rayservice-cpu.yaml serves the last model of rayjob-local.yaml's run
+
+SERVICE, SERVED_JOB = "rayservice-cpu.yaml", "rayjob-local.yaml"
+SERVED_NAME = "local"  # what `selfimprove serve` names a run folder's model: the folder's name
+# `selfimprove serve <run_dir> --host 0.0.0.0 --emit-config FILE rollout.dtype=float32`: the proxy answers from
+# outside its pod; the run's rollout.dtype is `auto`, which --emit-config resolves on the machine writing the file,
+# and the pods' CPUs are unknown here: float32 is native on every CPU. Serve's other settings are the defaults.
+SERVE_OVERRIDES = ["serve.host=0.0.0.0", "rollout.dtype=float32"]
+API_KEY_SECRET = {"name": "selfimprove-serve", "key": "api-key"}  # cluster/README.md creates it
+
+
+def served_run() -> tuple[Config, Served]:
+    """The job's config with SERVE_OVERRIDES, and what `selfimprove serve` serves of its finished run: the model
+    its last iteration trained and evaluated (selfimprove.recipes.loop), in the job's run_dir."""
+    path, overrides = entrypoint(manifest(SERVED_JOB))
+    cfg = load_config(path, overrides + SERVE_OVERRIDES)
+    t = cfg.iterations
+    model = str(Path(cfg.run_dir) / f"iter_{t}" / "train" / "model")
+    return cfg, Served(SERVED_NAME, {"model": (model, f"{SERVED_NAME}@iter_{t}")}, t)
+
+
+def serve_config_v2(doc: dict) -> dict:
+    text = doc["spec"]["serveConfigV2"]
+    assert isinstance(text, str), "KubeRay takes serveConfigV2 as a YAML string (a block: `serveConfigV2: |`)"
+    return yaml.safe_load(text)
+
+
+def test_service_serves_what_selfimprove_serve_would_for_the_jobs_run():
+    """serveConfigV2 is serve_config's output for the job's run: the two cannot drift apart."""
+    cfg, served = served_run()
+    assert serve_config_v2(manifest(SERVICE)) == serve_config(served, cfg, cpu=True, key_sha256=None)
+
+
+def test_service_reads_the_model_from_the_volume_the_job_writes():
+    """The engine's model and the gateway's tokenizer are on the claim the job's run writes, mounted alike in every pod."""
+    cfg, served = served_run()
+    service, job = manifest(SERVICE), manifest(SERVED_JOB)
+    (model, _), = served.models.values()
+    gateway, engine = serve_config_v2(service)["applications"]
+    paths = {gateway["args"]["tokenizer"], engine["args"]["llm_config"]["model_loading_config"]["model_source"]}
+    assert paths == {model} and Path(model).is_relative_to(cfg.run_dir)
+    assert shared_mount(SERVICE, service, Path(model)) == shared_mount(SERVED_JOB, job, Path(cfg.run_dir))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray 2.60's pydantic models, when ray.serve.schema loads
+def test_service_serve_config_passes_rays_schema():
+    """Ray Serve's own schema (what `serve deploy` and the dashboard KubeRay sends it to check), and the proxy
+    listens on the head's serve port, on every interface of the pod."""
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = manifest(SERVICE)
+    schema = ServeDeploySchema.model_validate(serve_config_v2(doc))
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", SERVE)
+    (head,) = [c for group, _, c in containers(doc) if group == "head"]
+    assert SERVE_PORT in head["ports"]
+    assert [(a.name, a.route_prefix, a.import_path) for a in schema.applications] == [
+        (SERVED_NAME, "/", "selfimprove.gateway:gateway_app"),
+        (f"{SERVED_NAME}-model-0", None, "selfimprove.model_server:model_app")]
+    # The schema does check something: two applications at one route, or an import path without its module.
+    for key, value in (("route_prefix", "/"), ("import_path", "model_app")):
+        broken = serve_config_v2(doc)
+        broken["applications"][1][key] = value
+        with pytest.raises(ValueError):  # pydantic's ValidationError
+            ServeDeploySchema.model_validate(broken)
+
+
+def test_service_api_key_comes_from_a_secret_in_every_ray_container():
+    """The gateway hashes SELFIMPROVE_API_KEY where Serve builds it (key_sha256 null), on any node: every Ray
+    container gets it from the Secret, never as a literal, and not optional (no Secret: no pod, not an open server)."""
+    doc = manifest(SERVICE)
+    text = (CLUSTER / SERVICE).read_text()
+    gateway = serve_config_v2(doc)["applications"][0]
+    assert gateway["import_path"] == "selfimprove.gateway:gateway_app" and gateway["args"]["key_sha256"] is None
+    assert KEY_ENV not in doc["spec"]["serveConfigV2"], "no key, nor its variable, in the Serve config"
+    groups = set()
+    for group, _, container in containers(doc):
+        assert "envFrom" not in container, f"{group}: envFrom"
+        env = [e for e in container.get("env", []) if e["name"] == KEY_ENV]
+        assert env == [{"name": KEY_ENV, "valueFrom": {"secretKeyRef": API_KEY_SECRET}}], f"{group}: {env}"
+        groups.add(group)
+    assert groups == {"head", "cpu"}
+    assert text.count(f"name: {KEY_ENV}") == len(groups), "the key's variable set elsewhere in the manifest"
+    readme = (CLUSTER / "README.md").read_text()
+    assert f"kubectl create secret generic {API_KEY_SECRET['name']} --from-literal={API_KEY_SECRET['key']}=" in readme
+
+
+def test_service_runs_on_the_cpu_cluster_shape():
+    """rayservice-cpu.yaml starts the cluster raycluster-cpu.yaml describes, but for what serving adds: the label the
+    NetworkPolicy selects (KubeRay names a RayService's cluster <service>-<random>), the API key, the serve port."""
+    doc = manifest(SERVICE)
+    spec = copy.deepcopy(cluster_spec(doc))
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert group["template"].pop("metadata") == {"labels": {CLUSTER_LABEL: doc["metadata"]["name"]}}
+        for container in group["template"]["spec"]["containers"]:
+            container.pop("env")  # test_service_api_key_comes_from_a_secret_in_every_ray_container
+    spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"].remove(SERVE_PORT)
+    assert spec == manifest("raycluster-cpu.yaml")["spec"]
+
+
+@needs_crds
+def test_schema_check_rejects_a_serve_config_that_is_not_a_string():
+    doc = copy.deepcopy(manifest(SERVICE))
+    doc["spec"]["serveConfigV2"] = serve_config_v2(doc)
+    errors = schema_errors(doc)
+    assert any(e.startswith("spec.serveConfigV2: ") and "is not of type 'string'" in e for e in errors), errors

@@ -1,4 +1,5 @@
-"""`ray job submit` of a tiny `selfimprove run` to a `ray start --head` on loopback, as the README shows it.
+"""`ray job submit` of `selfimprove eval` (and, under `make test-slow`, of a tiny run) to a `ray start --head` on
+loopback, as the README shows it.
 
 1. Token auth, as in the README: the head and every Ray command run with RAY_AUTH_MODE=token; the
    token is RAY_AUTH_TOKEN, made up here so ~/.ray/auth_token is left alone. Ray 2.60's `ray start`
@@ -85,19 +86,18 @@ def stop_cluster(head: subprocess.Popen, temp_dir: str) -> None:
     head.wait()
 
 
-@pytest.mark.engine
-def test_ray_job_submit_runs_a_tiny_run(ray_head, tiny_config, tmp_path, bundled_model):
+def submit(ray_head, *argv: str) -> str:
+    """`ray job submit` of `argv` to the head, as the README shows it: the job's output, once it succeeded."""
     address, env, token = ray_head
-    run_dir, job_id = tmp_path / "run", f"selfimprove-test-{uuid.uuid4().hex[:8]}"
-    submit = subprocess.run(
+    job_id = f"selfimprove-test-{uuid.uuid4().hex[:8]}"
+    submitted = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
          # A job env var the driver also forwards to its workers: Ray refuses to merge the two
          # unless init_ray leaves it to the job.
-         "--runtime-env-json", json.dumps({"env_vars": {"SELFIMPROVE_HOME": str(home())}}),
-         "--", "selfimprove", "run", str(tiny_config), f"run_dir={run_dir}"],
+         "--runtime-env-json", json.dumps({"env_vars": {"SELFIMPROVE_HOME": str(home())}}), "--", *argv],
         env=env, capture_output=True, text=True, timeout=1800)
-    out = submit.stdout + submit.stderr
-    assert submit.returncode == 0, out[-4000:]
+    out = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, out[-4000:]
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -105,6 +105,23 @@ def test_ray_job_submit_runs_a_tiny_run(ray_head, tiny_config, tmp_path, bundled
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     # init_ray joined the head through RAY_ADDRESS rather than starting a cluster of its own.
     assert "Connected to Ray cluster" in out and "Started a local Ray instance" not in out
+    return out
+
+
+@pytest.mark.engine
+def test_ray_job_submit_evaluates_on_the_cluster(ray_head, tmp_path, bundled_model):
+    """One engine, on the head's node, through the job: what every stage of a run does (a whole run: slow)."""
+    out_dir = tmp_path / "eval"
+    submit(ray_head, "selfimprove", "eval", "smollm2-135m-instruct", "--limit", "4", "--n", "1", "--out", str(out_dir))
+    metrics = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+    assert metrics["problems"] == 4 and 0 <= metrics["pass@1"] <= 1
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_tiny_run(ray_head, tiny_config, tmp_path, bundled_model):
+    run_dir = tmp_path / "run"
+    submit(ray_head, "selfimprove", "run", str(tiny_config), f"run_dir={run_dir}")
     for stage in ("iter_0/eval", "iter_1/rollout", "iter_1/pairs", "iter_1/train", "iter_1/eval"):
         assert (run_dir / stage / "_SUCCESS").is_file(), stage
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -179,6 +179,7 @@ def test_a_question_only_task_file_is_refused_by_a_recipe_that_learns_from_gold(
 
 
 @pytest.mark.engine
+@pytest.mark.slow  # a whole run with a teacher (4 min); its parts are the tests above
 def test_a_question_only_run_labels_by_the_teachers_majority_tunes_then_refines(tmp_path):
     """A real tiny run from a demonstrations file (the teacher's samples, written by hand: a teacher model goes
     through the same rollout stage as any other): training questions without answers are labelled by the

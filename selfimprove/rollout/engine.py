@@ -39,20 +39,26 @@ def build_llm(model: str, cfg: RolloutConfig, cpu_cores: str | None = None):
     """A `vllm.LLM` for a resolved model path or hub id."""
     from vllm import LLM
 
+    cpu = on_cpu()
+    if cpu:
+        set_cpu_env(cfg, cpu_cores)
+    return LLM(model=model, **engine_args(cfg, cpu))
+
+
+def engine_args(cfg: RolloutConfig, cpu: bool) -> dict:
+    """vLLM engine arguments of `cfg` but the model, for an engine on CPU or on GPU (rollout pools and served models)."""
     kwargs = dict(
-        model=model,
         seed=cfg.seed,
         dtype=concrete("rollout.dtype", cfg.dtype),
         max_model_len=cfg.max_model_len,
         enforce_eager=cfg.enforce_eager,
         enable_prefix_caching=cfg.enable_prefix_caching,
     )
-    if on_cpu():
-        set_cpu_env(cfg, cpu_cores)
+    if cpu:
         kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 4096))
     else:
         kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size)
-    return LLM(**kwargs)
+    return kwargs
 
 
 def sampling_params(cfg: RolloutConfig, n: int, temperature: float, stop: tuple[str, ...], seed: int | None = None):

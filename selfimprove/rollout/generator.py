@@ -97,9 +97,7 @@ class VLLMGenerator(_Generator):
         # its slot for its whole life, and the OS drops the lock if the actor dies.
         cores = None
         if on_cpu() and cores_per_actor:
-            usable = sorted(os.sched_getaffinity(0))  # in a container, not necessarily 0..n-1
-            slot, self._slot_lock = _claim_slot(len(usable) // cores_per_actor)
-            cores = ",".join(map(str, usable[slot * cores_per_actor:(slot + 1) * cores_per_actor]))
+            cores, self._slot_lock = claim_cores(cores_per_actor)
         self.llm = build_llm(model, cfg, cpu_cores=cores)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -185,6 +183,14 @@ def private_folder() -> str:
         raise RuntimeError(f"{folder} is not a private folder of this user (a link, another owner, or open to "
                            "others): remove it and run again")
     return folder
+
+
+def claim_cores(per_engine: int):
+    """(the cores an engine of this process binds to, e.g. "2,3"; the lock that holds them for the process's life):
+    the first free group of `per_engine` cores of this Ray node."""
+    usable = sorted(os.sched_getaffinity(0))  # in a container, not necessarily 0..n-1
+    slot, lock = _claim_slot(len(usable) // per_engine)
+    return ",".join(map(str, usable[slot * per_engine:(slot + 1) * per_engine])), lock
 
 
 def _claim_slot(slots: int, wait_s: float = 60.0):
