@@ -219,6 +219,8 @@ def _serve(args) -> int:
     from selfimprove.precision import resolve
     from selfimprove.serve import KEY_ENV, check_fits, key_digest, run_server, serve_config, what_to_serve, write_config
 
+    if args.target and "=" in args.target and not Path(args.target).exists():  # `--follow RUN a.b=1`: an override
+        args.overrides, args.target = [args.target, *args.overrides], None
     target = args.target or args.follow
     if target is None:
         raise UserError("serve: give a model or run folder to serve, or --follow RUN_DIR")

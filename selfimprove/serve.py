@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 import time
@@ -163,7 +164,7 @@ def check_fits(served: Served, cfg: Config, follow: bool) -> None:
                         "alone (RAY_ADDRESS is not set): ask for fewer, or run on a Ray cluster")
 
 
-def run_server(served: Served, cfg: Config, key_sha256: str | None, follow: Path | None = None, on_ready=print) -> None:
+def run_server(served: Served, cfg: Config, key_sha256: str | None, follow: Path | None = None, say=None) -> None:
     """Deploy `served` on this Ray cluster (or a local one) and serve until interrupted; with `follow`, promote
     each newly evaluated model of that run folder. Interrupting deletes what was deployed, freeing the engines."""
     from ray import serve
@@ -171,6 +172,7 @@ def run_server(served: Served, cfg: Config, key_sha256: str | None, follow: Path
     from selfimprove.gateway import gateway_app
     from selfimprove.runtime import init_ray
 
+    say = say or functools.partial(print, flush=True)  # a line as it happens, also into a file or a pipe
     init_ray()
     cpu = _cpu_cluster()
     s = cfg.serve
@@ -182,12 +184,12 @@ def run_server(served: Served, cfg: Config, key_sha256: str | None, follow: Path
             deployed[prefix(served, role)] = 0
         serve.run(gateway_app(gateway_args(served, cfg, key_sha256)), name=safe(served.name), route_prefix="/",
                   logging_config=QUIET)
-        on_ready(f"serving {served.name!r} at http://{s.host}:{s.port}/v1 ("
+        say(f"serving {served.name!r} at http://{s.host}:{s.port}/v1 ("
                  + ", ".join(f"{role}: {model}" for role, (model, _) in served.models.items()) + ")")
         while True:
             time.sleep(FOLLOW_SECONDS)
             if follow is not None:
-                served = promote_newer(served, follow, cfg, cpu, deployed, on_ready)
+                served = promote_newer(served, follow, cfg, cpu, deployed, say)
     finally:
         serve.shutdown()
 

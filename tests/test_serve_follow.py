@@ -45,20 +45,21 @@ def test_follow_promotes_a_new_model_without_failing_a_request(tmp_path, bundled
         while not all("myrun@iter_1" in a[-3:] for a in answered.values()):
             assert time.monotonic() < deadline and not failed, (failed, server.log.read_text()[-3000:])
             time.sleep(1)
-    finally:
         stop.set()
         for c in clients:
             c.join()
-    assert failed == []
-    for answers in answered.values():  # each client: the old model's answers, then only the new one's
-        switch = answers.index("myrun@iter_1")
-        assert switch > 0 and set(answers[:switch]) == {"myrun@iter_0"} and set(answers[switch:]) == {"myrun@iter_1"}
-    assert "promoted 'myrun' to iteration 1" in server.log.read_text()
-    deadline = time.monotonic() + 120  # the old engine drained and stopped: one left
-    while len(named("VLLM::EngineCore", server.proc.pid)) != 1:
-        assert time.monotonic() < deadline, [p.cmdline() for p in named("VLLM::EngineCore", server.proc.pid)]
-        time.sleep(1)
-    assert server.stop() == 0
+        assert failed == []
+        for answers in answered.values():  # each client: the old model's answers, then only the new one's
+            switch = answers.index("myrun@iter_1")
+            assert switch > 0 and set(answers[:switch]) == {"myrun@iter_0"} and set(answers[switch:]) == {"myrun@iter_1"}
+        deadline = time.monotonic() + 120  # the old application deleted: its engine drained and stopped
+        while "promoted 'myrun' to iteration 1" not in server.log.read_text() or \
+                len(named("VLLM::EngineCore", server.proc.pid)) != 1:
+            assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        stop.set()
+        assert server.stop() == 0
 
 
 def test_guide_and_solver_answer_behind_one_name(tmp_path):
