@@ -118,7 +118,6 @@ class Gateway:
         self.routes, self.limits, self.guide_max_tokens = routes, limits, guide_max_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self._apps: dict[str, str | None] = {}  # application prefix -> newest running application
-        self._model_ids: dict[str, str] = {}  # application -> the model id its engine answers as
         self._poller = asyncio.get_event_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
@@ -131,17 +130,14 @@ class Gateway:
                 pass
             await asyncio.sleep(POLL_SECONDS)
 
-    async def _app(self, prefix: str) -> tuple[object, str]:
-        """(streaming handle, model id) of the application serving `prefix` now."""
+    async def _app(self, prefix: str):
+        """A streaming handle to the application serving `prefix` now."""
         deadline = time.monotonic() + 3 * POLL_SECONDS
         while (app := self._apps.get(prefix)) is None and time.monotonic() < deadline:
             await asyncio.sleep(POLL_SECONDS / 4)  # the gateway has just started: its first look is coming
         if app is None:
             raise RequestError(503, "the model is not running yet; retry shortly")
-        handle = serve.get_app_handle(app)
-        if app not in self._model_ids:
-            self._model_ids[app] = (await handle.llm_config.remote()).model_id
-        return handle.options(stream=True), self._model_ids[app]
+        return serve.get_app_handle(app).options(stream=True)
 
     def _route(self, model: str | None) -> dict[str, str]:
         if model is None and len(self.routes) == 1:
@@ -165,7 +161,7 @@ class Gateway:
         try:
             if not body.messages:
                 raise RequestError(400, "messages is empty: send at least one message", param="messages")
-            self._check_limits(body, self._prompt_tokens(messages=body.messages))
+            body = self._check_limits(body, self._prompt_tokens(messages=body.messages))
             route = self._route(body.model)
             if "guide" in route:
                 return await self._guided(route, body)
@@ -175,7 +171,7 @@ class Gateway:
 
     async def completions(self, body: CompletionRequest, request: Request):
         try:
-            self._check_limits(body, self._prompt_tokens(prompt=body.prompt))
+            body = self._check_limits(body, self._prompt_tokens(prompt=body.prompt))
             route = self._route(body.model)
             if "guide" in route:
                 raise RequestError(400, f"model {body.model!r} (a guide and a solver) answers chat requests only: "
@@ -184,8 +180,10 @@ class Gateway:
         except RequestError as e:
             return e.response()
 
-    def _check_limits(self, body, prompt_tokens: int) -> None:
-        n, max_tokens = body.n or 1, body.max_tokens
+    def _check_limits(self, body, prompt_tokens: int):
+        """`body` if it keeps within the limits, its new-token budget set to the limit where it gives none."""
+        n = body.n or 1
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens  # chat's newer name first
         if n > self.limits["max_n"]:
             raise RequestError(400, f"n={n} is over this server's limit of {self.limits['max_n']}", param="n")
         if max_tokens is not None and max_tokens > self.limits["max_tokens"]:
@@ -195,6 +193,7 @@ class Gateway:
         if limit is not None and prompt_tokens > limit:
             raise RequestError(400, f"the prompt has {prompt_tokens} tokens, over this server's limit of {limit}",
                                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+        return body if max_tokens is not None else body.model_copy(update={"max_tokens": self.limits["max_tokens"]})
 
     def _prompt_tokens(self, messages: list | None = None, prompt=None) -> int:
         """Tokens of the prompt as the engine will see it (the chat template applied), for the prompt limit."""
@@ -210,7 +209,7 @@ class Gateway:
 
     async def _forward(self, prefix: str, body, method: str, first_packet: str | None = None):
         """`body` answered by the application serving `prefix`: as JSON, or as server-sent events (`stream`)."""
-        handle, _ = await self._app(prefix)
+        handle = await self._app(prefix)
         body = body.model_copy(update={"model": None})  # the engine's own name: the response says which snapshot
         stream = getattr(handle, method).remote(body, None)
         first = await anext(stream)
@@ -235,7 +234,7 @@ class Gateway:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _guided(self, route: dict[str, str], body: ChatCompletionRequest):
-        guide, _ = await self._app(route["guide"])
+        guide = await self._app(route["guide"])
         question = _text(next((m for m in reversed(body.messages) if m.get("role") == "user"),
                               body.messages[-1]).get("content"))
         ask = ChatCompletionRequest(messages=guide_prompt(question), temperature=0.0, max_tokens=self.guide_max_tokens)

@@ -57,6 +57,12 @@ def test_n_samples_and_a_seed_gives_them_again(client):
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
 
 
+def test_a_request_without_max_tokens_gets_the_servers_limit(client):
+    story = [{"role": "user", "content": "Write a long story about a dragon who learns to count."}]
+    r = client.chat.completions.create(model="smol", messages=story, temperature=0)
+    assert r.usage.completion_tokens == 48 and r.choices[0].finish_reason == "length"
+
+
 def test_completions_with_a_stop_string(client):
     r = client.completions.create(model="smol", prompt="Count: one, two, three,", max_tokens=16, temperature=0,
                                   stop=[","])
@@ -78,6 +84,8 @@ BAD = {  # what -> (body or raw bytes, the status, a fragment of the error messa
     "n over the limit": ({"model": "smol", "messages": CHAT, "n": 5}, 400, "n=5 is over this server's limit of 4", "n"),
     "max_tokens over the limit": ({"model": "smol", "messages": CHAT, "max_tokens": 49}, 400,
                                   "max_tokens=49 is over this server's limit of 48", "max_tokens"),
+    "max_completion_tokens over the limit": ({"model": "smol", "messages": CHAT, "max_completion_tokens": 100}, 400,
+                                             "max_tokens=100 is over this server's limit of 48", "max_tokens"),
     "empty messages": ({"model": "smol", "messages": []}, 400, "messages is empty", "messages"),
     "prompt over the prompt limit": ({"model": "smol", "messages": [{"role": "user", "content": "word " * 450}]},
                                      400, "over this server's limit of 400", "messages"),
