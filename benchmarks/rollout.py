@@ -6,12 +6,16 @@ temperature 0.8, at most 128 new tokens, same stop strings), bundled model, this
 1. Engine start-up is timed on its own: a Ray actor builds a VLLMGenerator and answers once.
 2. The pool figure is the whole `rollout` stage (Ray Data, engines, verification, Parquet),
    reported end to end and as steady state (end to end minus one start-up).
-3. HF `generate` runs in this process on a subset of the problems (it is slow), in padded
+3. Raw vLLM, the ceiling: one plain process per core, each a `vllm.LLM` bound to its core with half of the
+   same requests (same prompts, n, seeds, stop strings, max tokens) in one `generate` call, both calls started
+   together once both engines are up; steady tokens/s = all tokens / the longer call.
+4. HF `generate` runs in this process on a subset of the problems (it is slow), in padded
    batches of 64 sequences; tokens/s is a rate, so the subset does not bias it.
-4. Pool shapes: one actor on all cores, and one actor per core.
+5. Pool shapes: one actor on all cores, and one actor per core.
 
 Usage: python benchmarks/rollout.py [--problems 64] [--hf-problems 16] [--n 8] [--max-tokens 128]
-The last line is `rollout_speedup_vs_hf=<steady-state pool tokens/s / HF tokens/s>`.
+Prints `pool_vs_raw=<steady pool tokens/s (one actor per core) / raw steady tokens/s>`; the last line is
+`rollout_speedup_vs_hf=<steady-state pool tokens/s / HF tokens/s>`.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ def main() -> None:
         print(json.dumps({f"vllm_pool_{actors}x{cores // actors}cpu": results[f"vllm_pool_{actors}x{cores // actors}cpu"]}), flush=True)
     ray.shutdown()
 
+    results["raw_vllm"] = raw(model, cfg.rollout, task.stop, rows, cores)
+    print(json.dumps({"raw_vllm": results["raw_vllm"]}), flush=True)
+
     start = time.perf_counter()
     hf = HFGenerator(model, cfg.rollout, task.stop)
     hf_startup = time.perf_counter() - start
@@ -88,8 +95,40 @@ def main() -> None:
 
     best = max((v for k, v in results.items() if k.startswith("vllm")), key=lambda v: v["steady_tok_s"])
     print(f"problems={args.problems} n={args.n} max_tokens={args.max_tokens} hf_problems={args.hf_problems}")
+    per_core = results[f"vllm_pool_{cores}x1cpu"]
+    print(f"pool_vs_raw={per_core['steady_tok_s'] / results['raw_vllm']['steady_tok_s']:.2f}")
     print(f"best pool end-to-end speedup (start-up included): {best['end_to_end_tok_s'] / results['hf_generate']['steady_tok_s']:.2f}")
     print(f"rollout_speedup_vs_hf={best['steady_tok_s'] / results['hf_generate']['steady_tok_s']:.2f}")
+
+
+def raw(model: str, rcfg, stop: tuple[str, ...], rows: list[dict], cores: int) -> dict:
+    """Raw vLLM on the same requests: `cores` plain processes, one core and every cores-th request each."""
+    import multiprocessing as mp
+
+    spawn = mp.get_context("spawn")  # a fresh process, as a user's script: no Ray, no forked engine state
+    ready, results = spawn.Barrier(cores), spawn.Queue()
+    workers = [spawn.Process(target=_raw_worker, args=(model, rcfg, stop, rows[core::cores], core, ready, results))
+               for core in range(cores)]
+    for w in workers:
+        w.start()
+    done = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    tokens, longest = sum(t for t, _ in done), max(s for _, s in done)
+    return {"processes": cores, "tokens": tokens, "generate_s": round(longest, 1),
+            "steady_tok_s": round(tokens / longest, 1)}
+
+
+def _raw_worker(model, rcfg, stop, rows, core, ready, results) -> None:
+    from selfimprove.rollout.engine import build_llm, chat_prompts, sampling_params
+
+    llm = build_llm(model, rcfg, cpu_cores=str(core))
+    prompts = chat_prompts(llm.get_tokenizer(), [json.loads(r["prompt"]) for r in rows])
+    params = [sampling_params(rcfg, r["n"], r["temperature"], stop, r["seed"]) for r in rows]
+    ready.wait()  # both engines are up: the calls run side by side, as the pool's actors do
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    results.put((sum(len(c.token_ids) for o in outputs for c in o.outputs), time.perf_counter() - start))
 
 
 if __name__ == "__main__":

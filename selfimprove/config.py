@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -271,6 +272,12 @@ RECIPE_NAMES = ("irpo", "star", "dpo", "sipf", "self_refine", "sgft")  # selfimp
 
 
 @dataclass
+class TrackingConfig:
+    folder: str = knob("tensorboard", "TensorBoard event files of the run (relative: inside run_dir)", path=True)
+    mlflow: bool = knob(False, "also log to MLflow, a local file store in run_dir/mlruns (needs `pip install mlflow`)")
+
+
+@dataclass
 class ServeConfig:
     name: str | None = knob(None, "model name clients ask for (none: the run folder's or the model's name)")
     host: str = knob("127.0.0.1", "address the HTTP server binds (127.0.0.1: this machine only)")
@@ -308,6 +315,7 @@ class Config:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -386,6 +394,8 @@ def _cross_check(cfg: Config) -> str | None:
     for key, tokens in (("rollout.max_tokens", r.max_tokens), ("process.max_tokens", p.max_tokens)):
         if tokens >= r.max_model_len:
             return f"{key}={tokens} leaves no room for a prompt in rollout.max_model_len={r.max_model_len}"
+    if cfg.tracking.mlflow and importlib.util.find_spec("mlflow") is None:
+        return "tracking.mlflow=true needs MLflow, which is not installed: pip install mlflow (or mlflow-skinny)"
     if cfg.pairs.source == "process" and not needs_rejected(cfg.train.loss):
         return (f"pairs.source=process builds preference pairs, which train.loss={cfg.train.loss} does not "
                 "read; use a preference loss such as train.loss=orpo")

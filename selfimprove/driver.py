@@ -36,6 +36,7 @@ from selfimprove.progress import RunProgress
 from selfimprove.recipes import name_of, needs_gold, recipe
 from selfimprove.recipes.stages import Model, Run
 from selfimprove.runtime import check_resources
+from selfimprove.tracking import Tracker
 
 DTYPE_FILE = "dtype.json"
 # Held (flock) by the process running in a run dir; it names that process.
@@ -56,7 +57,7 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
                         f"{', '.join(dict.fromkeys(s.kind for s in plan))})")
     check_resources(cfg)
 
-    with claim_run_dir(run_dir, cfg):
+    with claim_run_dir(run_dir, cfg), contextlib.closing(Tracker(run_dir, cfg.tracking)) as tracker:
         announce({s.dtype.key: s.dtype for s in plan if s.dtype}.values())
         from selfimprove.runtime import init_ray
 
@@ -64,7 +65,8 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
         progress = RunProgress(run_dir, [(s.iteration, s.kind) for s in plan])
         redoing = Redo(frozenset(redo))
         for s in plan:
-            _stage(s.folder, s.work, progress=progress, dtype=s.dtype, inputs=s.reads, redo=redoing)
+            if _stage(s.folder, s.work, progress=progress, dtype=s.dtype, inputs=s.reads, redo=redoing):
+                tracker.stage_done(s.folder)
             if s.kind == "eval" and s.iteration:
                 write_metrics(run_dir)
         return write_metrics(run_dir)
@@ -234,8 +236,8 @@ def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
     theirs, mine = to_dict(dataclasses.replace(theirs, recipe=name_of(theirs))), dict(mine, recipe=name_of(cfg))
     if theirs == mine:
         return
-    # More (or fewer) iterations of the same run: it goes on from where it is. Serving settings change no stage.
-    theirs.update(iterations=cfg.iterations, serve=mine["serve"])
+    # More (or fewer) iterations of the same run: it goes on from where it is. Serving and tracking change no stage.
+    theirs.update(iterations=cfg.iterations, serve=mine["serve"], tracking=mine["tracking"])
     if theirs == mine:
         write_atomic(saved, yaml.safe_dump(mine, sort_keys=False))
     else:
@@ -279,8 +281,8 @@ class Redo:
 
 
 def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: Choice | None = None,
-           inputs: dict | None = None, redo: Redo | None = None) -> None:
-    """Run `fn(*args, scratch)` unless `folder` is finished; time it and mark it finished.
+           inputs: dict | None = None, redo: Redo | None = None) -> bool:
+    """Run `fn(*args, scratch)` unless `folder` is finished; time it and mark it finished. Whether it ran.
 
     `_SUCCESS` records a digest of each of `inputs` (what the stage reads) and when it started. A finished
     stage is skipped if its inputs are what it recorded, run again if `redo` wants it, and refused otherwise:
@@ -299,7 +301,7 @@ def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: 
                             f"with --redo {folder.name} to redo it and the stages after it, or pass a new run_dir=...")
         if progress:
             progress.skipped(folder)
-        return
+        return False
     if progress:
         progress.starting(folder, dtype.value if dtype else None)
     started, start = time.time(), time.perf_counter()
@@ -315,6 +317,7 @@ def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: 
     redo.ran.add(folder.resolve())
     if progress:
         progress.finished(folder, seconds)
+    return True
 
 
 def _first_difference(a, b, prefix: str = "") -> str:

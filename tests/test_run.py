@@ -19,6 +19,7 @@ import psutil
 import pytest
 import yaml
 from processes import alive, checkpoint_registered, named, start
+from test_tracking import scalars
 
 
 @pytest.mark.engine
@@ -54,6 +55,11 @@ def test_sigterm_during_training_then_resume(tmp_path, tiny_config, bundled_mode
     assert rows[1]["pairs"]["pairs"] >= 2
     assert (run_dir / "report.md").is_file() and (run_dir / "accuracy.png").is_file()
     assert "pass@1" in out and "maj@2" in out and "metrics.jsonl" in out
+    # TensorBoard has each finished stage once, whichever of the two processes finished it.
+    events = scalars(run_dir / "tensorboard")
+    assert [step for step, _ in events["train/loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in events["seconds/eval"]] == [0, 1] and [s for s, _ in events["eval/pass@1"]] == [0, 1]
+    assert [step for step, _ in events["seconds/rollout"]] == [1] and [s for s, _ in events["seconds/train"]] == [1]
 
 
 @pytest.mark.engine
