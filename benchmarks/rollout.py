@@ -129,6 +129,7 @@ def _raw_worker(model, rcfg, stop, rows, core, ready, results) -> None:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     results.put((sum(len(c.token_ids) for o in outputs for c in o.outputs), time.perf_counter() - start))
+    llm.llm_engine.engine_core.shutdown()  # else this process waits at exit for its engine-core child forever
 
 
 if __name__ == "__main__":
