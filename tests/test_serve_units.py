@@ -52,7 +52,12 @@ def test_serve_config_passes_rays_own_schema(bundled_model):
     from ray.serve.schema import ServeDeploySchema
 
     config = serve_config(Served("m", {"model": (bundled_model, "m")}), load_config(), cpu=True, key_sha256=None)
-    ServeDeploySchema.model_validate(config)
+    apps = ServeDeploySchema.model_validate(config).applications
+    assert [(a.name, a.route_prefix, a.import_path) for a in apps] == [
+        ("m", "/", "selfimprove.gateway:gateway_app"), ("m-model-0", None, "selfimprove.model_server:model_app")]
+    config["applications"][1]["route_prefix"] = "/"  # two applications at one route: Ray's schema refuses it
+    with pytest.raises(ValueError, match="route_prefix"):
+        ServeDeploySchema.model_validate(config)
 
 
 def test_newest_running_application_wins():
