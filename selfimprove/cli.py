@@ -241,7 +241,6 @@ def _serve(args) -> int:
     digest = key_digest(key.strip()) if key else None
     if args.emit_config:
         from selfimprove.rollout.engine import on_cpu
-        from selfimprove.serve import write_config
 
         write_config(Path(args.emit_config), serve_config(served, cfg, on_cpu(), digest))
         print(f"wrote {args.emit_config}: `serve deploy {args.emit_config}` serves {served.name!r}")

@@ -170,11 +170,12 @@ def run_server(served: Served, cfg: Config, key_sha256: str | None, follow: Path
     from ray import serve
 
     from selfimprove.gateway import gateway_app
+    from selfimprove.rollout.stage import cpu_only
     from selfimprove.runtime import init_ray
 
     say = say or functools.partial(print, flush=True)  # a line as it happens, also into a file or a pipe
     init_ray()
-    cpu = _cpu_cluster()
+    cpu = cpu_only()
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=QUIET)
     deployed: dict[str, int] = {}  # application prefix -> k of its running application
@@ -244,9 +245,3 @@ def _latest_eval(run_dir: Path) -> int:
     done = [int(p.parent.name.removeprefix("iter_")) for p in run_dir.glob("iter_*/eval")
             if p.parent.name.removeprefix("iter_").isdigit() and is_done(p)]
     return max(done, default=-1)
-
-
-def _cpu_cluster() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) == 0

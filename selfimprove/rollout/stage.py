@@ -135,13 +135,13 @@ def check_complete(samples: pa.Table, order: tuple[str, ...], expected: set[tupl
 def engine_resources(cfg: RolloutConfig, actors: int | None = None) -> tuple[dict, int]:
     """(Ray resources of one engine actor, cores it binds to on CPU or 0 on GPU), for `actors` engines at once
     (default: a pool of `num_actors`)."""
-    if _cpu_only():
+    if cpu_only():
         cores = cfg.cpus_per_actor or max(node_cpus() // (actors or cfg.num_actors), 1)
         return {"num_cpus": cores}, cores
     return {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}, 0
 
 
-def _cpu_only() -> bool:
+def cpu_only() -> bool:
     """Whether this cluster has no GPUs: decided from Ray's resources, not the driver's own device."""
     import ray
 
