@@ -3,7 +3,9 @@
 Same prompts (arithmetic test problems, chat template applied), same sampling (n=8,
 temperature 0.8, at most 128 new tokens, same stop strings), bundled model, this machine.
 
-1. Engine start-up is timed on its own: a Ray actor builds a VLLMGenerator and answers once.
+1. Engine start-up is timed on its own, as the pool starts its engines: all at once, each a Ray actor that builds
+   a VLLMGenerator on its cores; start-up lasts until the last one answers (two engines starting side by side
+   on two cores take longer than one alone).
 2. The pool figure is the whole `rollout` stage (Ray Data, engines, verification, Parquet),
    reported end to end and as steady state (end to end minus one start-up).
 3. Raw vLLM, the ceiling: one plain process per core, each a `vllm.LLM` bound to its core with half of the
@@ -60,10 +62,12 @@ def main() -> None:
     for actors in sorted({1, cores}):
         rcfg = dataclasses.replace(cfg.rollout, num_actors=actors)
         start = time.perf_counter()
-        probe = ray.remote(num_cpus=cores // actors)(VLLMGenerator).remote(model, rcfg, task.stop, cores // actors)
-        ray.get(probe.__ray_ready__.remote())
+        probes = [ray.remote(num_cpus=cores // actors)(VLLMGenerator).remote(model, rcfg, task.stop, cores // actors)
+                  for _ in range(actors)]
+        ray.get([p.__ray_ready__.remote() for p in probes])
         startup = time.perf_counter() - start
-        ray.kill(probe)
+        for p in probes:
+            ray.kill(p)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             table = rollout(model, rcfg, task, rows, Path(tmp) / "samples")

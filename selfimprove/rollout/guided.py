@@ -23,7 +23,14 @@ import pyarrow as pa
 
 from selfimprove.config import Config, RolloutConfig
 from selfimprove.guidance import guidance_problem, guide_prompt, solver_prompt
-from selfimprove.rollout.stage import SAMPLE_SCHEMA, engine_resources, generate, request_seed, write_verified
+from selfimprove.rollout.stage import (
+    SAMPLE_SCHEMA,
+    batch_count,
+    engine_resources,
+    generate,
+    request_seed,
+    write_verified,
+)
 from selfimprove.tasks.base import Task
 
 GUIDED_ORDER = ("pass", "problem_id", "guidance_index", "sample_index")
@@ -104,7 +111,7 @@ def guided_rollout(task: Task, rows: list[dict], solver: Pool, guide: Pool | Non
 
     actors = solver.cfg.num_actors + (guide.cfg.num_actors if guide else 0)
     batch = guide.cfg.batch_size if guide else solver.cfg.batch_size
-    ds = ray.data.from_items(rows, override_num_blocks=max(len(rows) // batch, actors))
+    ds = ray.data.from_items(rows, override_num_blocks=batch_count(len(rows), (guide or solver).cfg.num_actors, batch))
     if guide:
         ds = generate(ds, guide.model, guide.cfg, task.stop, *engine_resources(guide.cfg, actors))
     ds = ds.map_batches(solver_requests, fn_kwargs={"task": task, "passes": passes, "seed": seed,

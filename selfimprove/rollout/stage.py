@@ -4,7 +4,9 @@
    problem row as JSON for the verifier, and the pass's `n` and `temperature`, so one engine
    start serves several passes).
 2. `map_batches(VLLMGenerator, compute=ActorPoolStrategy(size=num_actors))`: one engine per
-   actor; on GPU an actor asks for `tensor_parallel_size` GPUs, on CPU for its cores.
+   actor; on GPU an actor asks for `tensor_parallel_size` GPUs, on CPU for its cores. A batch is a
+   block, and the blocks are as many as the engines or a multiple of it, each taken by an engine only once it
+   is free (see `batch_count`).
 3. `map_batches(verify_batch)`, a step of its own with the task's `verify_cpus`, adds the extracted
    answer and `correct` from the task's `check` of each sample against its whole problem row (a
    task may verify against tests or a label, not only a gold string), then drops that row.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +80,21 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     import ray
 
     resources, cores = engine_resources(cfg)
-    ds = ray.data.from_items(rows, override_num_blocks=max(len(rows) // cfg.batch_size, cfg.num_actors))
+    ds = ray.data.from_items(rows, override_num_blocks=batch_count(len(rows), cfg.num_actors, cfg.batch_size))
     ds = generate(ds, model, cfg, task.stop, resources, cores)
     return write_verified(ds, task, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
+
+
+def batch_count(rows: int, engines: int, batch_size: int) -> int:
+    """How many engine batches (Ray Data blocks) `rows` request rows are cut into: at most `batch_size` rows each,
+    and a multiple of `engines`, so that every engine of a pool draws the same share (less only when rows are few).
+
+    Why: an engine samples a batch as one `generate` call. Ray Data lets an actor hold two tasks by default and
+    gives queued blocks to whichever actor is ready first, so with few blocks the first engine up took the
+    second's share too while the other idled (issue 18: 0.51 of raw vLLM on an AVX2 box). `generate` holds
+    each actor to one block at a time, and this evens out the blocks.
+    """
+    return max(min(engines * math.ceil(rows / (engines * batch_size)), rows), 1)
 
 
 def expected_samples(rows: list[dict]) -> set[tuple]:
@@ -97,8 +112,8 @@ def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resource
     return ds.map_batches(
         VLLMGenerator,
         fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": stop, "cores_per_actor": cores},
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        batch_size=None,  # a block is a batch: its size is set by `batch_count`
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
         max_restarts=cfg.actor_restarts,
         max_task_retries=cfg.actor_restarts,
         **resources,

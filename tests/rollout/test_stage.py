@@ -22,6 +22,7 @@ from selfimprove.io import is_done
 from selfimprove.rollout.generator import SKIPPED
 from selfimprove.rollout.stage import (
     SAMPLE_ORDER,
+    batch_count,
     check_complete,
     expected_samples,
     request_rows,
@@ -191,3 +192,12 @@ def test_check_complete_wants_each_sample_once():
         with pytest.raises(UserError, match=rf"^rollout wrote {len(keys)} samples \({kept} of the 3 expected, "
                                             r"problems x n, each once\): not marked done; rerun to redo it$"):
             check_complete(table(*keys), SAMPLE_ORDER, expected_samples(rows))
+
+
+def test_batch_count_gives_every_engine_the_same_share_of_batches():
+    assert batch_count(64, 2, 16) == 4  # 16 rows each, two per engine
+    assert batch_count(300, 2, 32) == 10  # 30 rows each: ceil(300 / 64) = 5 per engine
+    assert batch_count(33, 2, 16) == 4  # 33 rows into 3 blocks would leave one engine a second batch alone
+    assert batch_count(32, 1, 64) == 1
+    assert batch_count(3, 4, 16) == 3  # fewer rows than engines: a row each
+    assert batch_count(1, 2, 16) == 1
