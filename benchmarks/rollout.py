@@ -1,13 +1,12 @@
 """Rollout throughput: the Ray Data vLLM actor pool against batched transformers `generate`.
 
 Same prompts (arithmetic test problems, chat template applied), same sampling (n=8,
-temperature 0.8, at most 128 new tokens, same stop strings), bundled model, this machine.
+temperature 0.8, at most 128 new tokens, same stop strings), bundled model, this machine; the pool with the
+shipped `rollout.batch_size` (64 prompts: 64 problems make one batch of 32 per engine of the 2 x 1 pool).
 
-1. Engine start-up is timed on its own, as the pool starts its engines: all at once, each a Ray actor that builds
-   a VLLMGenerator on its cores; start-up lasts until the last one answers (two engines starting side by side
-   on two cores take longer than one alone).
-2. The pool figure is the whole `rollout` stage (Ray Data, engines, verification, Parquet),
-   reported end to end and as steady state (end to end minus one start-up).
+1. The pool figure is the whole `rollout` stage (Ray Data, engines, verification, Parquet) on the same requests,
+   end to end and steady: from the moment its last engine was ready (each engine records it) to the end.
+2. Start-up: from calling `rollout` to the last engine ready (engines start side by side, one per core group).
 3. Raw vLLM, the ceiling: one plain process per core, each a `vllm.LLM` bound to its core with half of the
    same requests (same prompts, n, seeds, stop strings, max tokens) in one `generate` call, both calls started
    together once both engines are up; steady tokens/s = all tokens / the longer call.
@@ -44,13 +43,13 @@ def main() -> None:
 
     from selfimprove.config import Config
     from selfimprove.models import resolve_model
-    from selfimprove.rollout.generator import HFGenerator, VLLMGenerator
-    from selfimprove.rollout.stage import request_rows, rollout
+    from selfimprove.rollout.generator import HFGenerator
+    from selfimprove.rollout.stage import STARTUPS, request_rows, rollout
     from selfimprove.runtime import init_ray
     from selfimprove.tasks import build_task
 
     cfg = Config()
-    cfg.rollout = dataclasses.replace(cfg.rollout, n=args.n, max_tokens=args.max_tokens, batch_size=16)
+    cfg.rollout = dataclasses.replace(cfg.rollout, n=args.n, max_tokens=args.max_tokens)
     task = build_task(cfg.task)
     problems = task.load("test")[: args.problems]
     model = resolve_model(cfg.model)
@@ -61,24 +60,18 @@ def main() -> None:
 
     for actors in sorted({1, cores}):
         rcfg = dataclasses.replace(cfg.rollout, num_actors=actors)
-        start = time.perf_counter()
-        probes = [ray.remote(num_cpus=cores // actors)(VLLMGenerator).remote(model, rcfg, task.stop, cores // actors)
-                  for _ in range(actors)]
-        ray.get([p.__ray_ready__.remote() for p in probes])
-        startup = time.perf_counter() - start
-        for p in probes:
-            ray.kill(p)
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
+            began = time.time()
             table = rollout(model, rcfg, task, rows, Path(tmp) / "samples")
-            total = time.perf_counter() - start
-        tokens = sum(table.column("completion_tokens").to_pylist())
-        results[f"vllm_pool_{actors}x{cores // actors}cpu"] = {
-            "startup_s": round(startup, 1), "total_s": round(total, 1), "tokens": tokens,
-            "end_to_end_tok_s": round(tokens / total, 1),
-            "steady_tok_s": round(tokens / max(total - startup, 1e-9), 1),
+            ended = time.time()
+            ready = max(json.loads(f.read_text())["ready"] for f in (Path(tmp) / STARTUPS).glob("*.json"))
+        tokens, shape = sum(table.column("completion_tokens").to_pylist()), f"vllm_pool_{actors}x{cores // actors}cpu"
+        results[shape] = {
+            "startup_s": round(ready - began, 1), "total_s": round(ended - began, 1), "tokens": tokens,
+            "end_to_end_tok_s": round(tokens / (ended - began), 1),
+            "steady_tok_s": round(tokens / (ended - ready), 1),
         }
-        print(json.dumps({f"vllm_pool_{actors}x{cores // actors}cpu": results[f"vllm_pool_{actors}x{cores // actors}cpu"]}), flush=True)
+        print(json.dumps({shape: results[shape]}), flush=True)
     ray.shutdown()
 
     results["raw_vllm"] = raw(model, cfg.rollout, task.stop, rows, cores)

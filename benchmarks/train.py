@@ -133,7 +133,7 @@ def run_ours(model_path: str, pairs: list[dict], workers: int, epochs: int, prec
     return {"tokens": s["tokens"], "seconds": seconds, "tokens_per_s": s["tokens"] / seconds,
             "loop_tokens_per_s": s["tokens_per_s"], "reference_s": s["reference_seconds"],
             "startup_and_save_s": total - seconds, "steps": s["steps"], "seconds_per_step": s["seconds_per_step"],
-            "peak_memory_gib": s["peak_memory_gib"]}
+            "peak_memory_gib": s["peak_memory_gib"], "padding_share": s["padding_share"]}
 
 
 def main() -> None:

@@ -162,6 +162,8 @@ class TrainConfig:
     batch_size: int = knob(4, "pairs (or SFT rows) per optimizer step, summed over workers", positive)
     micro_batch_size: int = knob(2, "pairs per forward pass on one worker (batch_size must divide by it x num_workers)", positive)
     epochs: int = knob(1, "passes over the training pairs", positive)
+    group_by_length: bool = knob(True, "put pairs of similar length in one forward pass (random order otherwise): "
+                                 "less padding to compute on")
     max_steps: int | None = knob(None, "stop after this many optimizer steps (none = all epochs)",
                                  optional(positive))
     max_len: int = knob(512, "most tokens of prompt + response; longer ones are cut as train.truncation says", lambda v: None if v >= 2 else "must be >= 2")

@@ -31,6 +31,7 @@ import yaml
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import MARKER, digest, is_done, is_ours, stage_output, success_record, write_atomic
+from selfimprove.overhead import fixed_seconds
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import RunProgress
 from selfimprove.recipes import name_of, needs_gold, recipe
@@ -248,7 +249,7 @@ def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
 
 def write_metrics(run_dir: Path) -> list[dict]:
     """`metrics.jsonl`: one row per finished eval stage, with what each stage of its iteration counted (`stats.json`),
-    its seconds and the type it computed in."""
+    its seconds, the fixed part of them (`overhead.py`) and the type it computed in."""
     rows = []
     for t in range(0, 1 + len(list(run_dir.glob("iter_*")))):
         it = run_dir / f"iter_{t}"
@@ -263,6 +264,8 @@ def write_metrics(run_dir: Path) -> list[dict]:
                 row[other.parent.name] = json.loads(other.read_text())["metrics"]
         row["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
                                 for p in sorted(it.glob("*/timing.json"))}
+        fixed = {name: fixed_seconds(it / name, s) for name, s in row["stage_seconds"].items()}
+        row["fixed_seconds"] = {name: f for name, f in fixed.items() if f is not None}
         row["stage_dtype"] = {p.parent.name: json.loads(p.read_text())["value"] for p in sorted(it.glob(f"*/{DTYPE_FILE}"))}
         rows.append(row)
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

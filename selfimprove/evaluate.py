@@ -20,6 +20,7 @@ from selfimprove.config import Config
 from selfimprove.errors import UserError
 from selfimprove.guidance import computed_numbers
 from selfimprove.io import write_atomic
+from selfimprove.overhead import share
 from selfimprove.rollout.stage import request_rows, rollout
 from selfimprove.tasks.base import Task
 
@@ -187,13 +188,17 @@ def write_report(run_dir: Path) -> Path:
     plt.close(fig)
 
     lines = [f"# Run report: {run_dir}", "", "![held-out accuracy per iteration](accuracy.png)", "",
-             "| iteration | " + " | ".join(keys) + " | training rows | problems dropped | seconds |",
-             "|---" * (len(keys) + 4) + "|"]
+             "| iteration | " + " | ".join(keys) + " | training rows | problems dropped | seconds | fixed cost |",
+             "|---" * (len(keys) + 5) + "|"]
     for r in rows:
         p = trained_on(r)
         dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
+        fixed = share(r)
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
-                     + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f} |")
+                     + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f}"
+                     + f" | {'' if fixed is None else f'{fixed:.0%}'} |")
+    lines += ["", "Fixed cost: engines starting, Ray Train and DeepSpeed setting up, the reference pass and saving, as a "
+              "share of the seconds of the stages that recorded it; per stage in `metrics.jsonl` (`fixed_seconds`)."]
     if sets:
         lines += ["", "Further held-out sets (`eval.extra`), beside the task's own:", "",
                   "| iteration | " + " | ".join(f"{name} {k}" for name in sets for k in keys) + " |",

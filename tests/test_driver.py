@@ -218,11 +218,18 @@ def test_metrics_rows_from_finished_eval_stages(tmp_path):
     _stage(tmp_path / "iter_1" / "process", lambda out: (out / "stats.json").write_text('{"steps": 9}'))
     _stage(tmp_path / "iter_1" / "pairs", lambda out: (out / "stats.json").write_text('{"pairs": 7}'))
     _stage(tmp_path / "iter_1" / "eval", fake_eval, {"pass@1": 0.3})
+    # Its engines' start-up records: a pool of two (first began at 100, last ready at 142) and a further
+    # held-out set's pool of one (10 s).
+    for folder, name, began, ready in [("engines", "a", 100, 130), ("engines", "b", 101, 142),
+                                       ("extra/wide/engines", "c", 200, 210)]:
+        (tmp_path / "iter_1" / "eval" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "iter_1" / "eval" / folder / f"{name}.json").write_text(json.dumps({"began": began, "ready": ready}))
     (tmp_path / "iter_2" / "rollout").mkdir(parents=True)  # unfinished iteration: no row
     rows = write_metrics(tmp_path)
     assert [(r["iteration"], r["pass@1"], r.get("pairs")) for r in rows] == [(0, 0.2, None), (1, 0.3, {"pairs": 7})]
     assert rows[1]["process"] == {"steps": 9} and "process" not in rows[0]
     assert set(rows[1]["stage_seconds"]) == {"process", "pairs", "eval"}
+    assert rows[1]["fixed_seconds"] == {"eval": 52.0} and rows[0]["fixed_seconds"] == {}
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
 
 
@@ -231,14 +238,15 @@ def test_report_from_metrics(tmp_path):
              "maj@4": 0.1, "stage_seconds": {"eval": 5.0}},
             {"iteration": 1, "model": "m", "task": "arithmetic", "split": "test", "problems": 10, "pass@1": 0.4,
              "maj@4": 0.3, "pairs": {"pairs": 12, "no_winner": 3, "no_loser": 1, "problems": 9},
-             "stage_seconds": {"rollout": 10.0, "pairs": 1.0, "train": 20.0, "eval": 5.0}}]
+             "stage_seconds": {"rollout": 10.0, "pairs": 1.0, "train": 20.0, "eval": 5.0},
+             "fixed_seconds": {"rollout": 4.0, "train": 8.0}}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = write_report(tmp_path)
-    assert report.read_text().splitlines()[4:] == [
-        "| iteration | pass@1 | maj@4 | training rows | problems dropped | seconds |",
-        "|---|---|---|---|---|---|",
-        "| 0 | 0.200 | 0.100 |  |  | 5 |",
-        "| 1 | 0.400 | 0.300 | 12 | no winner 3, no loser 1 | 36 |"]
+    assert report.read_text().splitlines()[4:8] == [
+        "| iteration | pass@1 | maj@4 | training rows | problems dropped | seconds | fixed cost |",
+        "|---|---|---|---|---|---|---|",
+        "| 0 | 0.200 | 0.100 |  |  | 5 |  |",
+        "| 1 | 0.400 | 0.300 | 12 | no winner 3, no loser 1 | 36 | 40% |"]  # (4 + 8) / (10 + 20)
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -254,8 +262,11 @@ def test_report_shows_the_extra_sets_and_the_teacher_beside_the_task(tmp_path):
              "stage_seconds": {"demos": 3.0, "labels": 1.0, "train": 20.0, "eval": 5.0}}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert write_report(tmp_path).read_text().splitlines()[6:] == [
-        "| 0 | 0.200 | 0.100 |  |  | 11 |",
-        "| 1 | 0.400 | 0.300 | 7 | no answer 0, no correct 2 | 29 |",
+        "| 0 | 0.200 | 0.100 |  |  | 11 |  |",
+        "| 1 | 0.400 | 0.300 | 7 | no answer 0, no correct 2 | 29 |  |",
+        "",
+        "Fixed cost: engines starting, Ray Train and DeepSpeed setting up, the reference pass and saving, as a share "
+        "of the seconds of the stages that recorded it; per stage in `metrics.jsonl` (`fixed_seconds`).",
         "",
         "Further held-out sets (`eval.extra`), beside the task's own:",
         "",

@@ -19,9 +19,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import stat
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -87,9 +89,15 @@ class _Generator:
 
 
 class VLLMGenerator(_Generator):
-    """One vLLM engine per Ray actor, built once."""
+    """One vLLM engine per Ray actor, built once.
 
-    def __init__(self, model: str, cfg: RolloutConfig, stop: tuple[str, ...] = (), cores_per_actor: int = 0):
+    With `startups` (a folder), the engine leaves `<host>-<pid>.json` there once built: when its actor began and
+    when the engine was ready (wall clock), so a stage can tell its fixed cost from its work (`overhead.py`).
+    """
+
+    def __init__(self, model: str, cfg: RolloutConfig, stop: tuple[str, ...] = (), cores_per_actor: int = 0,
+                 startups: str | None = None):
+        began = time.time()
         super().__init__(cfg, stop)
         from selfimprove.rollout.engine import build_llm, on_cpu
 
@@ -100,6 +108,13 @@ class VLLMGenerator(_Generator):
             cores, self._slot_lock = claim_cores(cores_per_actor)
         self.llm = build_llm(model, cfg, cpu_cores=cores)
         self.tokenizer = self.llm.get_tokenizer()
+        if startups:
+            from selfimprove.io import write_atomic
+
+            folder = Path(startups)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / f"{socket.gethostname()}-{os.getpid()}.json",
+                         json.dumps({"began": round(began, 2), "ready": round(time.time(), 2)}))
 
     def generate(self, prompts, ns, temps, seeds):
         from selfimprove.rollout.engine import sampling_params

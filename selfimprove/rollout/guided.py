@@ -25,6 +25,7 @@ from selfimprove.config import Config, RolloutConfig
 from selfimprove.guidance import guidance_problem, guide_prompt, solver_prompt
 from selfimprove.rollout.stage import (
     SAMPLE_SCHEMA,
+    STARTUPS,
     batch_count,
     engine_resources,
     generate,
@@ -111,12 +112,15 @@ def guided_rollout(task: Task, rows: list[dict], solver: Pool, guide: Pool | Non
 
     actors = solver.cfg.num_actors + (guide.cfg.num_actors if guide else 0)
     batch = guide.cfg.batch_size if guide else solver.cfg.batch_size
-    ds = ray.data.from_items(rows, override_num_blocks=batch_count(len(rows), (guide or solver).cfg.num_actors, batch))
+    ds = ray.data.from_items(rows, override_num_blocks=batch_count([r.get("n", 1) for r in rows],
+                                                                   (guide or solver).cfg.num_actors, batch))
     if guide:
-        ds = generate(ds, guide.model, guide.cfg, task.stop, *engine_resources(guide.cfg, actors))
+        ds = generate(ds, guide.model, guide.cfg, task.stop, *engine_resources(guide.cfg, actors),
+                      startups=out.with_name(STARTUPS))
     ds = ds.map_batches(solver_requests, fn_kwargs={"task": task, "passes": passes, "seed": seed,
                                                     "number_free": number_free}, batch_size=None, num_cpus=0)
-    ds = generate(ds, solver.model, solver.cfg, task.stop, *engine_resources(solver.cfg, actors))
+    ds = generate(ds, solver.model, solver.cfg, task.stop, *engine_resources(solver.cfg, actors),
+                  startups=out.with_name(STARTUPS))
     guidances = [(r["problem_id"], i) for r in rows for i in (range(r["n"]) if guide else [r["sample_index"]])]
     expected = {(name, pid, gi, si) for pid, gi in guidances for name, (n, _) in passes.items() for si in range(n)}
     return write_verified(ds, task, out, GUIDED_SCHEMA, GUIDED_ORDER, expected)

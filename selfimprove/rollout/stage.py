@@ -30,6 +30,7 @@ from selfimprove.rollout.generator import VLLMGenerator
 from selfimprove.runtime import node_cpus
 from selfimprove.tasks.base import Task
 
+STARTUPS = "engines"  # beside a samples folder: when each engine of its pool began and was ready
 SAMPLE_ORDER = ("pass", "problem_id", "sample_index")
 # The one schema of samples/ (every file, whatever its batch held: a batch where no sample
 # states an answer must not write `extracted` as a null column).
@@ -46,7 +47,8 @@ def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, 
     """One row per (pass, problem): `passes` maps a pass name to its (n, temperature).
 
     Each row's sampling seed is a hash of (seed, pass, problem id): the same problem gets the
-    same samples whatever else is in the run.
+    same samples whatever else is in the run. A problem's passes are next to each other, so that every
+    batch cut from the rows holds about as many samples as the next.
     """
     if not problems:
         raise UserError(f"no problems to roll out for task '{task.name}'")
@@ -54,7 +56,7 @@ def request_rows(task: Task, problems: list[dict], passes: dict[str, tuple[int, 
         {"pass": name, "problem_id": p["id"], "question": p["question"], "answer": p["answer"],
          "problem": json.dumps(p), "prompt": json.dumps(task.prompt(p)), "n": n, "temperature": temperature,
          "seed": request_seed(seed, name, p["id"])}
-        for name, (n, temperature) in passes.items() for p in problems
+        for p in problems for name, (n, temperature) in passes.items()
     ]
 
 
@@ -80,21 +82,25 @@ def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: P
     import ray
 
     resources, cores = engine_resources(cfg)
-    ds = ray.data.from_items(rows, override_num_blocks=batch_count(len(rows), cfg.num_actors, cfg.batch_size))
-    ds = generate(ds, model, cfg, task.stop, resources, cores)
+    ds = ray.data.from_items(rows, override_num_blocks=batch_count([r["n"] for r in rows], cfg.num_actors,
+                                                                   cfg.batch_size))
+    ds = generate(ds, model, cfg, task.stop, resources, cores, startups=out.with_name(STARTUPS))
     return write_verified(ds, task, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
 
 
-def batch_count(rows: int, engines: int, batch_size: int) -> int:
-    """How many engine batches (Ray Data blocks) `rows` request rows are cut into: at most `batch_size` rows each,
-    and a multiple of `engines`, so that every engine of a pool draws the same share (less only when rows are few).
+def batch_count(samples: list[int], engines: int, batch_size: int) -> int:
+    """How many engine batches (Ray Data blocks) request rows asking for `samples[i]` samples each are cut into: a
+    multiple of `engines`, so that every engine of a pool draws the same share, each batch holding at most
+    `batch_size` prompts' worth of samples at the largest n (fewer batches only when rows are fewer).
 
     Why: an engine samples a batch as one `generate` call. Ray Data lets an actor hold two tasks by default and
     gives queued blocks to whichever actor is ready first, so with few blocks the first engine up took the
     second's share too while the other idled (issue 18: 0.51 of raw vLLM on an AVX2 box). `generate` holds
-    each actor to one block at a time, and this evens out the blocks.
+    each actor to one block at a time, and this evens out the blocks. Counting samples rather than rows keeps an
+    eval's greedy rows (n = 1) from making batches too small to fill an engine.
     """
-    return max(min(engines * math.ceil(rows / (engines * batch_size)), rows), 1)
+    per_batch = batch_size * max(samples, default=1)
+    return max(min(engines * math.ceil(sum(samples) / (engines * per_batch)), len(samples)), 1)
 
 
 def expected_samples(rows: list[dict]) -> set[tuple]:
@@ -102,16 +108,18 @@ def expected_samples(rows: list[dict]) -> set[tuple]:
     return {(r["pass"], r["problem_id"], i) for r in rows for i in range(r["n"])}
 
 
-def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resources: dict, cores: int):
+def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resources: dict, cores: int,
+             startups: Path | None = None):
     """`ds` (request rows) mapped to sample rows by a pool of `cfg.num_actors` vLLM actors of `model`, each with
-    `resources` and bound to `cores` cores on CPU."""
+    `resources` and bound to `cores` cores on CPU; each engine records its start-up in `startups`, if given."""
     import ray
 
     # Bounded failure: Ray Data would wait for its actors forever and restart a dying one without end.
     ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.start_timeout
     return ds.map_batches(
         VLLMGenerator,
-        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": stop, "cores_per_actor": cores},
+        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": stop, "cores_per_actor": cores,
+                               "startups": startups and str(startups)},
         batch_size=None,  # a block is a batch: its size is set by `batch_count`
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
         max_restarts=cfg.actor_restarts,

@@ -162,6 +162,21 @@ def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def training_order(examples: list[Example], micro: int, seed: int, group_by_length: bool) -> list[int]:
+    """The order a worker trains on its `examples` in, a forward pass being each `micro` of it in turn: random from
+    `seed`, or with `group_by_length` transformers' length grouping (random groups of 50 micro-batches or fewer,
+    sorted by length within, the longest micro-batch first), so that a forward pass pads little."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    generator = torch.Generator().manual_seed(seed)
+    if not group_by_length:
+        return torch.randperm(len(examples), generator=generator).tolist()
+    # A pair's rows are padded to its longer response.
+    lengths = [len(e.prompt) + max(len(e.chosen), len(e.rejected or ())) for e in examples]
+    return get_length_grouped_indices(lengths, micro, generator=generator)
+
+
 def collate(examples: list[Example], pad_id: int) -> Batch:
     """Chosen rows, then rejected rows (when present), right-padded to the longest of them."""
     import torch

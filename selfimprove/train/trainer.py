@@ -58,7 +58,7 @@ from selfimprove.config import Config, TrainConfig, check_knobs, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
 from selfimprove.runtime import check_resources
-from selfimprove.train.data import Example, collate, padding_id, read_rows, tokenize
+from selfimprove.train.data import Example, collate, padding_id, read_rows, tokenize, training_order
 from selfimprove.train.loss_names import needs_reference, needs_rejected
 from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
 
@@ -372,14 +372,15 @@ def train_worker(config: dict) -> None:
     loss_fn, hyper = LOSSES[tc.loss], loss_kwargs(tc)
     use_rejected = needs_rejected(tc.loss) and shard[0].rejected is not None
     window, report = _Window(), _Window()  # this optimizer step's micro-steps; since the last report
-    train_seconds, train_tokens = 0.0, 0.0
+    train_seconds, train_tokens, padded_tokens = 0.0, 0.0, 0
     engine.train()
     while epoch < tc.epochs and step < total_steps:
-        order = torch.randperm(len(shard), generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch))
+        order = training_order(shard, micro, tc.seed * 100_003 + epoch, tc.group_by_length)
         for m in range(start_micro, micro_per_epoch):
             t0 = time.perf_counter()
-            idx = order[m * micro:(m + 1) * micro].tolist()
+            idx = order[m * micro:(m + 1) * micro]
             batch = collate([shard[i] if use_rejected else _chosen_only(shard[i]) for i in idx], config["pad_id"])
+            padded_tokens += batch.input_ids.numel()
             logps, lengths = sequence_logps(engine, batch, device)
             n = batch.pairs
             fields = dict(policy_chosen=logps[:n], chosen_lengths=lengths[:n])
@@ -425,11 +426,14 @@ def train_worker(config: dict) -> None:
 
     peaks = [None] * world
     dist.all_gather_object(peaks, _peak_memory_gib(device))
+    padded = torch.tensor([padded_tokens], dtype=torch.float64, device=device)
+    dist.all_reduce(padded)
     summary = {
         "steps": step, "epochs": tc.epochs, "workers": world, "tokens": int(train_tokens),
         "train_seconds": round(train_seconds, 2), "reference_seconds": round(reference_seconds, 2),
         "seconds_per_step": round(train_seconds / max(step, 1), 3),
         "tokens_per_s": round(train_tokens / max(train_seconds, 1e-9), 1),
+        "padding_share": round(1 - train_tokens / padded.item(), 4) if padded.item() else 0.0,
         "peak_memory_gib": peaks, "lr": learning_rate(tc), "loss": tc.loss, "lora": tc.lora,
         "zero_stage": tc.zero_stage, "precision": tc.precision, **config["counts"],
         "final": history[-1] if history else {},

@@ -73,6 +73,14 @@ def test_rows_schema_and_marker(one_actor, problems):
 
 
 @pytest.mark.engine
+def test_the_engine_records_its_start_up_beside_the_samples(one_actor):
+    out, _ = one_actor
+    records = [json.loads(f.read_text()) for f in out.with_name("engines").glob("*.json")]
+    assert len(records) == 1 and set(records[0]) == {"began", "ready"}
+    assert records[0]["began"] < records[0]["ready"] <= time.time()
+
+
+@pytest.mark.engine
 def test_correct_is_the_tasks_verdict(one_actor, task):
     rows = [r for r in one_actor[1].to_pylist() if r["status"] == "ok"]
     assert len(rows) == 3 * (1 + N)
@@ -142,8 +150,8 @@ def test_request_rows_seed_per_pass_and_problem(task):
     problems = task.load("test")[:2]
     rows = request_rows(task, problems, {"greedy": (1, 0.0), "sample": (4, 0.8)}, seed=0)
     assert [(r["pass"], r["problem_id"], r["n"], r["temperature"]) for r in rows] == [
-        ("greedy", problems[0]["id"], 1, 0.0), ("greedy", problems[1]["id"], 1, 0.0),
-        ("sample", problems[0]["id"], 4, 0.8), ("sample", problems[1]["id"], 4, 0.8)]
+        ("greedy", problems[0]["id"], 1, 0.0), ("sample", problems[0]["id"], 4, 0.8),
+        ("greedy", problems[1]["id"], 1, 0.0), ("sample", problems[1]["id"], 4, 0.8)]
     assert len({r["seed"] for r in rows}) == 4 and all(0 <= r["seed"] < 2**31 for r in rows)
     assert rows == request_rows(task, problems, {"greedy": (1, 0.0), "sample": (4, 0.8)}, seed=0)
     assert rows[0]["seed"] != request_rows(task, problems, {"greedy": (1, 0.0)}, seed=1)[0]["seed"]
@@ -195,9 +203,15 @@ def test_check_complete_wants_each_sample_once():
 
 
 def test_batch_count_gives_every_engine_the_same_share_of_batches():
-    assert batch_count(64, 2, 16) == 4  # 16 rows each, two per engine
-    assert batch_count(300, 2, 32) == 10  # 30 rows each: ceil(300 / 64) = 5 per engine
-    assert batch_count(33, 2, 16) == 4  # 33 rows into 3 blocks would leave one engine a second batch alone
-    assert batch_count(32, 1, 64) == 1
-    assert batch_count(3, 4, 16) == 3  # fewer rows than engines: a row each
-    assert batch_count(1, 2, 16) == 1
+    assert batch_count([8] * 64, 2, 16) == 4  # 16 rows each, two per engine
+    assert batch_count([8] * 300, 2, 32) == 10  # 30 rows each: ceil(300 / 64) = 5 per engine
+    assert batch_count([8] * 33, 2, 16) == 4  # 33 rows into 3 blocks would leave one engine a second batch alone
+    assert batch_count([8] * 32, 1, 64) == 1
+    assert batch_count([8] * 3, 4, 16) == 3  # fewer rows than engines: a row each
+    assert batch_count([1], 2, 16) == 1
+
+
+def test_batch_count_counts_samples_at_the_largest_n():
+    # An eval: 200 greedy rows (n = 1) and 200 of n = 4 make 1,000 samples; a batch holds 16 x 4 = 64 at most,
+    # so ceil(1000 / (2 x 64)) = 8 per engine, 16 in all (counting rows, 400 in batches of 16 would make 26).
+    assert batch_count([1, 4] * 200, 2, 16) == 16
