@@ -128,6 +128,8 @@ class RolloutConfig:
     actor_restarts: int = knob(2, "times a dead engine actor is restarted, and its batch retried, before the "
                                "rollout fails", non_negative)
     enable_prefix_caching: bool = knob(True, "reuse KV cache of shared prompt prefixes")
+    draw_ahead: bool = knob(True, "an iteration's eval engines also draw the next iteration's training samples "
+                            "(same model): one engine start fewer per iteration")
     temperature_schedule: list[float] = knob([], "training rollouts: temperature of iteration 1, 2, ... (empty = temperature)",
                                              lambda v: None if all(t >= 0 for t in v) else "must be temperatures >= 0")
 

@@ -21,7 +21,7 @@ from selfimprove.errors import UserError
 from selfimprove.guidance import computed_numbers
 from selfimprove.io import write_atomic
 from selfimprove.overhead import share
-from selfimprove.rollout.stage import request_rows, rollout
+from selfimprove.rollout.stage import AHEAD, ahead_record, request_rows, rollout
 from selfimprove.tasks.base import Task
 
 
@@ -105,21 +105,27 @@ def extra_sets(cfg: Config) -> dict[str, tuple[Task, list[dict]]]:
 
 def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Path,
              extra: dict[str, tuple[Task, list[dict]]] | None = None, name: str | None = None,
-             guide: str | None = None) -> dict:
+             guide: str | None = None, ahead: list[dict] | None = None) -> dict:
     """Evaluate a resolved model (called `name`, default `cfg.model`) on `problems` and on each further set of
     `extra` (name -> (task, problems)); writes `out/samples/` (`out/extra/<set>/samples/`) and `out/metrics.json`.
     Each set is its own rollout: a set may be another task, with its own prompt and verifier.
 
     With a `guide` (a resolved model), `model` is a solver answering each problem with the guide's greedy guidance
-    (SGFT), whatever numbers it holds: the metrics count the guidances with a computed number."""
+    (SGFT), whatever numbers it holds: the metrics count the guidances with a computed number.
+
+    `ahead`: request rows of a later stage that samples `model` too (the next iteration's rollout, passes of other
+    names): the same engines draw them with the held-out problems, into `out/samples` beside `out/ahead.json`."""
     passes = {"greedy": (1, 0.0)}
     if cfg.eval.k > 1:
         passes["sample"] = (cfg.eval.k, cfg.eval.temperature)
 
-    def results(task: Task, problems: list[dict], samples: Path) -> list[dict]:
+    def results(task: Task, problems: list[dict], samples: Path, ahead: list[dict] | None = None) -> list[dict]:
         if guide is None:
             rows = request_rows(task, problems, passes, cfg.rollout.seed)
-            return problem_results(rollout(model, cfg.rollout, task, rows, samples).to_pylist())
+            drawn = rollout(model, cfg.rollout, task, rows + (ahead or []), samples).to_pylist()
+            if ahead:
+                write_atomic(samples.parent / AHEAD, ahead_record(model, ahead))
+            return problem_results([s for s in drawn if s["pass"] in passes])
         from selfimprove.rollout.guided import Pool, guide_pool, guide_requests, guided_rollout
 
         rows = guide_requests(problems, 1, 0.0, cfg.rollout.seed)
@@ -127,7 +133,7 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
                                 cfg.rollout.seed, samples, number_free=False).to_pylist()
         return problem_results(solved, numbered=True)
 
-    rows = results(task, problems, out / "samples")
+    rows = results(task, problems, out / "samples", ahead)
     metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
                **({"guide": guide} if guide else {}), **aggregate(rows, cfg.eval.k, task.votes),
                **({"sandbox": task.isolation} if task.isolation else {})}

@@ -21,6 +21,7 @@ from pathlib import Path
 from selfimprove.config import TrackingConfig
 from selfimprove.errors import UserError
 from selfimprove.io import is_done
+from selfimprove.overhead import fixed_seconds
 
 STEP_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "lr", "tokens_per_s")
 
@@ -56,7 +57,9 @@ class Tracker:
         kind, t = folder.name, int(folder.parent.name.removeprefix("iter_"))
         timing = folder / "timing.json"
         if timing.is_file():
-            self._log({f"seconds/{kind}": json.loads(timing.read_text())["seconds"]}, t)
+            seconds = json.loads(timing.read_text())["seconds"]
+            fixed = fixed_seconds(folder, seconds)
+            self._log({f"seconds/{kind}": seconds, **({} if fixed is None else {f"fixed_seconds/{kind}": fixed})}, t)
         trained = folder / "model" / "train_metrics.json"
         if trained.is_file():
             offset = sum(_steps(folder.parent.parent / f"iter_{u}" / kind) for u in range(t))

@@ -393,7 +393,7 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
     steps = [{"problem_id": "p", "sample_index": 0, "step_index": 0, "value": 1.0},
              {"problem_id": "p", "sample_index": 1, "step_index": 0, "value": 0.0}]
 
-    def fake_rollout(cfg, policy, task, problems, n, temperature, out):
+    def fake_rollout(cfg, policy, task, requests, drawn_in, out):
         log.append(("rollout", out.parent.name, policy))
         (out / "samples").mkdir()
         pq.write_table(pa.Table.from_pylist([_sample("p", 0, "good", True), _sample("p", 1, "bad", False)]),
@@ -416,7 +416,7 @@ def test_trained_scorer_wiring_with_fake_scorers_and_stages(tmp_path, monkeypatc
         log.append(("train", out.parent.name, len(pq.read_table(pairs_dir / "pairs.parquet"))))
         (out / "model").mkdir()
 
-    def fake_eval(cfg, policy, name, task, problems, extra, guide, out):
+    def fake_eval(cfg, policy, name, task, problems, extra, guide, ahead, out):
         (out / "metrics.json").write_text(json.dumps({"metrics": {"pass@1": 0.5}}))
 
     monkeypatch.setattr(selfimprove.models, "resolve_model", lambda ref: "/start")

@@ -56,10 +56,12 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
     from selfimprove.config import load_config
     from selfimprove.evaluate import run_eval
 
-    calls = []
+    calls, drawn = [], []
 
     def fake_rollout(model, cfg, task, rows, out):
         calls.append((task, out))
+        drawn.append(sorted({r["pass"] for r in rows}))
+        out.mkdir(parents=True, exist_ok=True)
         return pa.Table.from_pylist([
             {"problem_id": r["problem_id"], "pass": r["pass"], "sample_index": i, "extracted": "5",
              "correct": r["answer"] == "5", "answer": r["answer"]} for r in rows for i in range(r["n"])])
@@ -84,6 +86,19 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
     assert (metrics["model"], metrics["pass@1"], metrics["extra"]) == (
         "teacher", 0.5, {"wide": {"problems": 4, "pass@1": 0.75, "maj@2": 0.75, "pass@2": 0.75}})
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == metrics
+
+    # Drawing the next rollout's requests ahead: they go to the task's own set's engines, the metrics stay the
+    # same, and the record names the model and the requests.
+    from selfimprove.rollout.stage import ahead_record
+
+    ahead = [{"pass": "train", "problem_id": "p0", "answer": "7", "n": 3}]
+    calls.clear(), drawn.clear()
+    again = run_eval(cfg, "/m", task, problems("5", "6"), tmp_path / "b", {"wide": (task_b, problems("5", "5", "5", "7"))},
+                     name="teacher", ahead=ahead)
+    assert again == metrics and calls == [(task, tmp_path / "b" / "samples"),
+                                          (task_b, tmp_path / "b" / "extra" / "wide" / "samples")]
+    assert drawn == [["greedy", "sample", "train"], ["greedy", "sample"]]
+    assert (tmp_path / "b" / "ahead.json").read_text() == ahead_record("/m", ahead)
 
 
 def test_run_eval_with_a_guide_scores_the_solver_and_counts_numbered_guidance_with_a_fake_pipeline(tmp_path,

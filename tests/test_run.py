@@ -46,6 +46,10 @@ def test_sigterm_during_training_then_resume(tmp_path, tiny_config, bundled_mode
     for stage in ("iter_0/eval", "iter_1/rollout", "iter_1/pairs", "iter_1/train", "iter_1/eval"):
         assert (run_dir / stage / "_SUCCESS").is_file(), stage
     assert (run_dir / "iter_1" / "train" / "model" / "config.json").is_file()
+    # Iteration 0's eval engines drew iteration 1's training samples too: its rollout started no engine.
+    assert json.loads((run_dir / "iter_1" / "rollout" / "stats.json").read_text()) == {"drawn_by": "iter_0/eval"}
+    assert not (run_dir / "iter_1" / "rollout" / "engines").exists() and (run_dir / "iter_0" / "eval" / "ahead.json").is_file()
+    assert list((run_dir / "iter_0" / "eval" / "engines").glob("*.json"))
     # The steps before the checkpoint are in the model's step log too: the checkpoint carried them.
     steps = json.loads((run_dir / "iter_1" / "train" / "model" / "train_metrics.json").read_text())["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]

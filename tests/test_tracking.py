@@ -34,7 +34,8 @@ def stage(run_dir, t: int, kind: str, seconds: float, steps: list[float] | None 
         (folder / "model").mkdir()
         rows = [{"step": i + 1, "loss": loss, "lr": 1e-5, "rewards/margins": 0.5 * i, "rewards/accuracies": 1.0,
                  "tokens_per_s": 100.0, "epoch": 0} for i, loss in enumerate(steps)]
-        (folder / "model" / "train_metrics.json").write_text(json.dumps({"summary": {"steps": len(steps)}, "steps": rows}))
+        (folder / "model" / "train_metrics.json").write_text(
+            json.dumps({"summary": {"steps": len(steps), "train_seconds": seconds - 4.0}, "steps": rows}))
     if metrics is not None:
         (folder / "metrics.json").write_text(json.dumps({"metrics": metrics, "problems": []}))
     (folder / SUCCESS).write_text("{}")
@@ -54,6 +55,7 @@ def test_stages_become_scalars_steps_numbered_on_across_iterations(tmp_path):
     assert got["train/rewards/margins"] == [(1, 0.0), (2, 0.5), (3, 1.0), (4, 0.0), (5, 0.5)]
     assert [step for step, _ in got["train/lr"]] == [1, 2, 3, 4, 5] and len(got["train/tokens_per_s"]) == 5
     assert got["seconds/train"] == [(1, 30.0), (2, 20.0)] and got["seconds/eval"] == [(0, 12.5), (1, 11.0)]
+    assert got["fixed_seconds/train"] == [(1, 4.0), (2, 4.0)] and "fixed_seconds/eval" not in got  # no engine record
     assert got["eval/pass@1"] == [(0, 0.25), (1, 0.5)] and got["eval/maj@4"] == [(0, 0.5), (1, 0.75)]
     assert got["eval/numbers/pass@1"] == [(0, 0.125)]
     assert "eval/sandbox" not in got and "eval/model" not in got and "train/epoch" not in got

@@ -6,6 +6,8 @@
    iterations up to `process.prm_mc_iterations` score by Monte Carlo; the last of them then trains a PRM
    on all their step values (stage `prm`), and every later iteration scores with that PRM.
 3. With `pairs.accumulate`, iteration t trains on its rows plus all earlier iterations' (D_t = D_t-1 + new).
+4. Iteration t's eval and iteration t+1's rollout sample the same model: with `rollout.draw_ahead` the eval's
+   engines draw both, and the rollout copies its samples from the eval's folder.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from selfimprove.recipes.stages import Run, Stage
 
 def plan(run: Run) -> list[Stage]:
     cfg, model = run.cfg, run.policy
-    out = [stages.evaluate(run, 0, model)]
+    out = [stages.evaluate(run, 0, model, ahead=_next_rollout(run, 0, model))]
     for t in range(1, cfg.iterations + 1):
-        out.append(stages.rollout(run, t, model))
+        out.append(stages.rollout(run, t, model, drawn_in=run.iteration(t - 1) / "eval"))
         if cfg.pairs.source == "process":
             out.append(stages.process(run, t, model, _prm(run, t)))
             if cfg.process.scorer == "trained" and t == cfg.process.prm_mc_iterations:
@@ -27,8 +29,13 @@ def plan(run: Run) -> list[Stage]:
         out.append(stages.pairs(run, t, previous))
         out.append(stages.train(run, t, model, out[-1].folder))
         model = stages.trained_model(out[-1])
-        out.append(stages.evaluate(run, t, model))
+        out.append(stages.evaluate(run, t, model, ahead=_next_rollout(run, t, model)))
     return out
+
+
+def _next_rollout(run: Run, t: int, model) -> Stage | None:
+    """Iteration t+1's rollout, which samples the model iteration t evaluates: its eval draws it ahead."""
+    return stages.rollout(run, t + 1, model) if t < run.cfg.iterations else None
 
 
 def _prm(run: Run, t: int):

@@ -62,6 +62,9 @@ class Stage:
     work: Callable[[Path], None]  # fills the scratch folder it is given
     reads: dict = dataclasses.field(default_factory=dict)  # name -> path, model or value it reads
     dtype: Choice | None = None  # the type it computes in, if it computes with a model
+    # A sampling stage's request rows, built when called: an earlier stage sampling the same model can draw them
+    # ahead with its own engines (`evaluate(ahead=...)`).
+    requests: Callable[[], list[dict]] | None = None
 
     @property
     def kind(self) -> str:
@@ -78,29 +81,34 @@ def trained_model(stage: Stage) -> Model:
 
 
 def evaluate(run: Run, t: int, model: Model, kind: str = "eval", name: str | None = None,
-             guide: Model | None = None) -> Stage:
+             guide: Model | None = None, ahead: Stage | None = None) -> Stage:
     """Greedy pass@1 and maj@k of `model` (called `name` in the metrics, default `model`) on the held-out problems
-    and on each `eval.extra` set, answering with `guide`'s greedy guidance if given: `metrics.json` and the samples."""
+    and on each `eval.extra` set, answering with `guide`'s greedy guidance if given: `metrics.json` and the samples.
+    With `ahead` (a later stage sampling `model` too) and `rollout.draw_ahead`, the same engines draw its requests
+    as well: it then copies them instead of starting engines of its own (`rollout(drawn_in=...)`)."""
     extra = {set_name: problems for set_name, (_, problems) in run.extra.items()}
+    requests = ahead.requests if ahead is not None and run.cfg.rollout.draw_ahead else None
     return Stage(run.iteration(t) / kind,
                  functools.partial(_evaluate, run.cfg, model.ref, name or run.cfg.model, run.task, run.test_problems,
-                                   run.extra, guide and guide.ref),
+                                   run.extra, guide and guide.ref, requests),
                  {"model": model.made_by, "problems": run.test_problems, "extra": extra or None,
                   "guide": guide and guide.made_by}, run.generate)
 
 
 def rollout(run: Run, t: int, model: Model, problems: list[dict] | Path | None = None, kind: str = "rollout",
-            n: int | None = None, temperature: float | None = None) -> Stage:
+            n: int | None = None, temperature: float | None = None, drawn_in: Path | None = None) -> Stage:
     """`n` (default `rollout.n`) samples of `model` per training problem, at iteration t's temperature: `samples/`.
-    `problems` is the training problems, or a stage folder whose `problems.json` holds them when it has run."""
+    `problems` is the training problems, or a stage folder whose `problems.json` holds them when it has run.
+    `drawn_in`: an earlier stage that may have drawn these samples ahead from the same model (`evaluate(ahead=)`);
+    if it did, they are copied from it (`stats.json` names it) and no engine starts."""
     r = run.cfg.rollout
     if temperature is None:
         temperature = r.temperature_schedule[t - 1] if r.temperature_schedule else r.temperature
     problems = run.train_problems if problems is None else problems
-    return Stage(run.iteration(t) / kind,
-                 functools.partial(_rollout, run.cfg, model.ref, run.task, problems, n or r.n, temperature),
+    requests = functools.partial(_requests, run.cfg, run.task, problems, n or r.n, temperature)
+    return Stage(run.iteration(t) / kind, functools.partial(_rollout, run.cfg, model.ref, run.task, requests, drawn_in),
                  {"model": model.made_by, "problems": problems, "temperature": temperature,
-                  "n": n if n is not None and n != r.n else None}, run.generate)
+                  "n": n if n is not None and n != r.n else None}, run.generate, requests)
 
 
 def process(run: Run, t: int, model: Model, prm: Path | None) -> Stage:
@@ -173,17 +181,31 @@ def problems_of(source: list[dict] | Path) -> list[dict]:
 
 
 def _evaluate(cfg: Config, model: str, name: str, task, problems: list[dict], extra: dict, guide: str | None,
-              out: Path) -> None:
+              ahead: Callable[[], list[dict]] | None, out: Path) -> None:
     from selfimprove.evaluate import run_eval
 
-    run_eval(cfg, model, task, problems, out, extra, name, guide)
+    run_eval(cfg, model, task, problems, out, extra, name, guide, ahead and ahead())
 
 
-def _rollout(cfg: Config, model: str, task, problems: list[dict] | Path, n: int, temperature: float, out: Path) -> None:
-    from selfimprove.rollout.stage import request_rows, rollout
+def _requests(cfg: Config, task, problems: list[dict] | Path, n: int, temperature: float) -> list[dict]:
+    from selfimprove.rollout.stage import request_rows
 
-    rows = request_rows(task, problems_of(problems), {"train": (n, temperature)}, cfg.rollout.seed)
-    rollout(model, cfg.rollout, task, rows, out / "samples")
+    return request_rows(task, problems_of(problems), {"train": (n, temperature)}, cfg.rollout.seed)
+
+
+def _rollout(cfg: Config, model: str, task, requests: Callable[[], list[dict]], drawn_in: Path | None,
+             out: Path) -> None:
+    from selfimprove.io import stage_output
+    from selfimprove.rollout.stage import drawn_ahead, rollout
+
+    rows = requests()
+    drawn = drawn_ahead(drawn_in, model, rows) if drawn_in is not None else None
+    if drawn is None:
+        rollout(model, cfg.rollout, task, rows, out / "samples")
+        return
+    with stage_output(out / "samples") as scratch:
+        pq.write_table(drawn, scratch / "drawn.parquet")
+    (out / "stats.json").write_text(json.dumps({"drawn_by": f"{drawn_in.parent.name}/{drawn_in.name}"}))
 
 
 def _process(cfg: Config, model: str, task, problems: list[dict], rollout_dir: Path, prm: Path | None,

@@ -22,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from selfimprove.config import RolloutConfig
 from selfimprove.errors import UserError
-from selfimprove.io import read_table, stage_output
+from selfimprove.io import digest, is_done, read_table, stage_output
 from selfimprove.rollout.generator import VLLMGenerator
 from selfimprove.runtime import node_cpus
 from selfimprove.tasks.base import Task
 
+AHEAD = "ahead.json"  # beside a samples folder that also holds a later stage's requests, drawn ahead
 STARTUPS = "engines"  # beside a samples folder: when each engine of its pool began and was ready
 SAMPLE_ORDER = ("pass", "problem_id", "sample_index")
 # The one schema of samples/ (every file, whatever its batch held: a batch where no sample
@@ -103,6 +105,27 @@ def batch_count(samples: list[int], engines: int, batch_size: int) -> int:
     return max(min(engines * math.ceil(sum(samples) / (engines * per_batch)), len(samples)), 1)
 
 
+def ahead_record(model: str, rows: list[dict]) -> str:
+    """What a stage that drew `rows` of a later stage ahead, from `model`, keeps beside its samples (`AHEAD`)."""
+    return json.dumps({"model": model, "requests": digest(rows)})
+
+
+def drawn_ahead(folder: Path, model: str, rows: list[dict]) -> pa.Table | None:
+    """The samples of request `rows` an earlier stage (`folder`) drew ahead from `model`, in order; None unless it
+    drew exactly these requests from that model, every sample of them once."""
+    record = folder / AHEAD
+    if not is_done(folder) or not record.is_file() or record.read_text() != ahead_record(model, rows):
+        return None
+    passes = pa.array(sorted({r["pass"] for r in rows}))
+    samples = read_table(folder / "samples", SAMPLE_ORDER)
+    samples = samples.filter(pc.is_in(samples.column("pass"), value_set=passes))
+    try:
+        check_complete(samples, SAMPLE_ORDER, expected_samples(rows))
+    except UserError:
+        return None
+    return samples
+
+
 def expected_samples(rows: list[dict]) -> set[tuple]:
     """The (pass, problem id, sample index) of each sample request rows ask for."""
     return {(r["pass"], r["problem_id"], i) for r in rows for i in range(r["n"])}
@@ -137,7 +160,9 @@ def write_verified(ds, task: Task, out: Path, schema: pa.Schema, order: tuple[st
                         concurrency=task.verify_concurrency)
     try:
         with stage_output(out) as scratch:
-            ds.write_parquet(str(scratch), schema=schema)
+            # No core of its own either: with one, Ray Data held every write back until the engines let go of
+            # theirs, at the pool's end (issue 18).
+            ds.write_parquet(str(scratch), schema=schema, ray_remote_args={"num_cpus": 0})
             samples = read_table(scratch, order)
             check_complete(samples, order, expected)
     except UserError:

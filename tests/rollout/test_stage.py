@@ -13,17 +13,22 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from processes import named
 
 from selfimprove.config import RolloutConfig, TaskConfig
 from selfimprove.errors import UserError
-from selfimprove.io import is_done
+from selfimprove.io import is_done, stage_output
 from selfimprove.rollout.generator import SKIPPED
 from selfimprove.rollout.stage import (
+    AHEAD,
     SAMPLE_ORDER,
+    SAMPLE_SCHEMA,
+    ahead_record,
     batch_count,
     check_complete,
+    drawn_ahead,
     expected_samples,
     request_rows,
     rollout,
@@ -215,3 +220,30 @@ def test_batch_count_counts_samples_at_the_largest_n():
     # An eval: 200 greedy rows (n = 1) and 200 of n = 4 make 1,000 samples; a batch holds 16 x 4 = 64 at most,
     # so ceil(1000 / (2 x 64)) = 8 per engine, 16 in all (counting rows, 400 in batches of 16 would make 26).
     assert batch_count([1, 4] * 200, 2, 16) == 16
+
+
+def sample_row(pass_name: str, problem_id: str, index: int) -> dict:
+    return {name: None for name in SAMPLE_SCHEMA.names} | {
+        "pass": pass_name, "problem_id": problem_id, "sample_index": index, "n": 2, "text": f"{pass_name}{index}"}
+
+
+def test_samples_drawn_ahead_are_found_only_for_the_same_model_and_requests(task, tmp_path):
+    """An eval folder that drew the next rollout's requests (pass `train`) beside its own (`greedy`)."""
+    problems = task.load("train")[:2]
+    rows = request_rows(task, problems, {"train": (2, 0.8)}, seed=0)
+    eval_dir = tmp_path / "iter_0" / "eval"
+    with stage_output(eval_dir) as scratch:
+        with stage_output(scratch / "samples") as samples:
+            pq.write_table(pa.Table.from_pylist(
+                [sample_row("greedy", p["id"], 0) for p in problems]
+                + [sample_row("train", p["id"], i) for p in problems for i in (1, 0)], schema=SAMPLE_SCHEMA),
+                samples / "part.parquet")
+        (scratch / AHEAD).write_text(ahead_record("model-a", rows))
+    drawn = drawn_ahead(eval_dir, "model-a", rows)
+    assert [(r["pass"], r["problem_id"], r["sample_index"]) for r in drawn.to_pylist()] == [
+        ("train", p["id"], i) for p in sorted(problems, key=lambda p: p["id"]) for i in (0, 1)]
+    assert drawn_ahead(eval_dir, "model-b", rows) is None  # another model
+    assert drawn_ahead(eval_dir, "model-a", request_rows(task, problems, {"train": (2, 0.7)}, seed=0)) is None
+    assert drawn_ahead(tmp_path / "iter_1" / "eval", "model-a", rows) is None  # nothing there
+    (eval_dir / AHEAD).write_text(ahead_record("model-a", rows[:1]))  # drew other requests
+    assert drawn_ahead(eval_dir, "model-a", rows) is None
