@@ -158,8 +158,11 @@ def worker_resources(tc: TrainConfig) -> tuple[bool, int, dict]:
 
 
 def checkpoint_storage(tc: TrainConfig, out: Path, checkpoints: Path | None) -> str:
-    """Where Ray Train keeps a training's checkpoints: `train.storage_path`, else `checkpoints`, else `<out>.ray`."""
-    return tc.storage_path or str(claim_folder(checkpoints or out.with_name(out.name + ".ray")))
+    """Where Ray Train keeps a training's checkpoints: `train.storage_path`, else `checkpoints`, else `<out>.ray`.
+    A folder is given as an absolute path: Ray Train reads a relative one (`run_dir=runs/local`) as a URI, and fails."""
+    if tc.storage_path:
+        return tc.storage_path if "://" in tc.storage_path else os.path.abspath(tc.storage_path)
+    return str(claim_folder(checkpoints or out.with_name(out.name + ".ray")).resolve())
 
 
 def release_storage(tc: TrainConfig, storage: str) -> None:

@@ -27,6 +27,7 @@ from selfimprove.train.losses import LOSSES
 from selfimprove.train.trainer import (
     _print_row,
     check_lora_targets,
+    checkpoint_storage,
     deepspeed_config,
     learning_rate,
     loss_kwargs,
@@ -327,3 +328,13 @@ def test_progress_line_shows_rewards_only_for_preference_losses(capsys):
         "step 10/50  loss 0.5000  reward acc 0.75  margin 1.2500  200 tokens/s",
         "step 10/50  loss 0.5000  200 tokens/s",
     ]
+
+
+def test_checkpoint_storage_is_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):
+    """`make demo` writes to run_dir=runs/local: Ray Train read the relative checkpoint folder as a URI and failed."""
+    monkeypatch.chdir(tmp_path)
+    storage = checkpoint_storage(TrainConfig(), Path("runs/local/iter_1/train.partial"), Path("runs/local/iter_1/train.ray"))
+    assert storage == str(tmp_path / "runs" / "local" / "iter_1" / "train.ray")
+    assert (tmp_path / "runs" / "local" / "iter_1" / "train.ray" / ".selfimprove").is_file()
+    assert checkpoint_storage(TrainConfig(storage_path="ckpt"), Path("o"), None) == str(tmp_path / "ckpt")
+    assert checkpoint_storage(TrainConfig(storage_path="s3://bucket/ckpt"), Path("o"), None) == "s3://bucket/ckpt"
