@@ -15,9 +15,12 @@
    keep the same context (and the completions too if even one prompt token does not fit);
    `drop` drops the pair. A prompt that leaves no room for one response token is dropped in
    every mode. All counted.
-6. A batch holds the chosen sequences, then the rejected ones, right-padded to the longest
-   sequence in the batch (not to max_len). `response_mask` marks the tokens whose
-   log-probabilities count: prompt and padding are masked.
+6. A batch holds one row per pair: the prompt once, then the chosen response, then the rejected
+   one (prefix sharing, as in Wang et al., 2024, "Accelerating Direct Preference Optimization
+   with Prefix Sharing"). An attention mask hides the chosen tokens from the rejected ones, whose
+   positions go on from the prompt's end: every token sees what it would in a row of its own,
+   and the prompt, about 70% of the tokens of a demo pair, is computed once instead of twice.
+   Rows are right-padded to the longest in the batch (not to max_len).
 """
 
 from __future__ import annotations
@@ -54,14 +57,23 @@ class Counts:
 
 @dataclass(frozen=True)
 class Batch:
-    """`n` pairs as 2n (or n, chosen only) right-padded sequences: chosen rows first."""
+    """`pairs` examples, a right-padded row each: prompt, chosen, then rejected (absent for SFT rows).
 
-    input_ids: object  # LongTensor [rows, length]
-    attention_mask: object  # LongTensor [rows, length]
-    response_mask: object  # BoolTensor [rows, length]: tokens whose log-probs count
+    Response token j of a row is `targets[:, j]`, predicted by the logits at position
+    `predictors[:, j]`, and belongs to the chosen response (`segments` 0), the rejected one (1) or
+    to no response (-1, padding).
+    """
+
+    input_ids: object  # LongTensor [pairs, length]
+    position_ids: object  # LongTensor [pairs, length]: the rejected tokens' go on from the prompt's end
+    attention: object  # BoolTensor [pairs, 1, length, length]: query position i may see key position j
+    predictors: object  # LongTensor [pairs, responses' length]
+    targets: object  # LongTensor [pairs, responses' length]
+    segments: object  # LongTensor [pairs, responses' length]
     start: int  # the first position any row has a response token at (the shortest prompt's length)
     pairs: int
-    tokens: int  # real (non-pad) tokens, prompt included
+    completions: int  # 2 for pairs, 1 for SFT rows
+    tokens: int  # real (non-pad) tokens, each prompt counted once
 
 
 def read_rows(path: str | Path) -> tuple[str, pa.Table]:
@@ -172,29 +184,42 @@ def training_order(examples: list[Example], micro: int, seed: int, group_by_leng
     generator = torch.Generator().manual_seed(seed)
     if not group_by_length:
         return torch.randperm(len(examples), generator=generator).tolist()
-    # A pair's rows are padded to its longer response.
-    lengths = [len(e.prompt) + max(len(e.chosen), len(e.rejected or ())) for e in examples]
-    return get_length_grouped_indices(lengths, micro, generator=generator)
+    return get_length_grouped_indices([row_length(e) for e in examples], micro, generator=generator)
+
+
+def row_length(e: Example) -> int:
+    return len(e.prompt) + len(e.chosen) + len(e.rejected or ())
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Chosen rows, then rejected rows (when present), right-padded to the longest of them."""
+    """One row per example (see the module's point 6), right-padded to the longest."""
     import torch
 
-    rows = [(e.prompt, e.chosen) for e in examples]
-    if examples[0].rejected is not None:
-        rows += [(e.prompt, e.rejected) for e in examples]
-    length = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        response_mask[i, len(p):n] = True
-    return Batch(input_ids, attention_mask, response_mask, start=min(len(p) for p, _ in rows),
-                 pairs=len(examples), tokens=int(attention_mask.sum()))
+    completions = 1 if examples[0].rejected is None else 2
+    length = max(row_length(e) for e in examples)
+    responses = max(len(e.chosen) + len(e.rejected or ()) for e in examples)
+    start = min(len(e.prompt) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(examples), length), dtype=torch.long)
+    # Causal everywhere, padding queries included (a query that sees no key would make NaNs); pads come
+    # last, so no real query sees one.
+    attention = torch.ones((len(examples), 1, length, length), dtype=torch.bool).tril()
+    predictors = torch.full((len(examples), responses), start - 1, dtype=torch.long)
+    targets = torch.full((len(examples), responses), pad_id, dtype=torch.long)
+    segments = torch.full((len(examples), responses), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        p, c, r = len(e.prompt), len(e.chosen), len(e.rejected or ())
+        input_ids[i, :p + c + r] = torch.tensor(e.prompt + e.chosen + (e.rejected or []), dtype=torch.long)
+        position_ids[i, :p + c] = torch.arange(p + c)
+        position_ids[i, p + c:p + c + r] = torch.arange(p, p + r)
+        attention[i, 0, p + c:, p:p + c] = False
+        predictors[i, :c] = torch.arange(p - 1, p + c - 1)
+        if r:  # the rejected response's first token is predicted from the prompt's end, as the chosen one's
+            predictors[i, c:c + r] = torch.tensor([p - 1] + list(range(p + c, p + c + r - 1)))
+        targets[i, :c + r] = input_ids[i, p:p + c + r]
+        segments[i, :c], segments[i, c:c + r] = 0, 1
+    return Batch(input_ids, position_ids, attention, predictors, targets, segments, start=start,
+                 pairs=len(examples), completions=completions, tokens=sum(row_length(e) for e in examples))
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:

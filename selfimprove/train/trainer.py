@@ -17,9 +17,9 @@
    so no second copy of the model exists either way. A separate reference model (`reference`)
    is loaded whole on each worker for that pass only, then dropped. Losses that need none (sft,
    orpo) skip it.
-5. One forward pass per micro-batch over chosen and rejected together, padded to the batch's
-   longest. Logits are computed only from the first response position on (`logits_to_keep`):
-   prompt positions need none, and a 49k-word head is a fifth of a 135M model's work. Token
+5. One forward pass per micro-batch, a row per pair holding its prompt once, then chosen and
+   rejected, padded to the batch's longest (data.py, point 6). Logits are computed only from
+   the first response position on (`logits_to_keep`): prompt positions need none, and a 49k-word head is a fifth of a 135M model's work. Token
    log-probs are gathered and summed in float32.
 6. Every micro-step all-reduces [loss, rewards, tokens] over the workers: the metrics are global,
    and a NaN or inf on any worker stops all of them at the same micro-step, before its backward
@@ -58,7 +58,7 @@ from selfimprove.config import Config, TrainConfig, check_knobs, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
 from selfimprove.runtime import check_resources
-from selfimprove.train.data import Example, collate, padding_id, read_rows, tokenize, training_order
+from selfimprove.train.data import Example, collate, padding_id, read_rows, row_length, tokenize, training_order
 from selfimprove.train.loss_names import needs_reference, needs_rejected
 from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
 
@@ -283,23 +283,30 @@ def loss_kwargs(tc: TrainConfig) -> dict:
 
 
 def sequence_logps(model, batch, device):
-    """Summed response-token log-probs [rows] (float32) and response lengths [rows] of a `Batch`.
+    """Summed response-token log-probs (float32) and response lengths of a `Batch`: [pairs] each for SFT rows,
+    [2 x pairs] for pairs (chosen ones first, then rejected).
 
     Logits are kept from position `start - 1` on: the one predicting the first response token.
     """
     import torch
 
-    ids = batch.input_ids.to(device)
+    dtype = next(model.parameters()).dtype
+    # Additive, in the model's type: what both SDPA and eager attention take as a custom 4D mask.
+    mask = torch.zeros(batch.attention.shape, dtype=dtype).masked_fill_(~batch.attention, torch.finfo(dtype).min)
     # Positions as an index tensor, not a count: the model slices its hidden states with it, and an
     # index makes a contiguous copy, while a partial slice makes the head's matmul broadcast its
     # 49k x 576 weight per sequence (2-3x slower for short batches on CPU, measured).
-    keep = torch.arange(batch.start - 1, ids.shape[1], device=device)
-    out = model(input_ids=ids, attention_mask=batch.attention_mask.to(device), use_cache=False, logits_to_keep=keep)
-    logits = out.logits[:, :-1].float()  # position t predicts token t + 1
-    targets = ids[:, batch.start:]
-    mask = batch.response_mask[:, batch.start:].to(device)
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    keep = torch.arange(batch.start - 1, batch.input_ids.shape[1], device=device)
+    out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                attention_mask=mask.to(device), use_cache=False, logits_to_keep=keep)
+    logits = out.logits.float()
+    at = (batch.predictors - (batch.start - 1)).to(device)
+    rows = torch.arange(batch.pairs, device=device).unsqueeze(1)
+    token_logps = logits[rows, at, batch.targets.to(device)] - torch.logsumexp(logits, dim=-1).gather(1, at)
+    segments = batch.segments.to(device)
+    masks = [segments == s for s in range(batch.completions)]
+    return (torch.cat([(token_logps * m).sum(-1) for m in masks]),
+            torch.cat([m.sum(-1) for m in masks]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +529,7 @@ def _reference_logps(model, shard: list[Example], tc: TrainConfig, pad_id: int, 
     """
     import torch
 
-    order = sorted(range(len(shard)), key=lambda i: len(shard[i].prompt) + len(shard[i].chosen))
+    order = sorted(range(len(shard)), key=lambda i: row_length(shard[i]))
     size = tc.micro_batch_size
     out = torch.zeros(len(shard), 2)
     model.eval()

@@ -42,24 +42,35 @@ def test_eos_is_not_added_twice(tokenizer):
     assert examples[0].chosen == LONG
 
 
-def test_collate_masks_prompt_and_pads_to_the_longest_in_the_batch(tokenizer):
-    """Rows: chosen (13 + 6 = 19 tokens), then rejected (13 + 2 = 15), padded with 2 to 19, not to max_len."""
+def test_collate_one_row_per_pair_with_the_prompt_once(tokenizer):
+    """P (13) + LONG (6) + SHORT (2) = 21 tokens; SHORT's tokens sit at 19-20 but at positions 13-14, as after P."""
     batch = collate([Example(P, LONG, SHORT)], pad_id=2)
-    assert batch.input_ids.tolist() == [P + LONG, P + SHORT + [2] * 4]
-    assert batch.attention_mask.tolist() == [[1] * 19, [1] * 15 + [0] * 4]
-    assert batch.response_mask.tolist() == [[False] * 13 + [True] * 6, [False] * 13 + [True] * 2 + [False] * 4]
-    assert (batch.start, batch.pairs, batch.tokens) == (13, 1, 34)
+    assert batch.input_ids.tolist() == [P + LONG + SHORT]
+    assert batch.position_ids.tolist() == [list(range(19)) + [13, 14]]
+    # LONG's first token is predicted at 12 (P's end) and so is SHORT's; SHORT's second at 19.
+    assert batch.predictors.tolist() == [[12, 13, 14, 15, 16, 17, 12, 19]]
+    assert batch.targets.tolist() == [LONG + SHORT] and batch.segments.tolist() == [[0] * 6 + [1] * 2]
+    seen = batch.attention[0, 0]
+    assert seen[20].tolist() == [True] * 13 + [False] * 6 + [True] * 2  # rejected sees P and itself, not LONG
+    assert seen[18].tolist() == [True] * 19 + [False] * 2  # chosen: causal
+    assert (batch.start, batch.pairs, batch.completions, batch.tokens) == (13, 1, 2, 21)
 
 
 def test_collate_two_pairs_and_sft_rows():
     a, b = Example([5, 6, 7], [8, 2], [9, 9, 2]), Example([5], [3, 2], [4, 2])
     batch = collate([a, b], pad_id=0)
-    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 2, 0], [5, 3, 2, 0, 0, 0], [5, 6, 7, 9, 9, 2], [5, 4, 2, 0, 0, 0]]
-    assert batch.response_mask.sum(1).tolist() == [2, 2, 3, 2]
-    assert batch.start == 1 and batch.pairs == 2
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 2, 9, 9, 2], [5, 3, 2, 4, 2, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 1, 2, 0, 0, 0]]
+    # b's padding slot: predicted at start - 1 = 0 (any valid position), in no segment.
+    assert batch.predictors.tolist() == [[2, 3, 2, 5, 6], [0, 1, 0, 3, 0]]
+    assert batch.targets.tolist() == [[8, 2, 9, 9, 2], [3, 2, 4, 2, 0]]
+    assert batch.segments.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, -1]]
+    assert batch.attention[1, 0, 3].tolist() == [True, False, False, True, False, False, False, False]
+    assert batch.attention[1, 0, 7].tolist() == [True, False, False, True, True, True, True, True]  # a pad: no NaN
+    assert (batch.start, batch.pairs, batch.completions, batch.tokens) == (1, 2, 2, 13)
     sft = collate([Example([5, 6], [8, 2])], pad_id=0)
-    assert sft.input_ids.tolist() == [[5, 6, 8, 2]] and sft.response_mask.tolist() == [[False, False, True, True]]
-    assert sft.input_ids.dtype == torch.long
+    assert sft.input_ids.tolist() == [[5, 6, 8, 2]] and sft.predictors.tolist() == [[1, 2]]
+    assert sft.segments.tolist() == [[0, 0]] and sft.completions == 1 and sft.input_ids.dtype == torch.long
 
 
 @pytest.mark.parametrize(

@@ -123,24 +123,31 @@ def test_loss_kwargs_only_what_the_loss_takes():
     assert loss_kwargs(TrainConfig(loss="sft")) == {"nll_norm": "sequence"}
 
 
-def test_sequence_logps_sum_response_tokens_only():
-    """Against log_softmax over the full logits, position by position, on a tiny random Llama."""
+def test_sequence_logps_equal_each_sequence_on_its_own():
+    """A batch's prompt-sharing rows against each prompt + response run alone through a tiny random Llama,
+    log_softmax over the full logits, position by position: the same sums, for pairs and for SFT rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     examples = [Example([5, 6, 7], [8, 9, 2], [10, 2]), Example([5, 11], [12, 2], [13, 14, 15, 2])]
-    batch = collate(examples, pad_id=0)
+
+    def alone(prompt, response):
+        tokens = prompt + response
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor([tokens])).logits[0].log_softmax(-1)
+        return sum(full[t - 1, tokens[t]].item() for t in range(len(prompt), len(tokens)))
+
     with torch.no_grad():
-        logps, lengths = sequence_logps(model, batch, torch.device("cpu"))
-        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.log_softmax(-1)
-    expected = []
-    for row, (p, c) in enumerate([(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]):
-        tokens = p + c
-        expected.append(sum(full[row, t - 1, tokens[t]].item() for t in range(len(p), len(tokens))))
-    torch.testing.assert_close(logps, torch.tensor(expected), atol=1e-5, rtol=1e-5)
-    assert lengths.tolist() == [3, 2, 2, 4] and logps.dtype == torch.float32
+        logps, lengths = sequence_logps(model, collate(examples, pad_id=0), torch.device("cpu"))
+        sft_logps, sft_lengths = sequence_logps(model, collate([Example(e.prompt, e.chosen) for e in examples], 0),
+                                                torch.device("cpu"))
+    chosen = [alone(e.prompt, e.chosen) for e in examples]
+    rejected = [alone(e.prompt, e.rejected) for e in examples]
+    torch.testing.assert_close(logps, torch.tensor(chosen + rejected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sft_logps, torch.tensor(chosen), atol=1e-5, rtol=1e-5)
+    assert lengths.tolist() == [3, 2, 2, 4] and sft_lengths.tolist() == [3, 2] and logps.dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
