@@ -8,7 +8,7 @@ comma   := ,
 export SELFIMPROVE_HOME ?= $(HOME)/.cache/selfimprove
 export TORCH_EXTENSIONS_DIR ?= $(SELFIMPROVE_HOME)/torch_extensions
 
-.PHONY: install bwrap model demo test test-faults test-slow lint clean
+.PHONY: install system model demo test test-faults test-slow lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,13 +20,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import vllm, ray, deepspeed, peft" 2>/dev/null || $(PY) -c "import vllm, ray, deepspeed, peft"
 	touch $(STAMP)
 
-install: $(STAMP) bwrap
+install: $(STAMP) system
 
-# Code tasks isolate model-written programs with bubblewrap (selfimprove/sandbox.py); without it, namespaces only.
-bwrap:
-	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { apt-get install -y -q bubblewrap >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; }; } || \
+# Best effort, as root with apt. Code tasks isolate model-written programs with bubblewrap (selfimprove/sandbox.py;
+# without it, namespaces only); vLLM engines on CPU preload tcmalloc (selfimprove/rollout/engine.py).
+apt = { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q $(1) >/dev/null || \
+        { apt-get update -q >/dev/null && apt-get install -y -q $(1) >/dev/null; }; }; }
+system:
+	@command -v bwrap >/dev/null || $(call apt,bubblewrap) || \
 	  echo "note: could not install bubblewrap; code tasks will isolate programs with unshare (README, Code tasks)"
+	@ldconfig -p | grep -q libtcmalloc_minimal || $(call apt,libtcmalloc-minimal4) || \
+	  echo "note: could not install libtcmalloc-minimal4; CPU engines will use glibc's malloc (7.5% slower here)"
 
 model: install
 	$(VENV)/bin/selfimprove prepare-model smollm2-135m-instruct

@@ -99,7 +99,7 @@ def key_digest(key: str) -> str:
 
 def model_args(model: str, model_id: str, cfg: Config, cpu: bool) -> dict:
     """`model_server.model_app`'s arguments: the engine of `cfg.rollout`, replicas of `cfg.serve`."""
-    from selfimprove.rollout.engine import engine_args
+    from selfimprove.rollout.engine import cpu_engine_env, engine_args
 
     r, s = cfg.rollout, cfg.serve
     deployment = {"max_ongoing_requests": s.max_ongoing_requests, "graceful_shutdown_timeout_s": s.drain_seconds}
@@ -116,7 +116,7 @@ def model_args(model: str, model_id: str, cfg: Config, cpu: bool) -> dict:
         config.update(accelerator_config={"kind": "cpu"},
                       placement_group_config={"bundles": [{"CPU": s.cpus_per_replica}]},
                       runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(r.cpu_kvcache_gib),
-                                                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}})
+                                                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", **cpu_engine_env()}})
     return {"llm_config": config, "cores": s.cpus_per_replica if cpu else 0}
 
 

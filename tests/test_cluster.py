@@ -537,8 +537,13 @@ def serve_config_v2(doc: dict) -> dict:
     return yaml.safe_load(text)
 
 
-def test_service_serves_what_selfimprove_serve_would_for_the_jobs_run():
-    """serveConfigV2 is serve_config's output for the job's run: the two cannot drift apart."""
+def test_service_serves_what_selfimprove_serve_would_for_the_jobs_run(monkeypatch):
+    """serveConfigV2 is serve_config's output for the job's run: the two cannot drift apart. Its engines preload
+    the tcmalloc cluster/Dockerfile installs, whether or not this machine has it."""
+    import selfimprove.rollout.engine
+
+    assert "libtcmalloc-minimal4" in (CLUSTER / "Dockerfile").read_text()
+    monkeypatch.setattr(selfimprove.rollout.engine, "cpu_engine_env", lambda: {"LD_PRELOAD": "libtcmalloc_minimal.so.4"})
     cfg, served = served_run()
     assert serve_config_v2(manifest(SERVICE)) == serve_config(served, cfg, cpu=True, key_sha256=None)
 

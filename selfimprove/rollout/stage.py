@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from selfimprove.config import RolloutConfig
 from selfimprove.errors import UserError
 from selfimprove.io import digest, is_done, read_table, stage_output
+from selfimprove.rollout.engine import cpu_engine_env
 from selfimprove.rollout.generator import VLLMGenerator
 from selfimprove.runtime import node_cpus
 from selfimprove.tasks.base import Task
@@ -185,7 +186,8 @@ def engine_resources(cfg: RolloutConfig, actors: int | None = None) -> tuple[dic
     (default: a pool of `num_actors`)."""
     if cpu_only():
         cores = cfg.cpus_per_actor or max(node_cpus() // (actors or cfg.num_actors), 1)
-        return {"num_cpus": cores}, cores
+        env = cpu_engine_env()
+        return {"num_cpus": cores, **({"runtime_env": {"env_vars": env}} if env else {})}, cores
     return {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}, 0
 
 

@@ -32,3 +32,15 @@ def test_a_link_or_an_open_folder_under_our_name_is_refused(temp_dir):
     name.chmod(0o777)
     with pytest.raises(RuntimeError, match=r"is not a private folder of this user"):
         private_folder()
+
+
+def test_cpu_engines_preload_tcmalloc_by_name_where_this_machine_has_it(monkeypatch):
+    import ctypes.util
+
+    from selfimprove.rollout.engine import cpu_engine_env
+
+    found = {"tcmalloc_minimal": "libtcmalloc_minimal.so.4"}
+    monkeypatch.setattr(ctypes.util, "find_library", found.get)
+    assert cpu_engine_env() == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    found.clear()
+    assert cpu_engine_env() == {}
