@@ -26,9 +26,9 @@ from selfimprove.guidance import guidance_problem, guide_prompt, solver_prompt
 from selfimprove.rollout.stage import (
     SAMPLE_SCHEMA,
     STARTUPS,
-    batch_count,
     engine_resources,
     generate,
+    request_dataset,
     request_seed,
     write_verified,
 )
@@ -108,12 +108,8 @@ def guided_rollout(task: Task, rows: list[dict], solver: Pool, guide: Pool | Non
                    seed: int, out: Path, number_free: bool = True) -> pa.Table:
     """Solver samples for `rows` (`guide_requests` with a `guide` pool, or `given_guidance` without one): each
     guidance answered by every solver pass (name -> (n, temperature)). Written to `out`, returned in order."""
-    import ray
-
     actors = solver.cfg.num_actors + (guide.cfg.num_actors if guide else 0)
-    batch = guide.cfg.batch_size if guide else solver.cfg.batch_size
-    ds = ray.data.from_items(rows, override_num_blocks=batch_count([r.get("n", 1) for r in rows],
-                                                                   (guide or solver).cfg.num_actors, batch))
+    ds = request_dataset(rows, (guide or solver).cfg)
     if guide:
         ds = generate(ds, guide.model, guide.cfg, task.stop, *engine_resources(guide.cfg, actors),
                       startups=out.with_name(STARTUPS))

@@ -82,13 +82,17 @@ def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarr
 
 def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: Path):
     """Generate and verify samples for `rows` (from `request_rows`) into `out`; return them as an Arrow table."""
+    resources, cores = engine_resources(cfg)
+    ds = generate(request_dataset(rows, cfg), model, cfg, task.stop, resources, cores, startups=out.with_name(STARTUPS))
+    return write_verified(ds, task, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
+
+
+def request_dataset(rows: list[dict], cfg: RolloutConfig):
+    """Request `rows` as a Ray dataset whose blocks are the batches of a pool of `cfg`'s engines (`batch_count`)."""
     import ray
 
-    resources, cores = engine_resources(cfg)
-    ds = ray.data.from_items(rows, override_num_blocks=batch_count([r["n"] for r in rows], cfg.num_actors,
-                                                                   cfg.batch_size))
-    ds = generate(ds, model, cfg, task.stop, resources, cores, startups=out.with_name(STARTUPS))
-    return write_verified(ds, task, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
+    return ray.data.from_items(rows, override_num_blocks=batch_count([r.get("n", 1) for r in rows], cfg.num_actors,
+                                                                     cfg.batch_size))
 
 
 def batch_count(samples: list[int], engines: int, batch_size: int) -> int:
