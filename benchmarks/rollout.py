@@ -9,8 +9,9 @@ shipped `rollout.batch_size` (64 prompts: 64 problems make one batch of 32 per e
 2. Start-up: from calling `rollout` to the last engine ready (engines start side by side, one per core group).
 3. Raw vLLM, the ceiling: one plain process per core, each a `vllm.LLM` bound to its core with half of the
    same requests (same prompts, n, seeds, stop strings, max tokens) in one `generate` call, both calls started
-   together once both engines are up; steady tokens/s = all tokens / the longer call.
-4. HF `generate` runs in this process on a subset of the problems (it is slow), in padded
+   together once both engines are up; steady tokens/s = all tokens / the longer call. They preload what the
+   pool's engines do (`cpu_engine_env`: tcmalloc where this machine has it).
+4. HF `generate` runs in this process (glibc's malloc, as a user's script) on a subset of the problems (it is slow), in padded
    batches of 64 sequences; tokens/s is a rate, so the subset does not bias it.
 5. Pool shapes: one actor on all cores, and one actor per core.
 
@@ -28,6 +29,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 
 def main() -> None:
@@ -102,12 +104,16 @@ def raw(model: str, rcfg, stop: tuple[str, ...], rows: list[dict], cores: int) -
     """Raw vLLM on the same requests: `cores` plain processes, one core and every cores-th request each."""
     import multiprocessing as mp
 
+    from selfimprove.rollout.engine import cpu_engine_env
+
     spawn = mp.get_context("spawn")  # a fresh process, as a user's script: no Ray, no forked engine state
     ready, results = spawn.Barrier(cores), spawn.Queue()
     workers = [spawn.Process(target=_raw_worker, args=(model, rcfg, stop, rows[core::cores], core, ready, results))
                for core in range(cores)]
-    for w in workers:
-        w.start()
+    # A spawned process starts with this process's environment: give it the pool engines' own.
+    with mock.patch.dict(os.environ, cpu_engine_env()):
+        for w in workers:
+            w.start()
     done = [results.get() for _ in workers]
     for w in workers:
         w.join()
