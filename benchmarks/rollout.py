@@ -11,8 +11,8 @@ shipped `rollout.batch_size` (64 prompts: 64 problems make one batch of 32 per e
    same requests (same prompts, n, seeds, stop strings, max tokens) in one `generate` call, both calls started
    together once both engines are up; steady tokens/s = all tokens / the longer call. They preload what the
    pool's engines do (`cpu_engine_env`: tcmalloc where this machine has it).
-4. HF `generate` runs in this process (glibc's malloc, as a user's script) on a subset of the problems (it is slow), in padded
-   batches of 64 sequences; tokens/s is a rate, so the subset does not bias it.
+4. HF `generate` runs in this process (glibc's malloc, as a user's script) on a subset of the problems (it is
+   slow), in padded batches of 64 sequences; tokens/s is a rate, so the subset does not bias it.
 5. Pool shapes: one actor on all cores, and one actor per core.
 
 Usage: python benchmarks/rollout.py [--problems 64] [--hf-problems 16] [--n 8] [--max-tokens 128]

@@ -18,9 +18,10 @@ Prints both trainers' loss on the same first batch, their training throughput, a
    prompt: the work of training on these pairs) per second of the training work, for both. Ours
    computes each prompt once (prefix sharing), so it computes fewer tokens than that count.
    TRL: `train_runtime` of `trainer.train()`, which runs a reference forward every step. Ours:
-   the loop plus its once-per-run reference pass (`train_seconds + reference_seconds`). Start-up (Ray, model loading, DeepSpeed) is printed
-   apart and counted in neither. Same batch (4 pairs a step), lr 2e-5, clipping 1.0, bf16
-   (TRL: autocast over fp32 weights; ours: DeepSpeed bf16 with fp32 master weights), all cores.
+   the loop plus its once-per-run reference pass (`train_seconds + reference_seconds`). Start-up
+   (Ray, model loading, DeepSpeed) is printed apart and counted in neither. Same batch (4 pairs a
+   step), lr 2e-5, clipping 1.0, bf16 (TRL: autocast over fp32 weights; ours: DeepSpeed bf16 with
+   fp32 master weights), all cores.
 """
 
 from __future__ import annotations

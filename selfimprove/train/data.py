@@ -65,7 +65,7 @@ class Batch:
     """
 
     input_ids: object  # LongTensor [pairs, length]
-    position_ids: object  # LongTensor [pairs, length]: the rejected tokens' go on from the prompt's end
+    position_ids: object  # LongTensor [pairs, length]: the rejected tokens' positions go on from the prompt's end
     attention: object  # BoolTensor [pairs, 1, length, length]: query position i may see key position j
     predictors: object  # LongTensor [pairs, responses' length]
     targets: object  # LongTensor [pairs, responses' length]

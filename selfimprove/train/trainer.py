@@ -19,7 +19,8 @@
    orpo) skip it.
 5. One forward pass per micro-batch, a row per pair holding its prompt once, then chosen and
    rejected, padded to the batch's longest (data.py, point 6). Logits are computed only from
-   the first response position on (`logits_to_keep`): prompt positions need none, and a 49k-word head is a fifth of a 135M model's work. Token
+   the first response position on (`logits_to_keep`): prompt positions need none, and a
+   49k-word head is a fifth of a 135M model's work. Token
    log-probs are gathered and summed in float32.
 6. Every micro-step all-reduces [loss, rewards, tokens] over the workers: the metrics are global,
    and a NaN or inf on any worker stops all of them at the same micro-step, before its backward
