@@ -23,6 +23,7 @@ import socket
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +94,14 @@ class VLLMGenerator(_Generator):
 
     With `startups` (a folder), the engine leaves `<host>-<pid>.json` there once built: when its actor began and
     when the engine was ready (wall clock), so a stage can tell its fixed cost from its work (`overhead.py`).
+    With `then` (a function of a batch), each batch of samples passes through it before leaving the actor.
     """
 
     def __init__(self, model: str, cfg: RolloutConfig, stop: tuple[str, ...] = (), cores_per_actor: int = 0,
-                 startups: str | None = None):
+                 startups: str | None = None, then: Callable[[dict], dict] | None = None):
         began = time.time()
         super().__init__(cfg, stop)
+        self.then = then
         from selfimprove.rollout.engine import build_llm, on_cpu
 
         # CPU actors of one node bind their engines to disjoint cores: each holds a lock on
@@ -115,6 +118,10 @@ class VLLMGenerator(_Generator):
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / f"{socket.gethostname()}-{os.getpid()}.json",
                          json.dumps({"began": round(began, 2), "ready": round(time.time(), 2)}))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out = super().__call__(batch)
+        return self.then(out) if self.then else out
 
     def generate(self, prompts, ns, temps, seeds):
         from selfimprove.rollout.engine import sampling_params

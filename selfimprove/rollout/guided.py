@@ -28,9 +28,10 @@ from selfimprove.rollout.stage import (
     STARTUPS,
     engine_resources,
     generate,
+    generate_verified,
     request_dataset,
     request_seed,
-    write_verified,
+    write_samples,
 )
 from selfimprove.tasks.base import Task
 
@@ -115,8 +116,8 @@ def guided_rollout(task: Task, rows: list[dict], solver: Pool, guide: Pool | Non
                       startups=out.with_name(STARTUPS))
     ds = ds.map_batches(solver_requests, fn_kwargs={"task": task, "passes": passes, "seed": seed,
                                                     "number_free": number_free}, batch_size=None, num_cpus=0)
-    ds = generate(ds, solver.model, solver.cfg, task.stop, *engine_resources(solver.cfg, actors),
-                  startups=out.with_name(STARTUPS))
+    ds = generate_verified(ds, solver.model, solver.cfg, task, *engine_resources(solver.cfg, actors),
+                           startups=out.with_name(STARTUPS))
     guidances = [(r["problem_id"], i) for r in rows for i in (range(r["n"]) if guide else [r["sample_index"]])]
     expected = {(name, pid, gi, si) for pid, gi in guidances for name, (n, _) in passes.items() for si in range(n)}
-    return write_verified(ds, task, out, GUIDED_SCHEMA, GUIDED_ORDER, expected)
+    return write_samples(ds, out, GUIDED_SCHEMA, GUIDED_ORDER, expected)

@@ -7,14 +7,18 @@
    actor; on GPU an actor asks for `tensor_parallel_size` GPUs, on CPU for its cores. A batch is a
    block, and the blocks are as many as the engines or a multiple of it, each taken by an engine only once it
    is free (see `batch_count`).
-3. `map_batches(verify_batch)`, a step of its own with the task's `verify_cpus`, adds the extracted
-   answer and `correct` from the task's `check` of each sample against its whole problem row (a
-   task may verify against tests or a label, not only a gold string), then drops that row.
-4. Ray Data writes Parquet into a scratch folder that becomes `samples/` with `_SUCCESS` last.
+3. `verify_batch` adds the extracted answer and `correct` from the task's `check` of each sample against its
+   whole problem row (a task may verify against tests or a label, not only a gold string), then drops that
+   row. A light check (an answer compared) runs in the engine actor's own call; a task that runs programs
+   (`verify_cpus` > 0) gets a `map_batches` step of its own, with those cores.
+4. The driver streams the samples into Parquet in a scratch folder that becomes `samples/` with `_SUCCESS`
+   last. Why not Ray Data's own write, or a verify step for every task: each is a task that needs a worker
+   process, and at a pool's end Ray started them only once the engines let go, 7 s here (issue 18).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from selfimprove.config import RolloutConfig
 from selfimprove.errors import UserError
@@ -82,9 +87,9 @@ def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarr
 
 def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: Path):
     """Generate and verify samples for `rows` (from `request_rows`) into `out`; return them as an Arrow table."""
-    resources, cores = engine_resources(cfg)
-    ds = generate(request_dataset(rows, cfg), model, cfg, task.stop, resources, cores, startups=out.with_name(STARTUPS))
-    return write_verified(ds, task, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
+    ds = generate_verified(request_dataset(rows, cfg), model, cfg, task, *engine_resources(cfg),
+                           startups=out.with_name(STARTUPS))
+    return write_samples(ds, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
 
 
 def request_dataset(rows: list[dict], cfg: RolloutConfig):
@@ -136,10 +141,29 @@ def expected_samples(rows: list[dict]) -> set[tuple]:
     return {(r["pass"], r["problem_id"], i) for r in rows for i in range(r["n"])}
 
 
+def generate_verified(ds, model: str, cfg: RolloutConfig, task: Task, resources: dict, cores: int,
+                      startups: Path | None = None):
+    """`generate` with `task`'s stop strings, each sample then checked by `verify_batch`: in the engine's own call
+    if the check is light, else in a step of its own with the task's `verify_cpus` (running programs is not
+    light: a core each, a bounded number at once, so hostile samples cannot crowd out the engines or the
+    driver)."""
+    if not task.verify_cpus:
+        return generate(ds, model, cfg, task.stop, resources, cores, startups,
+                        then=functools.partial(verify_batch, task=task))
+    return verify_step(generate(ds, model, cfg, task.stop, resources, cores, startups), task)
+
+
+def verify_step(ds, task: Task):
+    """`verify_batch` over `ds` (sample rows) as a Ray Data step of its own, on the task's `verify_cpus`."""
+    return ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=task.verify_cpus,
+                          concurrency=task.verify_concurrency)
+
+
 def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resources: dict, cores: int,
-             startups: Path | None = None):
+             startups: Path | None = None, then=None):
     """`ds` (request rows) mapped to sample rows by a pool of `cfg.num_actors` vLLM actors of `model`, each with
-    `resources` and bound to `cores` cores on CPU; each engine records its start-up in `startups`, if given."""
+    `resources` and bound to `cores` cores on CPU; each engine records its start-up in `startups`, if given, and
+    passes each batch of samples through `then` (a function of the batch), if given."""
     import ray
 
     # Bounded failure: Ray Data would wait for its actors forever and restart a dying one without end.
@@ -147,7 +171,7 @@ def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resource
     return ds.map_batches(
         VLLMGenerator,
         fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": stop, "cores_per_actor": cores,
-                               "startups": startups and str(startups)},
+                               "startups": startups and str(startups), "then": then},
         batch_size=None,  # a block is a batch: its size is set by `batch_count`
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
         max_restarts=cfg.actor_restarts,
@@ -156,18 +180,16 @@ def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resource
     )
 
 
-def write_verified(ds, task: Task, out: Path, schema: pa.Schema, order: tuple[str, ...], expected: set[tuple]):
-    """Verify the samples of `ds` and write them to `out` as Parquet of `schema`; the folder is marked done only if
-    it holds each key of `expected` (values of the `order` columns) exactly once. Returns the samples, in order."""
-    # An answer check is light (verify_cpus 0: it must not wait for cores the engines hold); running programs is
-    # not: a core each, a bounded number at once, so hostile samples cannot crowd out the engines or the driver.
-    ds = ds.map_batches(verify_batch, fn_kwargs={"task": task}, batch_size=None, num_cpus=task.verify_cpus,
-                        concurrency=task.verify_concurrency)
+def write_samples(ds, out: Path, schema: pa.Schema, order: tuple[str, ...], expected: set[tuple]):
+    """Write the verified samples of `ds` to `out` as Parquet of `schema`; the folder is marked done only if it
+    holds each key of `expected` (values of the `order` columns) exactly once. Returns the samples, in order."""
     try:
         with stage_output(out) as scratch:
-            # No core of its own either: with one, Ray Data held every write back until the engines let go of
-            # theirs, at the pool's end (issue 18).
-            ds.write_parquet(str(scratch), schema=schema, ray_remote_args={"num_cpus": 0})
+            with pq.ParquetWriter(scratch / "samples.parquet", schema) as writer:
+                # The schema, not each batch's guess: a batch where no sample states an answer has an all-null
+                # `extracted`, typed null.
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    writer.write_table(batch.select(schema.names).cast(schema))
             samples = read_table(scratch, order)
             check_complete(samples, order, expected)
     except UserError:

@@ -4,7 +4,7 @@ import json
 
 from selfimprove.config import SandboxConfig, TaskConfig
 from selfimprove.io import read_table
-from selfimprove.rollout.stage import SAMPLE_ORDER, SAMPLE_SCHEMA, write_verified
+from selfimprove.rollout.stage import SAMPLE_ORDER, SAMPLE_SCHEMA, verify_step, write_samples
 from selfimprove.tasks import build_task
 
 PROGRAMS = {  # sample index -> (completion, verdict status)
@@ -29,8 +29,8 @@ def test_hostile_samples_get_verdicts_in_a_ray_data_step_and_the_samples_are_wri
              "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": "stop", "status": "ok",
              "problem": json.dumps(problem)} for i, (text, _) in PROGRAMS.items()]
     ds = ray_local.data.from_items(rows, override_num_blocks=4)
-    samples = write_verified(ds, task, tmp_path / "samples", SAMPLE_SCHEMA, SAMPLE_ORDER,
-                             {("sample", "p", i) for i in PROGRAMS}).to_pylist()
+    samples = write_samples(verify_step(ds, task), tmp_path / "samples", SAMPLE_SCHEMA, SAMPLE_ORDER,
+                            {("sample", "p", i) for i in PROGRAMS}).to_pylist()
     assert (tmp_path / "samples" / "_SUCCESS").exists()
     assert [s["correct"] for s in samples] == [True] + [False] * 7
     assert [s["verdict"].split(":")[0] for s in samples] == [status or "no program" for _, status in PROGRAMS.values()]
