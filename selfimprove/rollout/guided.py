@@ -4,8 +4,8 @@
    written (`given_guidance`: a file, a task's own structure), which skip the guide pool.
 2. `map_batches(VLLMGenerator)` over the guide's actor pool writes the guidances; `solver_requests` turns each
    into a request per solver pass (the solver's task prompt with the guidance, its own seed); a second
-   `map_batches(VLLMGenerator)` over the solver's actor pool, another model, answers; the verify step checks
-   the answers. One streaming dataset, written once: no pass through disk between the two models.
+   `map_batches(VLLMGenerator)` over the solver's actor pool, another model, answers and checks
+   them (`generate_verified`). One streaming dataset, written once: no pass through disk between the two models.
 3. With `number_free`, a guidance that is empty or carries a computed number is not given to the solver: its
    samples are kept, undrawn, with that status, so the counts still add up (questions x guidances x samples).
 4. On CPU the two pools share the node's cores: each engine binds to its share of (guide + solver actors).
