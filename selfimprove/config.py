@@ -112,7 +112,7 @@ class RolloutConfig:
     temperature: float = knob(0.8, "sampling temperature (0 = greedy)", non_negative)
     top_p: float = knob(1.0, "nucleus sampling mass", unit_interval)
     max_tokens: int = knob(256, "most new tokens per sample", positive)
-    seed: int = knob(0, "engine seed: same config and seed give the same samples")
+    seed: int = knob(0, "engine seed: same config and seed give the same samples, nearly always (README)")
     max_model_len: int = knob(1024, "context length the engine reserves per sequence", up_to(MAX_TOKENS))
     enforce_eager: bool = knob(True, "skip torch.compile/CUDA graphs: faster start, slightly slower generation")
     dtype: str = knob("auto", "weights and activations dtype (auto: bfloat16 where the GPU or CPU computes it natively, "

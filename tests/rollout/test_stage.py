@@ -2,8 +2,9 @@
 
 The module's main rollout runs one actor with batches of 2 over a greedy and a sampled
 pass; a second rollout spreads the same requests over two actors, one of which is killed
-mid-stage (the same rows), and a third repeats the first to show that the same config and
-seed give the same samples.
+mid-stage (the same rows). No test asserts that a rerun writes the same texts: vLLM's engine
+process starts on requests as they reach it, so a rerun's batches, and with them the
+floating-point path, can differ (CI, 2026-12-03: one sample of 16 differed).
 """
 
 import dataclasses
@@ -130,13 +131,6 @@ def test_two_actors_one_killed_give_the_same_rows(one_actor, ray_local, bundled_
     keys = ("pass", "problem_id", "sample_index", "n", "temperature", "seed", "prompt_text", "prompt_tokens", "status")
     assert [tuple(r[k] for k in keys) for r in mine] == [tuple(r[k] for k in keys) for r in before]
     assert len(mine) == len(problems) * (1 + N)
-
-
-@pytest.mark.engine
-def test_same_config_and_seed_same_samples(one_actor, ray_local, bundled_model, task, problems, tmp_path):
-    """The same pool shape on rerun: the same texts, byte for byte."""
-    table = rollout(bundled_model, CFG, task, request_rows(task, problems, PASSES, seed=7), tmp_path / "samples")
-    assert table.column("text").to_pylist() == one_actor[1].column("text").to_pylist()
 
 
 @pytest.mark.engine
