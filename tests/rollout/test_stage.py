@@ -27,6 +27,7 @@ from selfimprove.rollout.stage import (
     SAMPLE_ORDER,
     SAMPLE_SCHEMA,
     ahead_record,
+    batch_bounds,
     batch_count,
     check_complete,
     drawn_ahead,
@@ -214,6 +215,18 @@ def test_batch_count_counts_samples_at_the_largest_n():
     # An eval: 200 greedy rows (n = 1) and 200 of n = 4 make 1,000 samples; a batch holds 16 x 4 = 64 at most,
     # so ceil(1000 / (2 x 64)) = 8 per engine, 16 in all (counting rows, 400 in batches of 16 would make 26).
     assert batch_count([1, 4] * 200, 2, 16) == 16
+
+
+def test_batch_bounds_cut_runs_of_rows_asking_for_equal_samples():
+    # An eval of 4 problems (greedy n = 1 and maj n = 4: 20 samples) with 2 training problems drawn ahead (n = 8: 16):
+    # 36 samples, 18 a batch. Equal rows would be 5 and 5, asking for 10 and 26 samples.
+    samples = [1, 4] * 4 + [8, 8]
+    # Running sums 1, 5, 6, 10, 11, 15, 16, 20: the eighth row brings the first run to 18.
+    assert batch_bounds(samples, 2) == [(0, 8), (8, 10)]  # 20 and 16 samples
+    assert batch_bounds([8] * 64, 4) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert batch_bounds([8, 1, 1, 1], 2) == [(0, 1), (1, 4)]
+    assert batch_bounds([1, 1, 1, 8], 3) == [(0, 2), (2, 3), (3, 4)]  # each run keeps a row for the runs after it
+    assert batch_bounds([5], 1) == [(0, 1)]
 
 
 def sample_row(pass_name: str, problem_id: str, index: int) -> dict:
