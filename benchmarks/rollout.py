@@ -7,9 +7,12 @@ shipped `rollout.batch_size` (64 prompts: 64 problems make one batch of 32 per e
 1. The pool figure is the whole `rollout` stage (Ray Data, engines, verification, Parquet) on the same requests,
    end to end and steady: from the moment its last engine was ready (each engine records it) to the end.
 2. Start-up: from calling `rollout` to the last engine ready (engines start side by side, one per core group).
-3. Raw vLLM, the ceiling: one plain process per core, each a `vllm.LLM` bound to its core with half of the
+3. Raw vLLM, the ceiling: one plain process per core, each a `vllm.LLM` bound to its core with a share of the
    same requests (same prompts, n, seeds, stop strings, max tokens) in one `generate` call, both calls started
-   together once both engines are up; steady tokens/s = all tokens / the longer call. They preload what the
+   together once both engines are up; steady tokens/s = all tokens / the longer call. The shares are the runs of
+   rows the pool's batches hold (`batch_bounds`; at the defaults, one batch per engine), so that both split the
+   work alike: which problems an engine draws decides how many tokens it writes, and the longer share sets the
+   time. They preload what the
    pool's engines do (`cpu_engine_env`: tcmalloc where this machine has it).
 4. HF `generate` runs in this process (glibc's malloc, as a user's script) on a subset of the problems (it is
    slow), in padded batches of 64 sequences; tokens/s is a rate, so the subset does not bias it.
@@ -101,15 +104,17 @@ def main() -> None:
 
 
 def raw(model: str, rcfg, stop: tuple[str, ...], rows: list[dict], cores: int) -> dict:
-    """Raw vLLM on the same requests: `cores` plain processes, one core and every cores-th request each."""
+    """Raw vLLM on the same requests: `cores` plain processes, one core and one run of rows (`batch_bounds`) each."""
     import multiprocessing as mp
 
     from selfimprove.rollout.engine import cpu_engine_env
+    from selfimprove.rollout.stage import batch_bounds
 
     spawn = mp.get_context("spawn")  # a fresh process, as a user's script: no Ray, no forked engine state
     ready, results = spawn.Barrier(cores), spawn.Queue()
-    workers = [spawn.Process(target=_raw_worker, args=(model, rcfg, stop, rows[core::cores], core, ready, results))
-               for core in range(cores)]
+    shares = [rows[a:b] for a, b in batch_bounds([r["n"] for r in rows], cores)]
+    workers = [spawn.Process(target=_raw_worker, args=(model, rcfg, stop, share, core, ready, results))
+               for core, share in enumerate(shares)]
     # A spawned process starts with this process's environment: give it the pool engines' own.
     with mock.patch.dict(os.environ, cpu_engine_env()):
         for w in workers:
@@ -119,7 +124,7 @@ def raw(model: str, rcfg, stop: tuple[str, ...], rows: list[dict], cores: int) -
         w.join()
     tokens, longest = sum(t for t, _ in done), max(s for _, s in done)
     return {"processes": cores, "tokens": tokens, "generate_s": round(longest, 1),
-            "steady_tok_s": round(tokens / longest, 1)}
+            "steady_tok_s": round(tokens / longest, 1), "shares": [{"tokens": t, "generate_s": round(s, 1)} for t, s in done]}
 
 
 def _raw_worker(model, rcfg, stop, rows, core, ready, results) -> None:
