@@ -98,8 +98,9 @@ def request_dataset(rows: list[dict], cfg: RolloutConfig):
     import ray
 
     samples = [r.get("n", 1) for r in rows]
-    table = pa.Table.from_pylist(rows)
-    return ray.data.from_arrow([table.slice(start, end - start) for start, end in
+    schema = pa.Table.from_pylist(rows).schema  # one schema for all: a column may be all-null in one batch
+    # Each batch built on its own: a pickled slice of one table can carry the whole table's buffers.
+    return ray.data.from_arrow([pa.Table.from_pylist(rows[start:end], schema=schema) for start, end in
                                 batch_bounds(samples, batch_count(samples, cfg.num_actors, cfg.batch_size))])
 
 
