@@ -44,7 +44,8 @@ def engine_cores(since: float) -> list[psutil.Process]:
     """vLLM engine-core processes of this test session: descendants of pytest, or orphans (parent init) started
     after `since` (an engine whose Ray actor was killed is re-parented). Other runs' engines on the machine are not."""
     me = psutil.Process()
-    candidates = me.children(recursive=True) + [p for p in psutil.process_iter() if p.ppid() == 1]
+    # process_iter with attrs skips processes that end while it reads them; a bare p.ppid() raised NoSuchProcess.
+    candidates = me.children(recursive=True) + [p for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == 1]
     found = []
     for p in candidates:
         try:
