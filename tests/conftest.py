@@ -40,8 +40,12 @@ def llm(bundled_model):
     engine.llm_engine.engine_core.shutdown()
 
 
-def engine_cores(since: float) -> list[psutil.Process]:
-    """vLLM engine-core processes of this test session: descendants of pytest, or orphans (parent init) started
+# vLLM's engine-core processes, and the rollout pool's actors, whose engines run in their own process on CPU.
+ENGINE_PROCESSES = ("VLLM::EngineCore", "ray::MapWorker(MapBatches(VLLMGenerator")
+
+
+def engine_processes(since: float) -> list[psutil.Process]:
+    """vLLM engine processes of this test session: descendants of pytest, or orphans (parent init) started
     after `since` (an engine whose Ray actor was killed is re-parented). Other runs' engines on the machine are not."""
     me = psutil.Process()
     # process_iter with attrs skips processes that end while it reads them; a bare p.ppid() raised NoSuchProcess.
@@ -49,7 +53,7 @@ def engine_cores(since: float) -> list[psutil.Process]:
     found = []
     for p in candidates:
         try:
-            if " ".join(p.cmdline()).startswith("VLLM::EngineCore") and (p.ppid() != 1 or p.create_time() >= since):
+            if " ".join(p.cmdline()).startswith(ENGINE_PROCESSES) and (p.ppid() != 1 or p.create_time() >= since):
                 found.append(p)
         except psutil.Error:  # it ended while we looked
             pass
@@ -60,10 +64,10 @@ def engine_cores(since: float) -> list[psutil.Process]:
 def no_engine_outlives_its_module():
     """Every vLLM engine a test module starts is gone (waited for up to a minute) once the module ends."""
     started = time.time()
-    before = {p.pid for p in engine_cores(started)}
+    before = {p.pid for p in engine_processes(started)}
     yield
     deadline = time.monotonic() + 60
-    while (left := [p for p in engine_cores(started) if p.pid not in before]) and time.monotonic() < deadline:
+    while (left := [p for p in engine_processes(started) if p.pid not in before]) and time.monotonic() < deadline:
         time.sleep(1)
     for p in left:
         p.kill()  # so that later modules run on a clean machine

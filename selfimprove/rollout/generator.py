@@ -109,7 +109,7 @@ class VLLMGenerator(_Generator):
         cores = None
         if on_cpu() and cores_per_actor:
             cores, self._slot_lock = claim_cores(cores_per_actor)
-        self.llm = build_llm(model, cfg, cpu_cores=cores)
+        self.llm = build_llm(model, cfg, cpu_cores=cores, in_process=cores is not None)
         self.tokenizer = self.llm.get_tokenizer()
         if startups:
             from selfimprove.io import write_atomic

@@ -44,3 +44,25 @@ def test_cpu_engines_preload_tcmalloc_by_name_where_this_machine_has_it(monkeypa
     assert cpu_engine_env() == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
     found.clear()
     assert cpu_engine_env() == {}
+
+
+def test_an_in_process_engine_binds_every_thread_of_its_process_to_its_cores():
+    """In a process of its own (the binding is process-wide): a thread started before the binding, one started
+    after, and torch's thread count all follow the cores given."""
+    import subprocess
+    import sys
+
+    script = """
+import os, threading
+from selfimprove.rollout.engine import bind_process
+import torch
+stop = threading.Event()
+before = threading.Thread(target=stop.wait); before.start()
+bind_process("0")
+after = threading.Thread(target=stop.wait); after.start()
+print(sorted({frozenset(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}, key=sorted),
+      torch.get_num_threads())
+stop.set()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "[frozenset({0})] 1"
