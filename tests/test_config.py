@@ -177,3 +177,13 @@ def test_knob_combinations_of_a_config_built_in_code_are_checked_too():
     with pytest.raises(UserError, match=r"^config: train.batch_size=6 must be a multiple"):
         check(Config(train=TrainConfig(batch_size=6, micro_batch_size=2, num_workers=2)))
     assert load_config(None, ["iterations=2", "rollout.temperature_schedule=[0.8, 1.0, 1.2]"]).iterations == 2
+
+
+@pytest.mark.parametrize("name", ["local-sipf.yaml", "local-self-refine.yaml", "local-sgft.yaml"])
+def test_recipe_configs_keep_the_settings_their_figures_were_measured_with(name):
+    """Full fine-tuning at lr 2e-5 and 8 samples per problem, through local-full-ft.yaml, while local.yaml trains
+    a LoRA adapter on 6."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(configs / name)
+    assert (cfg.train.lora, cfg.train.lr, cfg.rollout.n) == (False, 2e-5, 8)
+    assert cfg.run_dir == f"runs/{name.removesuffix('.yaml')}"
