@@ -314,6 +314,25 @@ def sequence_logps(model, batch, device):
 # On each Ray Train worker.
 
 
+def init_distributed(use_gpu: bool) -> None:
+    """DeepSpeed's communication on the process group Ray Train set up.
+
+    On CPU DeepSpeed would first JIT-compile a shared-memory all-reduce: 25-30 s of a 2-core box's training stage,
+    again for each venv (the build's hash holds its source paths), for an op only its inference tensor parallelism
+    calls. Training reduces through torch.distributed, so the op is not built.
+    """
+    import importlib
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if not use_gpu:
+        # By module path: the attribute deepspeed.comm.torch is the torch package, not this module.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: DeepSpeed set-up, reference pass, training loop, save."""
     import deepspeed
@@ -330,13 +349,13 @@ def train_worker(config: dict) -> None:
     tc = dataclasses.replace(tc, precision=concrete("train.precision", tc.precision))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # DeepSpeed JIT-builds a shared-memory comm op on CPU (~1 min): build it once per machine.
+    # Ops DeepSpeed JIT-builds (its CPU Adam, with offload) are built once per machine and venv.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / "torch_extensions"))
     if not config["use_gpu"]:
         torch.set_num_threads(config["cores"])
     torch.manual_seed(tc.seed)
     device = get_device()
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts Ray Train's process group
+    init_distributed(config["use_gpu"])
     ds_config = deepspeed_config(tc, world, config["use_gpu"])
     model, zero3_loading = _load_model(config["model"], tc, ds_config)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config,

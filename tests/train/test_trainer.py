@@ -345,3 +345,26 @@ def test_checkpoint_storage_is_absolute_for_a_relative_run_dir(tmp_path, monkeyp
     assert (tmp_path / "runs" / "local" / "iter_1" / "train.ray" / ".selfimprove").is_file()
     assert checkpoint_storage(TrainConfig(storage_path="ckpt"), Path("o"), None) == str(tmp_path / "ckpt")
     assert checkpoint_storage(TrainConfig(storage_path="s3://bucket/ckpt"), Path("o"), None) == "s3://bucket/ckpt"
+
+
+def test_cpu_workers_reduce_through_torch_without_building_deepspeeds_shm_op(tmp_path):
+    """One gloo process (loopback): DeepSpeed's all-reduce works, and nothing was JIT-built into the extensions
+    folder (DeepSpeed alone would compile its shared-memory op there first)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        from selfimprove.train.trainer import init_distributed
+        init_distributed(use_gpu=False)
+        import deepspeed.comm
+        t = torch.tensor([3.0])
+        deepspeed.comm.all_reduce(t)
+        print(t.item(), sorted(os.listdir(os.environ["TORCH_EXTENSIONS_DIR"])))
+    """)
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "3.0 []"
