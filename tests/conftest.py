@@ -6,7 +6,7 @@ import time
 import psutil
 import pytest
 import yaml
-from processes import TINY_RUN
+from processes import POOL_ACTOR, TINY_RUN
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,7 +41,7 @@ def llm(bundled_model):
 
 
 # vLLM's engine-core processes, and the rollout pool's actors, whose engines run in their own process on CPU.
-ENGINE_PROCESSES = ("VLLM::EngineCore", "ray::MapWorker(MapBatches(VLLMGenerator")
+ENGINE_PROCESSES = ("VLLM::EngineCore", POOL_ACTOR)
 
 
 def engine_processes(since: float) -> list[psutil.Process]:

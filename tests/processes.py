@@ -60,6 +60,10 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+# A rollout pool actor's process; on CPU its vLLM engine runs in it.
+POOL_ACTOR = "ray::MapWorker(MapBatches(VLLMGenerator"
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct ports on 127.0.0.1 that nothing listens on now: bound together, read, closed again."""
     socks = [socket.socket() for _ in range(n)]

@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 import yaml
-from processes import alive, checkpoint_registered, named, start
+from processes import POOL_ACTOR, alive, checkpoint_registered, named, start
 from test_tracking import scalars
 
 
@@ -72,8 +72,7 @@ def test_sigterm_while_an_engine_runs(tmp_path, tiny_config, bundled_model):
     """SIGTERM once the first stage's vLLM engine runs: stopped as during training, the engine processes too."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = start(tiny_config, run_dir, log)
-    pool = "ray::MapWorker(MapBatches(VLLMGenerator"  # on CPU each engine runs in its actor's process
-    interrupt_when(proc, log, run_dir, lambda: named(pool, proc.pid), pool)
+    interrupt_when(proc, log, run_dir, lambda: named(POOL_ACTOR, proc.pid), POOL_ACTOR)
     assert not (run_dir / "iter_0" / "eval" / "_SUCCESS").exists()
 
 

@@ -332,7 +332,6 @@ def init_distributed(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
-
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: DeepSpeed set-up, reference pass, training loop, save."""
     import deepspeed

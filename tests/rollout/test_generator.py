@@ -1,6 +1,8 @@
 """The generators' host-side helpers that need no engine: the private folder of the CPU-slot locks."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -49,9 +51,6 @@ def test_cpu_engines_preload_tcmalloc_by_name_where_this_machine_has_it(monkeypa
 def test_an_in_process_engine_binds_every_thread_of_its_process_to_its_cores():
     """In a process of its own (the binding is process-wide): a thread started before the binding, one started
     after, and torch's thread count all follow the cores given."""
-    import subprocess
-    import sys
-
     script = """
 import os, threading
 from selfimprove.rollout.engine import bind_process

@@ -350,11 +350,8 @@ def test_checkpoint_storage_is_absolute_for_a_relative_run_dir(tmp_path, monkeyp
 def test_cpu_workers_reduce_through_torch_without_building_deepspeeds_shm_op(tmp_path):
     """One gloo process (loopback): DeepSpeed's all-reduce works, and nothing was JIT-built into the extensions
     folder (DeepSpeed alone would compile its shared-memory op there first)."""
-    import socket
+    from processes import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = textwrap.dedent("""
         import os, torch, torch.distributed as dist
         dist.init_process_group("gloo", rank=0, world_size=1)
@@ -365,6 +362,7 @@ def test_cpu_workers_reduce_through_torch_without_building_deepspeeds_shm_op(tmp
         deepspeed.comm.all_reduce(t)
         print(t.item(), sorted(os.listdir(os.environ["TORCH_EXTENSIONS_DIR"])))
     """)
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[-1] == "3.0 []"
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "3.0 []"
