@@ -20,11 +20,14 @@ shipped `rollout.batch_size` (64 prompts: 64 problems make one batch of 32 per e
    large enough that its mean (`tokens_per_sample`, printed for both) is the pool's. At n=8 and 128 tokens the
    first 4 problems' samples average 76 tokens against the 64 problems' 59, and the four runs of 4 problems gave
    HF 57.9, 51.3, 35.0 and 43.2 tok/s in the same 42 s each (issue 18): the default 16 averages 60.
-5. Pool shapes: one actor on all cores, and one actor per core.
+5. Pool shapes: one actor on all cores (once), and one actor per core, run in `--rounds` rounds, each the pool
+   then raw vLLM, so that each round's ratio compares two runs a minute apart: on our 2-core box either one's
+   speed moved by up to 8% between runs minutes apart (issue 18), more than the pool trails raw by.
 
-Usage: python benchmarks/rollout.py [--problems 64] [--hf-problems 16] [--n 8] [--max-tokens 128]
-Prints `pool_vs_raw=<steady pool tokens/s (one actor per core) / raw steady tokens/s>`; the last line is
-`rollout_speedup_vs_hf=<steady-state pool tokens/s / HF tokens/s>`.
+Usage: python benchmarks/rollout.py [--problems 64] [--hf-problems 16] [--n 8] [--max-tokens 128] [--rounds 3]
+Prints `pool_vs_raw=<median over rounds of steady pool tokens/s (one actor per core) / raw steady tokens/s>`;
+the last line is `rollout_speedup_vs_hf=<steady-state pool tokens/s (best shape; the per-core one's median over
+rounds) / HF tokens/s>`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,16 +49,14 @@ def main() -> None:
     ap.add_argument("--hf-problems", type=int, default=16)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-    import ray
 
     from selfimprove.config import Config
     from selfimprove.models import resolve_model
     from selfimprove.rollout.generator import HFGenerator
-    from selfimprove.rollout.stage import STARTUPS, request_rows, rollout
-    from selfimprove.runtime import init_ray
+    from selfimprove.rollout.stage import request_rows
     from selfimprove.tasks import build_task
 
     cfg = Config()
@@ -63,29 +65,17 @@ def main() -> None:
     problems = task.load("test")[: args.problems]
     model = resolve_model(cfg.model)
     rows = request_rows(task, problems, {"sample": (args.n, cfg.rollout.temperature)}, cfg.rollout.seed)
-    init_ray()
     cores = os.cpu_count() or 1
     results = {}
 
-    for actors in sorted({1, cores}):
-        rcfg = dataclasses.replace(cfg.rollout, num_actors=actors)
-        with tempfile.TemporaryDirectory() as tmp:
-            began = time.time()
-            table = rollout(model, rcfg, task, rows, Path(tmp) / "samples")
-            ended = time.time()
-            ready = max(json.loads(f.read_text())["ready"] for f in (Path(tmp) / STARTUPS).glob("*.json"))
-        tokens, shape = sum(table.column("completion_tokens").to_pylist()), f"vllm_pool_{actors}x{cores // actors}cpu"
-        results[shape] = {
-            "startup_s": round(ready - began, 1), "total_s": round(ended - began, 1), "tokens": tokens,
-            "end_to_end_tok_s": round(tokens / (ended - began), 1),
-            "steady_tok_s": round(tokens / (ended - ready), 1),
-            "tokens_per_sample": round(tokens / (len(rows) * args.n), 1),
-        }
-        print(json.dumps({shape: results[shape]}), flush=True)
-    ray.shutdown()
-
-    results["raw_vllm"] = raw(model, cfg.rollout, task.stop, rows, cores)
-    print(json.dumps({"raw_vllm": results["raw_vllm"]}), flush=True)
+    if cores > 1:
+        results[f"vllm_pool_1x{cores}cpu"] = report(f"vllm_pool_1x{cores}cpu", pool(model, cfg.rollout, task, rows, 1))
+    rounds = []
+    for i in range(args.rounds):
+        rounds.append({"pool": report(f"vllm_pool_{cores}x1cpu round {i + 1}", pool(model, cfg.rollout, task, rows, cores)),
+                       "raw": report(f"raw_vllm round {i + 1}", raw(model, cfg.rollout, task.stop, rows, cores))})
+    ratios = [r["pool"]["steady_tok_s"] / r["raw"]["steady_tok_s"] for r in rounds]
+    results[f"vllm_pool_{cores}x1cpu"] = {"steady_tok_s": statistics.median(r["pool"]["steady_tok_s"] for r in rounds)}
 
     start = time.perf_counter()
     hf = HFGenerator(model, cfg.rollout, task.stop)
@@ -96,17 +86,43 @@ def main() -> None:
     out = hf(batch)
     hf_total = time.perf_counter() - start
     hf_tokens = sum(out["completion_tokens"])
-    results["hf_generate"] = {"startup_s": round(hf_startup, 1), "total_s": round(hf_total, 1),
-                              "tokens": hf_tokens, "steady_tok_s": round(hf_tokens / hf_total, 1),
-                              "tokens_per_sample": round(hf_tokens / (len(hf_rows) * args.n), 1)}
-    print(json.dumps({"hf_generate": results["hf_generate"]}), flush=True)
+    hf_tok_s = report("hf_generate", {"startup_s": round(hf_startup, 1), "total_s": round(hf_total, 1), "tokens": hf_tokens,
+                                      "steady_tok_s": round(hf_tokens / hf_total, 1),
+                                      "tokens_per_sample": round(hf_tokens / sum(r["n"] for r in hf_rows), 1)})["steady_tok_s"]
 
-    best = max((v for k, v in results.items() if k.startswith("vllm")), key=lambda v: v["steady_tok_s"])
-    print(f"problems={args.problems} n={args.n} max_tokens={args.max_tokens} hf_problems={args.hf_problems}")
-    per_core = results[f"vllm_pool_{cores}x1cpu"]
-    print(f"pool_vs_raw={per_core['steady_tok_s'] / results['raw_vllm']['steady_tok_s']:.2f}")
-    print(f"best pool end-to-end speedup (start-up included): {best['end_to_end_tok_s'] / results['hf_generate']['steady_tok_s']:.2f}")
-    print(f"rollout_speedup_vs_hf={best['steady_tok_s'] / results['hf_generate']['steady_tok_s']:.2f}")
+    best = max(v["steady_tok_s"] for v in results.values())
+    print(f"problems={args.problems} n={args.n} max_tokens={args.max_tokens} hf_problems={args.hf_problems} rounds={args.rounds}")
+    print(f"pool_vs_raw per round: {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"pool end-to-end speedup (one actor per core, start-up included, median over rounds): "
+          f"{statistics.median(r['pool']['end_to_end_tok_s'] for r in rounds) / hf_tok_s:.2f}")
+    print(f"pool_vs_raw={statistics.median(ratios):.2f}")
+    print(f"rollout_speedup_vs_hf={best / hf_tok_s:.2f}")
+
+
+def report(name: str, figures: dict) -> dict:
+    print(json.dumps({name: figures}), flush=True)
+    return figures
+
+
+def pool(model: str, rcfg, task, rows: list[dict], actors: int) -> dict:
+    """The whole `rollout` stage on `rows` with `actors` engines, on a Ray of its own (shut down after, so that
+    raw vLLM runs beside no idle Ray)."""
+    import ray
+
+    from selfimprove.rollout.stage import STARTUPS, rollout
+    from selfimprove.runtime import init_ray
+
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.time()
+        table = rollout(model, dataclasses.replace(rcfg, num_actors=actors), task, rows, Path(tmp) / "samples")
+        ended = time.time()
+        ready = max(json.loads(f.read_text())["ready"] for f in (Path(tmp) / STARTUPS).glob("*.json"))
+    ray.shutdown()
+    tokens = sum(table.column("completion_tokens").to_pylist())
+    return {"startup_s": round(ready - began, 1), "total_s": round(ended - began, 1), "tokens": tokens,
+            "end_to_end_tok_s": round(tokens / (ended - began), 1), "steady_tok_s": round(tokens / (ended - ready), 1),
+            "tokens_per_sample": round(tokens / sum(r["n"] for r in rows), 1)}
 
 
 def raw(model: str, rcfg, stop: tuple[str, ...], rows: list[dict], cores: int) -> dict:
