@@ -21,8 +21,8 @@ shipped `rollout.batch_size` (64 prompts: 64 problems make one batch of 32 per e
    first 4 problems' samples average 76 tokens against the 64 problems' 59, and the four runs of 4 problems gave
    HF 57.9, 51.3, 35.0 and 43.2 tok/s in the same 42 s each (issue 18): the default 16 averages 60.
 5. Pool shapes: one actor on all cores (once), and one actor per core, run in `--rounds` rounds, each the pool
-   then raw vLLM, so that each round's ratio compares two runs a minute apart: on our 2-core box either one's
-   speed moved by up to 8% between runs minutes apart (issue 18), more than the pool trails raw by.
+   then raw vLLM, so that each round's ratio compares two runs a minute apart: on our 2-core box the pool's
+   speed moved by up to 14% and raw's by 13% between runs minutes apart (issue 18), more than the pool trails raw by.
 
 Usage: python benchmarks/rollout.py [--problems 64] [--hf-problems 16] [--n 8] [--max-tokens 128] [--rounds 3]
 Prints `pool_vs_raw=<median over rounds of steady pool tokens/s (one actor per core) / raw steady tokens/s>`;
