@@ -45,11 +45,11 @@ from unittest import mock
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--problems", type=int, default=64)
-    ap.add_argument("--hf-problems", type=int, default=16)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--problems", type=positive, default=64)
+    ap.add_argument("--hf-problems", type=positive, default=16)
+    ap.add_argument("--n", type=positive, default=8)
+    ap.add_argument("--max-tokens", type=positive, default=128)
+    ap.add_argument("--rounds", type=positive, default=3)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -97,6 +97,12 @@ def main() -> None:
           f"{statistics.median(r['pool']['end_to_end_tok_s'] for r in rounds) / hf_tok_s:.2f}")
     print(f"pool_vs_raw={statistics.median(ratios):.2f}")
     print(f"rollout_speedup_vs_hf={best / hf_tok_s:.2f}")
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def report(name: str, figures: dict) -> dict:
