@@ -44,6 +44,9 @@ from selfimprove.config import SandboxConfig
 from selfimprove.errors import UserError, first_line
 
 STATUSES = ("passed", "failed", "timeout", "memory", "crashed", "sandbox_error")
+# "value": the program's process returned plain values and the judge compared them; "in_process": the tests ran in
+# the program's own process (tests that use the program's classes, or pass it more than plain data).
+JUDGED = ("value", "in_process")
 ZYGOTE = (Path(__file__).parent / "sandbox_zygote.py").read_text()
 WORKDIR = "/sandbox"  # inside bwrap: the tmpfs that holds each program's own folder
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # all a program's environment has, with HOME and TMPDIR
@@ -60,6 +63,7 @@ class Verdict:
     detail: str = ""  # which test failed, what was raised, which limit was hit
     output: str = ""  # the start of what the program printed
     seconds: float = 0.0
+    judged: str = "in_process"  # one of JUDGED: where the tests' outcome was decided
 
     @property
     def passed(self) -> bool:
