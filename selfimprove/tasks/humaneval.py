@@ -20,7 +20,6 @@ from selfimprove.tasks.code import CodeTask, fenced
 
 
 def to_row(raw: dict) -> dict:
-    """A task row from a raw HumanEval row; ValueError if its prompt does not parse."""
     prompt, entry = raw["prompt"], raw["entry_point"]
     program = prompt + raw["canonical_solution"]
     return {"question": f"Complete this Python function:\n```python\n{prompt.strip()}\n```",
@@ -31,9 +30,14 @@ def to_row(raw: dict) -> dict:
 
 def without_function(source: str, name: str) -> str:
     """`source` less the top-level definition of `name`: the prompt's imports and helpers (e.g. the `poly` that
-    HumanEval/32's test calls), which the tests get from the prompt, not from the program."""
+    HumanEval/32's test calls), which the tests get from the prompt, not from the program. A prompt that does not
+    parse alone (a signature with no docstring) gives its import lines."""
     lines = source.splitlines(keepends=True)
-    for node in ast.parse(source).body:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return "".join(line for line in lines if line.startswith(("import ", "from ")))
+    for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             del lines[start - 1:node.end_lineno]
@@ -64,6 +68,6 @@ class HumanEval(CodeTask):
                 try:
                     raw = json.loads(line)
                     rows.append(to_row(raw))
-                except (ValueError, KeyError, TypeError, SyntaxError) as e:
+                except (ValueError, KeyError, TypeError) as e:
                     raise UserError(f"{path}:{number}: not a HumanEval row ({type(e).__name__}: {e})") from None
         return rows
