@@ -98,7 +98,7 @@ def run_tests(program: str, tests: list[str], cfg: SandboxConfig, setup: str = "
         result = zygote.judge(job, 2 * cfg.timeout + ZYGOTE_GRACE)  # a by-value job may be run again in process
         if result is None:
             del _ZYGOTES[key]
-            verdict = zygote.failure()
+            verdict = dataclasses.replace(zygote.failure(), judged="value" if by_value else "in_process")
             zygote.close()
     if result is not None:
         verdict = Verdict(result["status"], result["detail"], result["output"][:SHOWN_OUTPUT], judged=result["judged"])
@@ -231,8 +231,10 @@ def _prefix(kind: str, file_mb: int, seccomp: int | None) -> list[str]:
             "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
         # Every writable place is a tmpfs of `file_mb` MiB: the programs' folders and /dev/shm. The rest of /dev
         # and bwrap's own root are made read-only last, once everything is mounted on them.
-        return ["bwrap", *spaces, "--die-with-parent", "--new-session", *_system_binds(), "--proc", "/proc",
-                "--dev", "/dev", "--size", str(file_mb << 20), "--tmpfs", "/dev/shm", "--perms", "0711",
+        # The zygote is the namespace's first process (`--as-pid-1`): bwrap's own first process would hold our
+        # job and verdict pipes, and without root it shares the programs' uid and is dumpable.
+        return ["bwrap", *spaces, "--as-pid-1", "--die-with-parent", "--new-session", *_system_binds(), "--proc", "/proc",
+                "--dev", "/dev", "--perms", "1777", "--size", str(file_mb << 20), "--tmpfs", "/dev/shm", "--perms", "0711",
                 "--size", str(file_mb << 20), "--tmpfs", WORKDIR, "--remount-ro", "/dev", "--remount-ro", "/",
                 *(["--seccomp", str(seccomp)] if root else []), "--"]
     if kind == "unshare":

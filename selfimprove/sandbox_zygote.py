@@ -29,6 +29,7 @@ Stdlib only, and nothing imported from the project: the project's files are not 
 """
 
 import _signal
+import ast
 import builtins
 import ctypes
 import json
@@ -341,12 +342,16 @@ def program_process(part: dict, calls: int, replies: int, out: int) -> None:
 
 def _reply(message: list) -> None:
     """Send `message` to the test process, what the program printed first: it is killed, not ended, at the end."""
+    _flush()
+    write_message(REPLIES, message)
+
+
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # the program closed it
             pass
-    write_message(REPLIES, message)
 
 
 def _described(e: BaseException) -> tuple[str, str]:
@@ -517,24 +522,56 @@ def in_process(job: dict, workdir: str, own_pids: bool, keep: set[int]) -> dict:
     return {"status": status[0], "detail": status[1], "judged": "in_process", "output": _text(output)}
 
 
+EQUAL = "__plain_equal__"  # the name asserts against a literal call in process
+
+
+def plain_equal(value, expected) -> bool:
+    """`value == expected` as plain data: False, without calling anything of `value`'s, if it is not plain data."""
+    try:
+        return unplain(plain(value)) == expected
+    except NotPlain:
+        return False
+
+
+def _asserting_plainly(test: str):
+    """`test` compiled with each `assert <expr> == <literal>` (either side) made `assert __plain_equal__(...)`."""
+    tree = ast.parse(test)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+                and isinstance(node.test.ops[0], ast.Eq)):
+            sides = [node.test.left, node.test.comparators[0]]
+            for i, side in enumerate(sides):
+                try:
+                    ast.literal_eval(side)
+                except ValueError:
+                    continue
+                node.test = ast.Call(ast.Name(EQUAL, ast.Load()), [sides[1 - i], side], [])
+                break
+    return compile(ast.fix_missing_locations(tree), "<test>", "exec")
+
+
 def harness(program: str, tests: list[str]) -> None:
     """In the program's process: the program, then each test; a failure is reported as such, a pass with the
     token read after the last test."""
-    run, build, read, write, exit_now = exec, compile, os.read, os.write, os._exit
+    run, build, read, write, exit_now, equal = exec, compile, os.read, os.write, os._exit, plain_equal
     unhook = (sys.settrace, sys.setprofile, getattr(sys, "monitoring", None))
     scope, step, pid = {"__name__": "__main__"}, "the program", os.getpid()
     try:
         run(build(program, "<program>", "exec"), scope)
         if os.getpid() != pid:  # a fork of the program's process that ran on
             exit_now(0)
+        compiled = [_asserting_plainly(test) for test in tests]  # before a program's object can be called
         for i, test in enumerate(tests):
             step = f"test {i + 1}: {test.strip()[:200]}"
             _unhooked(*unhook)
-            run(build(test, f"<test {i + 1}>", "exec"), scope)
+            scope[EQUAL] = equal
+            run(compiled[i], scope)
     except BaseException as e:  # noqa: BLE001 -- any error of the program's is its verdict, not ours
         status, detail = _outcome(e, step)
+        _flush()
         write(REPORT, json.dumps({"status": status, "detail": detail}).encode())
     else:
+        _flush()
         write(REPORT, read(TOKEN, 64) + b" passed")
     # Not a normal exit: the program's atexit hooks and threads must not run after its verdict.
     exit_now(0)
@@ -611,7 +648,7 @@ def sweep(uid: int | None, pid: int, own_pids: bool, keep: set[int]) -> None:
         _kill_group(pid)
         return
     until = time.monotonic() + 2
-    while (left := _left(uid, keep)) and time.monotonic() < until:
+    while _reaped() and (left := _left(uid, keep)) and time.monotonic() < until:
         if uid is None:  # nothing in this namespace is the host's
             for other in left:
                 try:
@@ -629,6 +666,17 @@ def sweep(uid: int | None, pid: int, own_pids: bool, keep: set[int]) -> None:
                     os._exit(0)
             os.waitpid(helper, 0)
         time.sleep(0.001)
+
+
+def _reaped() -> bool:
+    """Reap what has ended among our children, which, as the namespace's first process, include every orphan;
+    True."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    return True
 
 
 def _left(uid: int | None, keep: set[int]) -> list[int]:
