@@ -10,12 +10,16 @@
    "ys"), ...)`) gets past it, and an honest one may carry a flag (a `__eq__` on a point class). A flag is evidence
    for a human reading samples; the verdict is decided elsewhere (the sandbox, and `task.sandbox.flagged`, which
    counts flagged passes or fails them).
+4. `pass_counts` counts, over verified samples, the passes and the passes that carry a flag: what a rollout's
+   `stats.json` and an eval's `metrics.json` report.
 """
 
 from __future__ import annotations
 
 import ast
 import posixpath
+
+from selfimprove.sandbox import JUDGED
 
 FLAGS = (
     "builtins",  # imports builtins, names __builtins__ or writes into it: a rebound `len` or `print` fools the tests
@@ -78,6 +82,17 @@ def flags(program: str) -> list[str]:
     for node in ast.walk(tree):
         found.update(_node_flags(node, names))
     return sorted(found)
+
+
+def pass_counts(samples: list[dict]) -> dict:
+    """Over verified sample rows: how many there are, pass, and pass carrying a flag; the flagged share of the passes
+    (0.0 when none pass); and how many programs' tests were decided each way (`sandbox.JUDGED`). Rows written before
+    the monitor (no `flags` or `judged`) count as unflagged and unjudged."""
+    passed = [s for s in samples if s["correct"]]
+    flagged = sum(bool(s.get("flags")) for s in passed)
+    return {"samples": len(samples), "passed": len(passed), "flagged_passes": flagged,
+            "flagged_pass_share": flagged / len(passed) if passed else 0.0,
+            "judged": {way: sum(s.get("judged") == way for s in samples) for way in JUDGED}}
 
 
 def _bindings(tree: ast.AST) -> tuple[dict[str, str], set[str]]:

@@ -71,3 +71,21 @@ def test_clean_programs_give_no_flags():
 @pytest.mark.parametrize("text", ["", "def f(:\n", "The answer is 5.", "\x00", "-" * 100_000 + "1"])
 def test_text_that_does_not_parse_gives_no_flags(text):
     assert flags(text) == []
+
+
+def test_pass_counts_count_the_flagged_share_of_passes_and_how_tests_were_decided():
+    """Four passes, two of them flagged: share 2/4. Five programs ran (the sixth sample had none), three judged by
+    value. A flagged failure is not a flagged pass."""
+    from selfimprove.monitor import pass_counts
+
+    def s(correct, flags, judged):
+        return {"correct": correct, "flags": flags, "judged": judged}
+
+    samples = [s(True, ["frame"], "value"), s(True, [], "in_process"), s(True, [], "value"),
+               s(True, ["exit", "gc"], "value"), s(False, ["exit"], "in_process"), s(False, [], None)]
+    assert pass_counts(samples) == {"samples": 6, "passed": 4, "flagged_passes": 2, "flagged_pass_share": 0.5,
+                                    "judged": {"value": 3, "in_process": 2}}
+    # None pass: a share of 0.0, not a division by zero; rows written before the monitor count as unflagged.
+    assert pass_counts([s(False, ["gc"], "value")])["flagged_pass_share"] == 0.0
+    assert pass_counts([{"correct": True}]) == {"samples": 1, "passed": 1, "flagged_passes": 0,
+                                                "flagged_pass_share": 0.0, "judged": {"value": 0, "in_process": 0}}
