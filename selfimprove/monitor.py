@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import posixpath
+import warnings
 
 from selfimprove.sandbox import JUDGED
 
@@ -74,7 +75,9 @@ def flags(program: str) -> list[str]:
     """The sorted, unique names of `FLAGS` the program's constructs raise; [] for text that does not parse.
     Pure and total: any string in, never an exception."""
     try:
-        tree = ast.parse(program)
+        with warnings.catch_warnings():  # a model's "\d" would print a SyntaxWarning (Python 3.12+) per sample
+            warnings.simplefilter("ignore")
+            tree = ast.parse(program)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return []
     names = _Names(*_bindings(tree))

@@ -73,6 +73,10 @@ def test_text_that_does_not_parse_gives_no_flags(text):
     assert flags(text) == []
 
 
+def test_parsing_a_program_prints_no_warning(recwarn):
+    assert flags('import re\npattern = re.compile("\\d+")\n') == [] and not recwarn.list
+
+
 def test_pass_counts_count_the_flagged_share_of_passes_and_how_tests_were_decided():
     """Four passes, two of them flagged: share 2/4. Five programs ran (the sixth sample had none), three judged by
     value. A flagged failure is not a flagged pass."""
