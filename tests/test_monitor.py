@@ -37,9 +37,11 @@ CLEAN = "def count_long(words, n):\n    return sum(1 for word in words if len(wo
     ("outside_folder", "open('/tmp/x', 'w')", "open('out.txt', 'w')"),
     ("outside_folder", "open('a/../../x')", "open('a/../x')"),
     ("outside_folder", "open(f'/proc/{pid}/mem', 'rb')", "open(f'{pid}.txt')"),
-    ("outside_folder", "from pathlib import Path\nPath('/dev') / 'null'", "from pathlib import Path\nPath('out') / 'x'"),
+    ("outside_folder", "from pathlib import Path\nPath('/dev') / 'null'",
+     "from pathlib import Path\nPath('out') / 'x'"),
     ("outside_folder", "import shutil\nshutil.rmtree('..')", "import shutil\nshutil.rmtree('build')"),
-    ("outside_folder", "import os\nos.remove(os.path.join('..', name))", "import os\nos.remove(os.path.join('a', name))"),
+    ("outside_folder", "import os\nos.remove(os.path.join('..', name))",
+     "import os\nos.remove(os.path.join('a', name))"),
 ])
 def test_each_flag_is_raised_by_its_construct_and_not_by_a_close_honest_program(flag, raised, honest):
     assert flags(raised) == [flag]

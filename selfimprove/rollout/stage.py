@@ -9,8 +9,9 @@
    is free (see `batch_count`).
 3. `verify_batch` adds the extracted answer and the task's judgement of each sample against its whole problem
    row (a task may verify against tests or a label, not only a gold string): `correct`, and for a program its
-   verdict, where its tests were decided and the reward-hacking monitor's flags; then it drops that row. A light check (an answer compared) runs in the engine actor's own call; a task that runs programs
-   (`verify_cpus` > 0) gets a `map_batches` step of its own, with those cores.
+   verdict, where its tests were decided and the reward-hacking monitor's flags; then it drops that row. A light
+   check (an answer compared) runs in the engine actor's own call; a task that runs programs (`verify_cpus` > 0)
+   gets a `map_batches` step of its own, with those cores.
 4. The driver streams the samples into Parquet in a scratch folder that becomes `samples/` with `_SUCCESS`
    last. Why not Ray Data's own write, or a verify step for every task: each is a task that needs a worker
    process, and at a pool's end Ray started them only once the engines let go, 7 s here (issue 18).
@@ -81,13 +82,14 @@ def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarr
     texts, problems, status = batch["text"], batch.pop("problem"), batch["status"]
     batch["extracted"] = np.array([task.answer_key(t) if s == "ok" else None for t, s in zip(texts, status)],
                                   dtype=object)
-    judged = [task.judge(t, json.loads(p)) if s == "ok" else Judgement(False) for t, p, s in zip(texts, problems, status)]
-    batch["correct"] = np.array([j.correct for j in judged], dtype=bool)
-    batch["verdict"] = np.array([j.verdict for j in judged], dtype=object)
-    batch["judged"] = np.array([j.judged for j in judged], dtype=object)
+    judgements = [task.judge(t, json.loads(p)) if s == "ok" else Judgement(False)
+                  for t, p, s in zip(texts, problems, status)]
+    batch["correct"] = np.array([j.correct for j in judgements], dtype=bool)
+    batch["verdict"] = np.array([j.verdict for j in judgements], dtype=object)
+    batch["judged"] = np.array([j.judged for j in judgements], dtype=object)
     # Filled one by one: numpy makes equal-length lists (all empty, say) a 2-D array.
-    batch["flags"] = np.empty(len(judged), dtype=object)
-    for i, j in enumerate(judged):
+    batch["flags"] = np.empty(len(judgements), dtype=object)
+    for i, j in enumerate(judgements):
         batch["flags"][i] = list(j.flags)
     return batch
 

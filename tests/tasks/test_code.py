@@ -144,7 +144,7 @@ def test_humaneval_comes_with_its_package_and_a_body_alone_continues_the_prompt(
     assert first["tests"] == ["check(has_close_elements)"] and first["setup"].startswith("from typing import List\n")
     body = first["answer"][len(first["stub"]):]
     assert said(task.judge(f"```python\n{body}\n```", first)) == (True, "passed: all 1 tests passed")
-    assert task.judge("```python\ndef has_close_elements(numbers, threshold):\n    return True\n```", first).correct is False
+    assert not task.check("```python\ndef has_close_elements(numbers, threshold):\n    return True\n```", first)
     with pytest.raises(UserError, match="humaneval has a test split only"):
         task.load("train")
     data = tmp_path / "he.jsonl.gz"
