@@ -85,6 +85,8 @@ class SandboxConfig:
     processes: int = knob(16, "processes and threads a program may run at once", positive)
     output_kb: int = knob(256, "output a program may print, KiB; more ends it", positive)
     workers: int = knob(2, "verification tasks (each one core, one program at a time) running at once", positive)
+    flagged: str = knob("count", "a passing program the reward-hacking monitor flags (selfimprove/monitor.py): count "
+                        "it in stats.json, metrics.json and report.md, or fail it", one_of("count", "fail"))
 
 
 @dataclass

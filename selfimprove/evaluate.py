@@ -6,6 +6,8 @@
    winner; pass@k (any of the k verifies, the unbiased estimator) is reported beside it.
    Code tasks' programs do not vote: they get pass@k alone.
 3. Both passes go through one rollout, so one engine start serves both.
+4. For code tasks, over both passes' samples: the share of passes whose program the reward-hacking monitor flags
+   (`monitor.py`), and the share of programs whose tests were decided by comparing returned values.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from selfimprove.config import Config
 from selfimprove.errors import UserError
 from selfimprove.guidance import computed_numbers
 from selfimprove.io import write_atomic
+from selfimprove.monitor import pass_counts
 from selfimprove.overhead import share
 from selfimprove.rollout.stage import AHEAD, ahead_record, request_rows, rollout
 from selfimprove.tasks.base import Task
@@ -79,6 +82,16 @@ def aggregate(rows: list[dict], k: int, votes: bool = True) -> dict:
     return metrics
 
 
+def monitored(samples: list[dict]) -> dict:
+    """A code task's figures over its verified samples: `flagged_pass_share`, of the passes, those the monitor flags
+    (0.0 if none pass); `judged_by_value`, of the programs whose tests ran, those decided by comparing returned
+    values (0.0 if none ran)."""
+    counts = pass_counts(samples)
+    judged = sum(counts["judged"].values())
+    return {"flagged_pass_share": counts["flagged_pass_share"],
+            "judged_by_value": counts["judged"]["value"] / judged if judged else 0.0}
+
+
 def unanswered(problems: list[dict]) -> int:
     """How many problems come without an answer (rows of a question-only file)."""
     return sum(not p["answer"] for p in problems)
@@ -120,26 +133,31 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
         passes["sample"] = (cfg.eval.k, cfg.eval.temperature)
 
     def results(task: Task, problems: list[dict], samples: Path, ahead: list[dict] | None = None) -> list[dict]:
+        """The set's verified sample rows of `passes`."""
         if guide is None:
             rows = request_rows(task, problems, passes, cfg.rollout.seed)
             drawn = rollout(model, cfg.rollout, task, rows + (ahead or []), samples).to_pylist()
             if ahead:
                 write_atomic(samples.parent / AHEAD, ahead_record(model, ahead))
-            return problem_results([s for s in drawn if s["pass"] in passes])
+            return [s for s in drawn if s["pass"] in passes]
         from selfimprove.rollout.guided import Pool, guide_pool, guide_requests, guided_rollout
 
         rows = guide_requests(problems, 1, 0.0, cfg.rollout.seed)
-        solved = guided_rollout(task, rows, Pool(model, cfg.rollout), guide_pool(cfg, guide), passes,
-                                cfg.rollout.seed, samples, number_free=False).to_pylist()
-        return problem_results(solved, numbered=True)
+        return guided_rollout(task, rows, Pool(model, cfg.rollout), guide_pool(cfg, guide), passes,
+                              cfg.rollout.seed, samples, number_free=False).to_pylist()
 
-    rows = results(task, problems, out / "samples", ahead)
+    def scored(task: Task, samples: list[dict]) -> tuple[list[dict], dict]:
+        """(per-problem results, the set's figures) from its samples."""
+        rows = problem_results(samples, numbered=guide is not None)
+        return rows, {**aggregate(rows, cfg.eval.k, task.votes), **(monitored(samples) if task.isolation else {})}
+
+    rows, figures = scored(task, results(task, problems, out / "samples", ahead))
     metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
-               **({"guide": guide} if guide else {}), **aggregate(rows, cfg.eval.k, task.votes),
+               **({"guide": guide} if guide else {}), **figures,
                **({"sandbox": task.isolation} if task.isolation else {})}
     if extra:
-        metrics["extra"] = {set_name: aggregate(results(set_task, set_problems, out / "extra" / set_name / "samples"),
-                                                cfg.eval.k, set_task.votes)
+        metrics["extra"] = {set_name: scored(set_task, results(set_task, set_problems,
+                                                               out / "extra" / set_name / "samples"))[1]
                             for set_name, (set_task, set_problems) in extra.items()}
     write_atomic(out / "metrics.json", json.dumps({"metrics": metrics, "problems": rows}, indent=1))
     return metrics
@@ -159,6 +177,13 @@ def trained_on(row: dict) -> dict:
 def training_rows(stats: dict) -> int | str:
     """Rows the trainer got from a pairs stage's stats ('pairs' in runs made before 'rows' existed)."""
     return stats.get("rows", stats.get("pairs", ""))
+
+
+def flagged_passes(row: dict) -> str:
+    """A metrics row's flagged share of the eval's passes, and of its rollout's in brackets: "" where not counted."""
+    held_out, rollout = row.get("flagged_pass_share"), row.get("rollout", {}).get("flagged_pass_share")
+    return " ".join(([] if held_out is None else [f"{held_out:.1%}"])
+                    + ([] if rollout is None else [f"(rollout {rollout:.1%})"]))
 
 
 def write_report(run_dir: Path) -> Path:
@@ -193,18 +218,25 @@ def write_report(run_dir: Path) -> Path:
     write_atomic(run_dir / "accuracy.png", png.getvalue())
     plt.close(fig)
 
+    monitored = any("flagged_pass_share" in r for r in rows)  # a code run: programs were judged
     lines = [f"# Run report: {run_dir}", "", "![held-out accuracy per iteration](accuracy.png)", "",
-             "| iteration | " + " | ".join(keys) + " | training rows | problems dropped | seconds | fixed cost |",
-             "|---" * (len(keys) + 5) + "|"]
+             "| iteration | " + " | ".join(keys) + (" | flagged passes" if monitored else "")
+             + " | training rows | problems dropped | seconds | fixed cost |",
+             "|---" * (len(keys) + 5 + monitored) + "|"]
     for r in rows:
         p = trained_on(r)
         dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
         fixed = share(r)
         lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+                     + (f" | {flagged_passes(r)}" if monitored else "")
                      + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f}"
                      + f" | {'' if fixed is None else f'{fixed:.0%}'} |")
     lines += ["", "Fixed cost: engines starting, Ray Train and DeepSpeed setting up, the reference pass and saving, as a "
               "share of the seconds of the stages that recorded it; per stage in `metrics.jsonl` (`fixed_seconds`)."]
+    if monitored:
+        lines += ["", "Flagged passes: of the held-out samples that pass (greedy and sampled), the share whose program "
+                  "the reward-hacking monitor flags (`selfimprove/monitor.py`); in brackets, the same share of the "
+                  "passes among the samples the iteration trained on (its rollout's `stats.json`)."]
     if sets:
         lines += ["", "Further held-out sets (`eval.extra`), beside the task's own:", "",
                   "| iteration | " + " | ".join(f"{name} {k}" for name in sets for k in keys) + " |",

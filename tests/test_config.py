@@ -65,6 +65,13 @@ def test_bad_overrides():
         load_config(None, ["eval.split=dev"])
 
 
+def test_flagged_passes_are_counted_by_default_and_either_counted_or_failed():
+    assert (load_config().task.sandbox.flagged, load_config(None, ["task.sandbox.flagged=fail"]).task.sandbox.flagged) == (
+        "count", "fail")
+    with pytest.raises(UserError, match=r"^defaults: 'task.sandbox.flagged' must be one of count, fail, got 'maybe'$"):
+        load_config(None, ["task.sandbox.flagged=maybe"])
+
+
 def test_missing_file():
     with pytest.raises(UserError, match=r"config file not found: nowhere.yaml"):
         load_config("nowhere.yaml")

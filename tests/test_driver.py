@@ -21,9 +21,10 @@ from selfimprove.config import load_config
 from selfimprove.driver import LOCK, Redo, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
-from selfimprove.io import MARKER, _folder_digest, digest, is_done, success_record
+from selfimprove.io import MARKER, SUCCESS, _folder_digest, digest, is_done, success_record
 from selfimprove.precision import Machine
 from selfimprove.recipes.stages import _pairs
+from selfimprove.rollout.stage import SAMPLE_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,6 +297,79 @@ def test_report_has_a_step_scoring_table_when_steps_were_scored(tmp_path):
         "|---|---|---|---|---|---|",
         "| 1 | 8 | 20 | 31 |  | 40 |",
         "| 2 | 8 | 19 |  | 8 | 3 |"]
+
+
+def test_report_of_a_code_run_shows_the_flagged_share_of_passes_of_the_eval_and_its_rollout(tmp_path):
+    """Iteration 0: 1 of 8 held-out passes flagged; iteration 1: none of the eval's, 3 of its rollout's 30; a row
+    without the figure (written before the monitor) leaves the cell blank."""
+    head = {"model": "m", "task": "functions", "split": "test", "problems": 10}
+    rows = [{"iteration": 0, **head, "pass@1": 0.2, "pass@4": 0.5, "flagged_pass_share": 0.125,
+             "stage_seconds": {"eval": 5.0}},
+            {"iteration": 1, **head, "pass@1": 0.4, "pass@4": 0.6, "flagged_pass_share": 0.0,
+             "rollout": {"drawn_by": "iter_0/eval", "samples": 80, "passed": 30, "flagged_passes": 3,
+                         "flagged_pass_share": 0.1, "judged": {"value": 70, "in_process": 5}},
+             "pairs": {"pairs": 12, "no_winner": 3, "problems": 9}, "stage_seconds": {"train": 20.0, "eval": 5.0}},
+            {"iteration": 2, **head, "pass@1": 0.4, "pass@4": 0.6, "stage_seconds": {}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = write_report(tmp_path).read_text().splitlines()
+    assert lines[4:9] == [
+        "| iteration | pass@1 | pass@4 | flagged passes | training rows | problems dropped | seconds | fixed cost |",
+        "|---|---|---|---|---|---|---|---|",
+        "| 0 | 0.200 | 0.500 | 12.5% |  |  | 5 |  |",
+        "| 1 | 0.400 | 0.600 | 0.0% (rollout 10.0%) | 12 | no winner 3 | 25 |  |",
+        "| 2 | 0.400 | 0.600 |  |  |  | 0 |  |"]
+    assert lines[-1].startswith("Flagged passes: of the held-out samples that pass")
+
+
+def _judged_sample(pass_name, pid, i, correct, flags, judged):
+    return {name: None for name in SAMPLE_SCHEMA.names} | {
+        "pass": pass_name, "problem_id": pid, "sample_index": i, "n": 2, "text": "", "status": "ok",
+        "correct": correct, "flags": flags, "judged": judged}
+
+
+def test_a_code_rollout_counts_its_flagged_passes_in_stats_json_beside_where_it_was_drawn(tmp_path, monkeypatch):
+    """Samples drawn ahead by iteration 0's eval: 2 passes of 4, one flagged (share 0.5), 3 programs run, 1 by value.
+    Drawn by its own engines (a stand-in rollout), the same samples give the same counts without `drawn_by`; an
+    answer-matching task's rollout writes no stats.json of its own."""
+    import selfimprove.rollout.stage
+    from selfimprove.recipes.stages import _rollout
+    from selfimprove.rollout.stage import ahead_record, request_rows
+    from selfimprove.tasks import build_task
+
+    task = build_task(load_config(None, ["task.name=functions", "task.generated_train=5"]).task)
+    problems = task.load("train")[:2]
+    requests = request_rows(task, problems, {"train": (2, 0.8)}, seed=0)
+    p, q = (r["id"] for r in problems)
+    samples = [_judged_sample("train", p, 0, True, ["frame"], "in_process"),
+               _judged_sample("train", p, 1, False, ["exit"], "in_process"),
+               _judged_sample("train", q, 0, True, [], "value"), _judged_sample("train", q, 1, False, [], None)]
+    eval_dir = tmp_path / "iter_0" / "eval"
+    (eval_dir / "samples").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA), eval_dir / "samples" / "part.parquet")
+    (eval_dir / SUCCESS).write_text("{}")
+    (eval_dir / "ahead.json").write_text(ahead_record("model-a", requests))
+    engines = []  # the stand-in's calls: a rollout that finds its samples drawn starts none
+
+    def fake_rollout(model, cfg, task, rows, out):
+        engines.append(model)
+        return pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)
+
+    monkeypatch.setattr(selfimprove.rollout.stage, "rollout", fake_rollout)
+    counts = {"samples": 4, "passed": 2, "flagged_passes": 1, "flagged_pass_share": 0.5,
+              "judged": {"value": 1, "in_process": 2}}
+    cfg = load_config()
+    drawn = tmp_path / "iter_1" / "rollout"
+    drawn.mkdir(parents=True)
+    _rollout(cfg, "model-a", task, lambda: requests, eval_dir, drawn)
+    assert json.loads((drawn / "stats.json").read_text()) == {"drawn_by": "iter_0/eval", **counts} and not engines
+    fresh = tmp_path / "iter_1" / "fresh"
+    fresh.mkdir()
+    _rollout(cfg, "model-b", task, lambda: requests, eval_dir, fresh)
+    assert json.loads((fresh / "stats.json").read_text()) == counts and engines == ["model-b"]
+    answers = tmp_path / "iter_1" / "answers"
+    answers.mkdir()
+    _rollout(cfg, "model-b", build_task(cfg.task), lambda: requests, None, answers)
+    assert not (answers / "stats.json").exists()
 
 
 def test_report_without_metrics(tmp_path):

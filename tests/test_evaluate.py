@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfimprove.evaluate import aggregate, majority, problem_results
+from selfimprove.evaluate import aggregate, majority, monitored, problem_results
 
 
 @pytest.mark.parametrize("keys, expected", [
@@ -99,6 +99,55 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
                                           (task_b, tmp_path / "b" / "extra" / "wide" / "samples")]
     assert drawn == [["greedy", "sample", "train"], ["greedy", "sample"]]
     assert (tmp_path / "b" / "ahead.json").read_text() == ahead_record("/m", ahead)
+
+
+def test_code_figures_are_the_flagged_share_of_passes_and_the_share_judged_by_value():
+    """3 passes, 1 flagged: 1/3. Of 4 programs run, 1 judged by value: 1/4 (the sample with no program counts in
+    neither). Nothing passing or run: 0.0 each."""
+    samples = [{"correct": True, "flags": ["gc"], "judged": "in_process"},
+               {"correct": True, "flags": [], "judged": "value"},
+               {"correct": True, "flags": [], "judged": "in_process"},
+               {"correct": False, "flags": ["exit"], "judged": "in_process"},
+               {"correct": False, "flags": [], "judged": None}]
+    assert monitored(samples) == {"flagged_pass_share": 1 / 3, "judged_by_value": 0.25}
+    assert monitored([{"correct": False, "flags": [], "judged": None}]) == {"flagged_pass_share": 0.0,
+                                                                            "judged_by_value": 0.0}
+
+
+def test_run_eval_of_a_code_task_counts_flagged_passes_over_both_passes_and_not_the_samples_drawn_ahead(
+        tmp_path, monkeypatch):
+    """A fake rollout: p0 greedy passes flagged (value), its samples pass (value) and fail flagged (in process); p1
+    greedy has no program, its samples pass (in process) and pass flagged (value). 4 passes, 2 flagged: 0.5; 5
+    programs ran, 3 by value: 0.6. The next rollout's sample drawn ahead (a flagged pass) counts in neither."""
+    import pyarrow as pa
+
+    import selfimprove.evaluate
+    from selfimprove.config import load_config
+    from selfimprove.evaluate import run_eval
+
+    judged = {("p0", "greedy", 0): (True, ["frame"], "value"), ("p0", "sample", 0): (True, [], "value"),
+              ("p0", "sample", 1): (False, ["exit"], "in_process"), ("p1", "greedy", 0): (False, [], None),
+              ("p1", "sample", 0): (True, [], "in_process"), ("p1", "sample", 1): (True, ["gc"], "value"),
+              ("p0", "train", 0): (True, ["gc"], "value")}
+
+    def fake_rollout(model, cfg, task, rows, out):
+        return pa.Table.from_pylist([
+            {"problem_id": r["problem_id"], "pass": r["pass"], "sample_index": i, "extracted": "def f(): pass",
+             "answer": r["answer"], **dict(zip(("correct", "flags", "judged"), judged[r["problem_id"], r["pass"], i]))}
+            for r in rows for i in range(r["n"])])
+
+    class CodeTask:
+        votes, isolation = False, "bwrap"
+
+        def prompt(self, problem):
+            return []
+
+    monkeypatch.setattr(selfimprove.evaluate, "rollout", fake_rollout)
+    problems = [{"id": f"p{i}", "question": "q", "answer": "a", "solution": ""} for i in range(2)]
+    metrics = run_eval(load_config(None, ["eval.k=2"]), "/m", CodeTask(), problems, tmp_path,
+                       ahead=[{"pass": "train", "problem_id": "p0", "answer": "a", "n": 1}])
+    assert {k: metrics[k] for k in ("pass@1", "pass@2", "flagged_pass_share", "judged_by_value", "sandbox")} == {
+        "pass@1": 0.5, "pass@2": 1.0, "flagged_pass_share": 0.5, "judged_by_value": 0.6, "sandbox": "bwrap"}
 
 
 def test_run_eval_with_a_guide_scores_the_solver_and_counts_numbered_guidance_with_a_fake_pipeline(tmp_path,

@@ -47,7 +47,8 @@ def test_stages_become_scalars_steps_numbered_on_across_iterations(tmp_path):
     tracker.stage_done(stage(tmp_path, 0, "eval", 12.5, metrics={"model": "m", "pass@1": 0.25, "maj@4": 0.5,
                                                                   "extra": {"numbers": {"pass@1": 0.125}}}))
     tracker.stage_done(stage(tmp_path, 1, "train", 30.0, steps=[1.0, 0.75, 0.5]))
-    tracker.stage_done(stage(tmp_path, 1, "eval", 11.0, metrics={"pass@1": 0.5, "maj@4": 0.75, "sandbox": "bwrap"}))
+    tracker.stage_done(stage(tmp_path, 1, "eval", 11.0, metrics={"pass@1": 0.5, "maj@4": 0.75, "sandbox": "bwrap",
+                                                                  "flagged_pass_share": 0.25, "judged_by_value": 0.0}))
     tracker.stage_done(stage(tmp_path, 2, "train", 20.0, steps=[0.5, 0.25]))
     tracker.close()
     got = scalars(tmp_path / "tensorboard")
@@ -58,6 +59,7 @@ def test_stages_become_scalars_steps_numbered_on_across_iterations(tmp_path):
     assert got["fixed_seconds/train"] == [(1, 4.0), (2, 4.0)] and "fixed_seconds/eval" not in got  # no engine record
     assert got["eval/pass@1"] == [(0, 0.25), (1, 0.5)] and got["eval/maj@4"] == [(0, 0.5), (1, 0.75)]
     assert got["eval/numbers/pass@1"] == [(0, 0.125)]
+    assert (got["eval/flagged_pass_share"], got["eval/judged_by_value"]) == ([(1, 0.25)], [(1, 0.0)])  # a code eval
     assert "eval/sandbox" not in got and "eval/model" not in got and "train/epoch" not in got
 
 

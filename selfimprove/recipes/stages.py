@@ -100,7 +100,8 @@ def rollout(run: Run, t: int, model: Model, problems: list[dict] | Path | None =
     """`n` (default `rollout.n`) samples of `model` per training problem, at iteration t's temperature: `samples/`.
     `problems` is the training problems, or a stage folder whose `problems.json` holds them when it has run.
     `drawn_in`: an earlier stage that may have drawn these samples ahead from the same model (`evaluate(ahead=)`);
-    if it did, they are copied from it (`stats.json` names it) and no engine starts."""
+    if it did, they are copied from it (`stats.json` names it) and no engine starts. For a code task, `stats.json`
+    counts the samples, the passes and the passes the reward-hacking monitor flags (`monitor.pass_counts`)."""
     r = run.cfg.rollout
     if temperature is None:
         temperature = r.temperature_schedule[t - 1] if r.temperature_schedule else r.temperature
@@ -201,11 +202,17 @@ def _rollout(cfg: Config, model: str, task, requests: Callable[[], list[dict]], 
     rows = requests()
     drawn = drawn_ahead(drawn_in, model, rows) if drawn_in is not None else None
     if drawn is None:
-        rollout(model, cfg.rollout, task, rows, out / "samples")
-        return
-    with stage_output(out / "samples") as scratch:
-        pq.write_table(drawn, scratch / "drawn.parquet")
-    (out / "stats.json").write_text(json.dumps({"drawn_by": f"{drawn_in.parent.name}/{drawn_in.name}"}))
+        samples, stats = rollout(model, cfg.rollout, task, rows, out / "samples"), {}
+    else:
+        with stage_output(out / "samples") as scratch:
+            pq.write_table(drawn, scratch / "drawn.parquet")
+        samples, stats = drawn, {"drawn_by": f"{drawn_in.parent.name}/{drawn_in.name}"}
+    if task.isolation is not None:  # programs ran: how many passed, and how many of those the monitor flags
+        from selfimprove.monitor import pass_counts
+
+        stats.update(pass_counts(samples.to_pylist()))
+    if stats:
+        (out / "stats.json").write_text(json.dumps(stats))
 
 
 def _process(cfg: Config, model: str, task, problems: list[dict], rollout_dir: Path, prm: Path | None,

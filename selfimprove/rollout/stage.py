@@ -7,10 +7,11 @@
    actor; on GPU an actor asks for `tensor_parallel_size` GPUs, on CPU for its cores. A batch is a
    block, and the blocks are as many as the engines or a multiple of it, each taken by an engine only once it
    is free (see `batch_count`).
-3. `verify_batch` adds the extracted answer and `correct` from the task's `check` of each sample against its
-   whole problem row (a task may verify against tests or a label, not only a gold string), then drops that
-   row. A light check (an answer compared) runs in the engine actor's own call; a task that runs programs
-   (`verify_cpus` > 0) gets a `map_batches` step of its own, with those cores.
+3. `verify_batch` adds the extracted answer and the task's judgement of each sample against its whole problem
+   row (a task may verify against tests or a label, not only a gold string): `correct`, and for a program its
+   verdict, where its tests were decided and the reward-hacking monitor's flags; then it drops that row. A light
+   check (an answer compared) runs in the engine actor's own call; a task that runs programs (`verify_cpus` > 0)
+   gets a `map_batches` step of its own, with those cores.
 4. The driver streams the samples into Parquet in a scratch folder that becomes `samples/` with `_SUCCESS`
    last. Why not Ray Data's own write, or a verify step for every task: each is a task that needs a worker
    process, and at a pool's end Ray started them only once the engines let go, 7 s here (issue 18).
@@ -35,7 +36,7 @@ from selfimprove.io import digest, is_done, read_table, stage_output
 from selfimprove.rollout.engine import cpu_engine_env
 from selfimprove.rollout.generator import VLLMGenerator
 from selfimprove.runtime import node_cpus
-from selfimprove.tasks.base import Task
+from selfimprove.tasks.base import Judgement, Task
 
 AHEAD = "ahead.json"  # beside a samples folder that also holds a later stage's requests, drawn ahead
 STARTUPS = "engines"  # beside a samples folder: when each engine of its pool began and was ready
@@ -47,7 +48,8 @@ SAMPLE_SCHEMA = pa.schema([
     ("n", pa.int64()), ("temperature", pa.float64()), ("seed", pa.int64()), ("prompt_text", pa.string()),
     ("sample_index", pa.int64()), ("text", pa.string()), ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()), ("finish_reason", pa.string()), ("status", pa.string()),
-    ("extracted", pa.string()), ("correct", pa.bool_()), ("verdict", pa.string()),
+    ("extracted", pa.string()), ("correct", pa.bool_()), ("verdict", pa.string()), ("judged", pa.string()),
+    ("flags", pa.list_(pa.string())),
 ])
 
 
@@ -74,14 +76,21 @@ def request_seed(*parts) -> int:
 
 
 def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarray]:
-    """Add `extracted` (the stated answer, canonical), `correct` and `verdict` (what a code task's tests said) to a
-    batch of samples, and drop the problem rows they were checked against."""
+    """Add `extracted` (the stated answer, canonical), `correct`, and a code task's `verdict` (what its tests said),
+    `judged` (where they were decided) and `flags` (the reward-hacking monitor's) to a batch of samples, and drop the
+    problem rows they were checked against."""
     texts, problems, status = batch["text"], batch.pop("problem"), batch["status"]
     batch["extracted"] = np.array([task.answer_key(t) if s == "ok" else None for t, s in zip(texts, status)],
                                   dtype=object)
-    judged = [task.judge(t, json.loads(p)) if s == "ok" else (False, None) for t, p, s in zip(texts, problems, status)]
-    batch["correct"] = np.array([correct for correct, _ in judged], dtype=bool)
-    batch["verdict"] = np.array([verdict for _, verdict in judged], dtype=object)
+    judgements = [task.judge(t, json.loads(p)) if s == "ok" else Judgement(False)
+                  for t, p, s in zip(texts, problems, status)]
+    batch["correct"] = np.array([j.correct for j in judgements], dtype=bool)
+    batch["verdict"] = np.array([j.verdict for j in judgements], dtype=object)
+    batch["judged"] = np.array([j.judged for j in judgements], dtype=object)
+    # Filled one by one: numpy makes equal-length lists (all empty, say) a 2-D array.
+    batch["flags"] = np.empty(len(judgements), dtype=object)
+    for i, j in enumerate(judgements):
+        batch["flags"][i] = list(j.flags)
     return batch
 
 

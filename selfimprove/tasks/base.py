@@ -17,9 +17,20 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from selfimprove.config import TaskConfig
 from selfimprove.tasks.answers import canonical, extract_answer
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A task's verdict on one sample."""
+
+    correct: bool
+    verdict: str | None = None  # what it says beyond right or wrong, e.g. which test failed; None if nothing
+    judged: str | None = None  # where a program's tests were decided (`sandbox.JUDGED`); None if none ran
+    flags: tuple[str, ...] = ()  # the reward-hacking monitor's flags on the sample (`Task.flags`)
 
 
 class Task(ABC):
@@ -85,9 +96,14 @@ class Task(ABC):
         """Whether a model's text solves `problem`, a whole problem row: by default, reaches its answer."""
         return self.verify(text, problem["answer"])
 
-    def judge(self, text: str, problem: dict) -> tuple[bool, str | None]:
-        """(`check`, and what a verdict says beyond right or wrong, e.g. which test failed; None if nothing)."""
-        return self.check(text, problem), None
+    def judge(self, text: str, problem: dict) -> Judgement:
+        """`check`, with what the verdict says beyond right or wrong and the sample's `flags`."""
+        return Judgement(self.check(text, problem), flags=tuple(self.flags(text)))
+
+    def flags(self, text: str) -> list[str]:
+        """The reward-hacking monitor's flags on a model's text (`selfimprove/monitor.py`): none where no program
+        runs."""
+        return []
 
     def guidance(self, row: dict) -> str | None:
         """Number-free solution guidance for `row` written from what the task knows of its structure, or None

@@ -12,7 +12,9 @@ in a fenced block, the form the prompt's example answers in):
 
 The program is the first fenced block of the completion that holds code, else the completion itself
 from its first `def`/`import`/`class` line, cut back to what parses. Verification runs one program at a
-time on a core of its own (`verify_cpus`), as many at once as `task.sandbox.workers`.
+time on a core of its own (`verify_cpus`), as many at once as `task.sandbox.workers`. The reward-hacking monitor's
+flags on the program (`selfimprove/monitor.py`) go with its verdict; with `task.sandbox.flagged=fail` a flagged pass
+fails.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from __future__ import annotations
 import ast
 import re
 
-from selfimprove.sandbox import isolation, run_tests
-from selfimprove.tasks.base import Task
+from selfimprove import monitor
+from selfimprove.sandbox import Verdict, isolation, run_tests
+from selfimprove.tasks.base import Judgement, Task
 
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
 CODE_START = re.compile(r"^(?:def |async def |class |import |from \S+ import )")
@@ -74,6 +77,15 @@ def defines(program: str, name: str) -> bool:
     return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", program, re.M) is not None
 
 
+def judgement(verdict: Verdict, flags: list[str], flagged: str) -> Judgement:
+    """The sandbox's verdict on a program that carries the monitor's `flags`, as a judgement: with `flagged` "fail"
+    (`task.sandbox.flagged`) a flagged pass fails, its verdict naming the flags; with "count" it stands."""
+    said = f"{verdict.status}: {verdict.detail}"
+    if verdict.passed and flags and flagged == "fail":
+        return Judgement(False, f"flagged ({', '.join(flags)}): {said}", verdict.judged, tuple(flags))
+    return Judgement(verdict.passed, said, verdict.judged, tuple(flags))
+
+
 class CodeTask(Task):
     """A task whose answers are programs judged by tests; subclasses say where problems come from."""
 
@@ -97,18 +109,21 @@ class CodeTask(Task):
         return self.cfg.sandbox.workers
 
     def check(self, text: str, problem: dict) -> bool:
-        return self.judge(text, problem)[0]
+        return self.judge(text, problem).correct
 
-    def judge(self, text: str, problem: dict) -> tuple[bool, str]:
+    def judge(self, text: str, problem: dict) -> Judgement:
         program = extract_program(text)
         if program is None:
-            return False, NO_PROGRAM
+            return Judgement(False, NO_PROGRAM)
         entry, stub = problem.get("entry_point") or "", problem.get("stub") or ""
         if stub:
             program = stub + ("\n" if entry and defines(program, entry) else "") + program
         verdict = run_tests(program, list(problem["tests"]), self.cfg.sandbox, problem.get("setup") or "",
                             by_value=not uses_classes(problem))
-        return verdict.passed, f"{verdict.status}: {verdict.detail}"
+        return judgement(verdict, self.flags(text), self.cfg.sandbox.flagged)
+
+    def flags(self, text: str) -> list[str]:
+        return monitor.flags(extract_program(text) or "")
 
     def verify(self, text: str, gold: str) -> bool:
         raise TypeError(f"task '{self.name}' checks programs by running its tests: call check(text, problem)")

@@ -34,4 +34,7 @@ def test_hostile_samples_get_verdicts_in_a_ray_data_step_and_the_samples_are_wri
     assert (tmp_path / "samples" / "_SUCCESS").exists()
     assert [s["correct"] for s in samples] == [True] + [False] * 7
     assert [s["verdict"].split(":")[0] for s in samples] == [status or "no program" for _, status in PROGRAMS.values()]
+    # Arrow types from Ray Data's blocks, as the schema says: the first block's flags are all empty lists.
+    assert [s["flags"] for s in samples] == [[], [], [], [], ["exit"], ["exit"], [], []]
+    assert [s["judged"] is None for s in samples] == [False] * 7 + [True]  # no program, nothing judged
     assert read_table(tmp_path / "samples", SAMPLE_ORDER).num_rows == len(PROGRAMS)

@@ -171,7 +171,30 @@ def test_verify_batch_skipped_rows_are_wrong(task):
     out = verify_batch(batch, task)
     assert out["correct"].tolist() == [True, False, False]
     assert out["extracted"].tolist() == ["5", "6", None]
+    assert (out["judged"].tolist(), out["flags"].tolist()) == ([None] * 3, [[]] * 3)  # no program ran
     assert "problem" not in out  # not a sample column
+
+
+def test_verify_batch_of_programs_records_their_verdicts_and_the_monitors_flags():
+    """A pass, a pass that reads its own frame (flag `frame`), a failure that exits (`exit`), a completion with no
+    code and a skipped sample: the flags column is Arrow list<string> as the samples' schema says."""
+    from selfimprove.sandbox import JUDGED
+    from selfimprove.tasks.code import NO_PROGRAM
+
+    code = build_task(TaskConfig(name="functions"))
+    problem = json.dumps({"id": "p", "question": "", "answer": "", "tests": ["assert double(2) == 4"], "setup": "",
+                          "entry_point": "double", "stub": ""})
+    texts = ["```python\ndef double(x):\n    return 2 * x\n```",
+             "```python\nimport sys\ndef double(x):\n    return 2 * sys._getframe().f_locals['x']\n```",
+             "```python\nimport os\ndef double(x):\n    os._exit(0)\n```", "No code.", ""]
+    batch = {"text": np.array(texts, dtype=object), "problem": np.array([problem] * 5, dtype=object),
+             "status": np.array(["ok"] * 4 + [SKIPPED], dtype=object)}
+    out = verify_batch(batch, code)
+    assert out["correct"].tolist() == [True, True, False, False, False]
+    assert [v and v.split(":")[0] for v in out["verdict"]] == ["passed", "passed", "crashed", NO_PROGRAM.split(":")[0],
+                                                               None]
+    assert set(out["judged"][:3]) <= set(JUDGED) and out["judged"][3:].tolist() == [None, None]
+    assert pa.array(out["flags"], SAMPLE_SCHEMA.field("flags").type).to_pylist() == [[], ["frame"], ["exit"], [], []]
 
 
 def test_verify_batch_hands_the_task_the_whole_problem_row(task):

@@ -7,11 +7,13 @@ from dataclasses import replace
 
 import pytest
 
-from selfimprove.config import TaskConfig
+from selfimprove.config import SandboxConfig, TaskConfig
 from selfimprove.errors import UserError
 from selfimprove.evaluate import aggregate, pass_at_k, problem_results
+from selfimprove.sandbox import Verdict
 from selfimprove.tasks import build_task
-from selfimprove.tasks.code import NO_PROGRAM, extract_program
+from selfimprove.tasks.base import Judgement
+from selfimprove.tasks.code import NO_PROGRAM, extract_program, judgement
 from selfimprove.tasks.functions import HIDDEN_TESTS, make_problem
 
 
@@ -60,14 +62,47 @@ def test_a_program_is_judged_by_its_tests_in_the_sandbox():
     task = build_task(TaskConfig(name="functions", generated_test=5))
     problem = task.load("test")[0]
     name = problem["entry_point"]
-    assert task.judge(problem["solution"], problem) == (True, f"passed: all {HIDDEN_TESTS} tests passed")
+    assert said(task.judge(problem["solution"], problem)) == (True, f"passed: all {HIDDEN_TESTS} tests passed")
     wrong = f"```python\ndef {name}(*args):\n    return None\n```"
-    correct, verdict = task.judge(wrong, problem)
+    correct, verdict = said(task.judge(wrong, problem))
     assert not correct and verdict.startswith("failed: test 1: assert ")
-    assert task.judge("I cannot write code.", problem) == (False, NO_PROGRAM)
+    assert task.judge("I cannot write code.", problem) == Judgement(False, NO_PROGRAM)
     exits = f"```python\nimport sys\ndef {name}(*args):\n    sys.exit(0)\n```"
-    assert task.judge(exits, problem) == (False, f"crashed: exited (0) in test 1: {problem['tests'][0]}")
+    assert said(task.judge(exits, problem)) == (False, f"crashed: exited (0) in test 1: {problem['tests'][0]}")
+    assert task.judge(exits, problem).flags == ("exit",)
     assert not task.check(wrong, problem) and task.check(problem["solution"], problem)
+
+
+def said(judged: Judgement) -> tuple[bool, str | None]:
+    """A judgement's verdict: how the tests were decided (`judged`) is the sandbox's to test."""
+    return judged.correct, judged.verdict
+
+
+def test_a_flagged_pass_fails_only_when_flagged_passes_are_set_to_fail():
+    """A program that passes while reading a frame: counted (it passes, flagged) by default, failed with
+    task.sandbox.flagged=fail, its verdict naming the flag and what the sandbox said."""
+    program = "```python\nimport sys\n\ndef double(x):\n    return 2 * sys._getframe(0).f_locals['x']\n```"
+    problem = {"id": "p", "question": "", "answer": "", "tests": ["assert double(2) == 4", "assert double(5) == 10"],
+               "setup": "", "entry_point": "double", "stub": ""}
+    counted = build_task(TaskConfig(name="functions")).judge(program, problem)
+    assert (counted.correct, counted.verdict, counted.flags) == (True, "passed: all 2 tests passed", ("frame",))
+    failed = build_task(TaskConfig(name="functions", sandbox=SandboxConfig(flagged="fail"))).judge(program, problem)
+    assert (failed.correct, failed.verdict, failed.flags) == (False, "flagged (frame): passed: all 2 tests passed",
+                                                              ("frame",))
+    assert failed.judged == counted.judged
+
+
+@pytest.mark.parametrize("verdict, flags, flagged, expected", [
+    (Verdict("passed", "all 3 tests passed", judged="value"), ["exit", "gc"], "fail",
+     Judgement(False, "flagged (exit, gc): passed: all 3 tests passed", "value", ("exit", "gc"))),
+    (Verdict("passed", "all 3 tests passed", judged="value"), ["exit", "gc"], "count",
+     Judgement(True, "passed: all 3 tests passed", "value", ("exit", "gc"))),
+    (Verdict("passed", "all 3 tests passed"), [], "fail", Judgement(True, "passed: all 3 tests passed", "in_process")),
+    (Verdict("failed", "test 2: assert f(1) == 2"), ["frame"], "fail",  # a failure stays as the sandbox said it
+     Judgement(False, "failed: test 2: assert f(1) == 2", "in_process", ("frame",))),
+])
+def test_a_verdict_becomes_a_judgement_that_fails_flagged_passes_only_when_asked(verdict, flags, flagged, expected):
+    assert judgement(verdict, flags, flagged) == expected
 
 
 def mbpp_row(**over):
@@ -85,8 +120,8 @@ def test_mbpp_rows_show_the_first_test_and_run_all_of_them(tmp_path):
     first, second = task.load("test")
     assert first["question"] == "Write a function to add two numbers. Your code should pass this test: assert add(1, 2) == 3"
     assert (first["entry_point"], first["answer"]) == ("add", "def add(a, b):\n    return a + b")
-    assert task.judge(first["solution"], first) == (True, "passed: all 3 tests passed")
-    assert task.judge("```python\ndef add(a, b):\n    return a - b\n```", first) == (
+    assert said(task.judge(first["solution"], first)) == (True, "passed: all 3 tests passed")
+    assert said(task.judge("```python\ndef add(a, b):\n    return a - b\n```", first)) == (
         False, "failed: test 1: assert add(1, 2) == 3")
     assert task.check(second["solution"], second)  # its set-up code ran first
 
@@ -112,11 +147,11 @@ def test_humaneval_comes_with_its_package_and_a_body_alone_continues_the_prompt(
     assert first["tests"][0].startswith("from typing import List\n") and "def check(candidate)" in first["tests"][0]
     assert "def has_close_elements" not in first["tests"][0]
     body = first["answer"][len(first["stub"]):]
-    assert task.judge(f"```python\n{body}\n```", first) == (True, "passed: all 2 tests passed")
-    assert task.judge("```python\ndef has_close_elements(numbers, threshold):\n    return True\n```", first)[0] is False
+    assert said(task.judge(f"```python\n{body}\n```", first)) == (True, "passed: all 2 tests passed")
+    assert not task.check("```python\ndef has_close_elements(numbers, threshold):\n    return True\n```", first)
     # A completion that brings its own `check` does not replace the test's.
     forged = "```python\ndef has_close_elements(numbers, threshold):\n    return True\ndef check(candidate):\n    pass\n```"
-    assert task.judge(forged, first) == (False, "failed: test 2: check(has_close_elements)")
+    assert said(task.judge(forged, first)) == (False, "failed: test 2: check(has_close_elements)")
     with pytest.raises(UserError, match="humaneval has a test split only"):
         task.load("train")
     data = tmp_path / "he.jsonl.gz"
@@ -130,8 +165,8 @@ def test_humaneval_comes_with_its_package_and_a_body_alone_continues_the_prompt(
 def test_every_canonical_humaneval_solution_passes_by_value():
     task = build_task(TaskConfig(name="humaneval"))
     judged = [task.judge(p["solution"], p) for p in task.load("test")]
-    assert [verdict for correct, verdict in judged if not correct] == []
-    assert len(judged) == 164
+    assert [j.verdict for j in judged if not j.correct] == []
+    assert len(judged) == 164 and {j.judged for j in judged} == {"value"}
 
 
 def test_pass_at_k_is_the_unbiased_estimator_and_programs_get_no_majority_vote():
