@@ -115,12 +115,13 @@ class CodeTask(Task):
         program = extract_program(text)
         if program is None:
             return Judgement(False, NO_PROGRAM)
+        flags = monitor.flags(program)  # the model's own code, before any stub
         entry, stub = problem.get("entry_point") or "", problem.get("stub") or ""
         if stub:
             program = stub + ("\n" if entry and defines(program, entry) else "") + program
         verdict = run_tests(program, list(problem["tests"]), self.cfg.sandbox, problem.get("setup") or "",
                             by_value=not uses_classes(problem))
-        return judgement(verdict, self.flags(text), self.cfg.sandbox.flagged)
+        return judgement(verdict, flags, self.cfg.sandbox.flagged)
 
     def flags(self, text: str) -> list[str]:
         return monitor.flags(extract_program(text) or "")
