@@ -15,7 +15,8 @@
    tests run in a process of their own and the program's process only returns plain values, which the tests
    compare (`sandbox_zygote.py` says how, and when it falls back to running the tests in the program's process).
 3. Per program, always: a scrubbed environment (no tokens, no Ray address), the standard library only
-   (`python -I -S`), CPU-time / address-space / file-size / open-files / process limits, a fresh
+   (`python -I -S`), CPU-time / address-space / file-size / open-files / process limits (and, where the machine
+   allows, a memory cap on all its processes together: `sandbox_memory.py`), a fresh
    unprivileged uid when we are root (so the process limit counts only this program), its process
    group killed at the wall deadline or past its output cap, and afterwards every process it left
    killed.
@@ -30,7 +31,6 @@ import atexit
 import dataclasses
 import functools
 import json
-import marshal
 import os
 import secrets
 import select
@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfimprove import sandbox_memory
 from selfimprove.config import SandboxConfig
 from selfimprove.errors import UserError, first_line
 
@@ -91,9 +92,9 @@ def run_tests(program: str, tests: list[str], cfg: SandboxConfig, setup: str = "
            "env": ENV}
     started = time.monotonic()
     with _LOCK:
-        key = (kind, cfg.file_mb)
+        key = (kind, cfg.file_mb, cfg.memory_mb)
         if key not in _ZYGOTES:
-            _ZYGOTES[key] = _Zygote(kind, cfg.file_mb)
+            _ZYGOTES[key] = _Zygote(kind, cfg.file_mb, cfg.memory_mb)
         zygote = _ZYGOTES[key]
         result = zygote.judge(job, 2 * cfg.timeout + ZYGOTE_GRACE)  # a by-value job may be run again in process
         if result is None:
@@ -126,7 +127,9 @@ class _Zygote:
     """A long-lived Python inside the isolation (`sandbox_zygote.py`) that forks a child per program; one per
     process and isolation, used by one caller at a time."""
 
-    def __init__(self, kind: str, file_mb: int):
+    def __init__(self, kind: str, file_mb: int, memory_mb: int):
+        self.cap = sandbox_memory.MemoryCap(memory_mb) if sandbox_memory.available() is None else None
+        self.memory_mb = memory_mb
         self.host_dir = None if kind == "bwrap" else tempfile.mkdtemp(prefix="selfimprove-sandbox-")
         if self.host_dir is not None:
             os.chmod(self.host_dir, 0o711)  # programs of other uids reach their own folders in it, and list nothing
@@ -134,9 +137,10 @@ class _Zygote:
         self.served = 0
         seccomp = _seccomp_fd()
         try:
+            command = [*_prefix(kind, file_mb, seccomp), _python(), "-I", "-S", "-c", ZYGOTE, root,
+                       "host" if kind == "none" else "pid-namespace"]
             self.proc = subprocess.Popen(
-                [*_prefix(kind, file_mb, seccomp), _python(), "-I", "-S", "-c", ZYGOTE, root,
-                 "host" if kind == "none" else "pid-namespace"],
+                self.cap.wrap(command) if self.cap else command,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd="/",
                 start_new_session=True, pass_fds=(seccomp,))
         finally:
@@ -144,8 +148,9 @@ class _Zygote:
 
     def judge(self, job: dict, seconds: float) -> dict | None:
         """The zygote's verdict on `job`, or None if it died, gave none within `seconds` or said something else."""
+        kills = self.cap.kills() if self.cap else 0
         try:
-            self.proc.stdin.write(_frame(marshal.dumps(job)))
+            self.proc.stdin.write(_frame(json.dumps(job).encode()))
             self.proc.stdin.flush()
         except OSError:
             return None
@@ -156,6 +161,8 @@ class _Zygote:
         said = _verdict(body) if body else None
         if said is not None:
             self.served += 1
+            if said["status"] != "passed" and self.cap and self.cap.kills() > kills:
+                said |= {"status": "memory", "detail": f"its processes together passed {self.memory_mb} MiB"}
         return said
 
     def _read(self, n: int, deadline: float) -> bytes | None:
@@ -190,6 +197,8 @@ class _Zygote:
                 pass
         if self.host_dir is not None:
             shutil.rmtree(self.host_dir, ignore_errors=True)
+        if self.cap is not None:
+            self.cap.close()
 
 
 def _frame(data: bytes) -> bytes:
@@ -310,6 +319,9 @@ def isolation(wanted: str = "auto", allow_weak: bool = False) -> str:
     """The isolation runs use: bwrap for `auto`, or `wanted`. A weaker one only with `allow_weak`, said in one line
     on stderr: for `auto` on a machine where bwrap cannot run, the first of unshare and none that can. UserError
     (one line) if none is allowed."""
+    if why := sandbox_memory.available():
+        print(f"selfimprove: note: code tasks cap memory per process, not for a program's processes together ({why})",
+              file=sys.stderr)
     if wanted in WEAKER and not allow_weak:
         raise UserError(f"task.sandbox.isolation={wanted} is weaker than bwrap ({WEAKER[wanted]}): set "
                         "task.sandbox.allow_weak=true to use it")

@@ -2,7 +2,7 @@
 
 `selfimprove.sandbox` starts this file's source once per process and isolation, inside that isolation, with
 `python -I -S -c`, the folder programs work in and the kind of pid space as arguments. It sends jobs on stdin (a
-4-byte length and a marshalled dict each) and reads verdicts on stdout (a 4-byte length and a JSON object each).
+4-byte length and a JSON object each) and reads verdicts on stdout, framed the same way.
 
 Three kinds of process, so that nothing a program can reach decides its verdict:
 1. The judge (this process): reads jobs, holds their tests, watches the others, sweeps what a program leaves and
@@ -33,7 +33,6 @@ import ast
 import builtins
 import ctypes
 import json
-import marshal
 import os
 import resource
 import select
@@ -47,7 +46,7 @@ LIMITS = {"cpu_seconds": resource.RLIMIT_CPU, "memory_bytes": resource.RLIMIT_AS
           "open_files": resource.RLIMIT_NOFILE, "processes": resource.RLIMIT_NPROC}
 STATUSES = ("passed", "failed", "timeout", "memory", "crashed", "sandbox_error")
 KEPT_OUTPUT = 1 << 20  # bytes of a program's output kept for the host (which shows the first KiB)
-MAX_MESSAGE = 16 << 20  # bytes of one message between the program's process and the test process
+MAX_MESSAGE = 16 << 20  # bytes of one message: a job, a call or a reply
 MAX_DEPTH = 100  # nesting of plain data
 CALLS, REPLIES = 3, 4  # the program's process's ends of its pipes to the test process
 TOKEN, REPORT = 3, 4  # an in-process program's token pipe and report pipe
@@ -143,6 +142,7 @@ def main() -> None:
     # Without root a program has our uid: non-dumpable, neither we nor our forks can be traced or have their
     # /proc/<pid>/fd opened by it.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    _oom_score(-1000)  # in a memory cgroup, the kernel kills programs, never us (as root; else a no-op)
     sys.set_int_max_str_digits(0)  # plain data may hold any int
     root, own_pids = sys.argv[1], sys.argv[2] == "pid-namespace"
     ours, theirs = socket.socketpair()
@@ -157,18 +157,8 @@ def main() -> None:
             os._exit(0)
     theirs.close()
     keep = {os.getpid(), zygote}
-    while (job := receive(jobs)) is not None:
-        send(verdicts, judge(job, root, own_pids, ours, keep))
-
-
-def receive(fd: int):
-    header = _read_exactly(fd, 4)
-    return None if header is None else marshal.loads(_read_exactly(fd, struct.unpack("<I", header)[0]) or b"")
-
-
-def send(fd: int, message: dict) -> None:
-    data = json.dumps(message).encode()
-    os.write(fd, struct.pack("<I", len(data)) + data)
+    while (job := read_message(jobs)) is not None:
+        write_message(verdicts, judge(job, root, own_pids, ours, keep))
 
 
 def judge(job: dict, root: str, own_pids: bool, zygote: socket.socket, keep: set[int]) -> dict:
@@ -200,7 +190,7 @@ def by_value(job: dict, workdir: str, own_pids: bool, zygote: socket.socket, kee
     replies_r, replies_w = os.pipe()
     out_r, out_w = os.pipe()
     report_r, report_w = os.pipe()
-    part = marshal.dumps({k: job[k] for k in ("program", "setup", "uid", "limits", "env")} | {"workdir": workdir})
+    part = json.dumps({k: job[k] for k in ("program", "setup", "uid", "limits", "env")} | {"workdir": workdir}).encode()
     socket.send_fds(zygote, [struct.pack("<I", len(part))], [calls_r, replies_w, out_w])
     zygote.sendall(part)
     for fd in (calls_r, replies_w, out_w):
@@ -263,7 +253,7 @@ def program_zygote(channel: socket.socket) -> None:
             return
         if len(header) < 4:
             return
-        part = marshal.loads(_recv_exactly(channel, struct.unpack("<I", header)[0]))
+        part = json.loads(_recv_exactly(channel, struct.unpack("<I", header)[0]))
         pid = os.fork()
         if pid == 0:
             try:
@@ -295,9 +285,19 @@ def _place(fds: dict[int, int]) -> None:
                 pass
 
 
-def become(job: dict, workdir: str, uid: int | None) -> None:
-    """In a forked process: its own session, limits, uid, folder and environment."""
+def _oom_score(adjustment: int) -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(adjustment))
+    except OSError:  # lowering it needs root
+        pass
+
+
+def become(job: dict, workdir: str, uid: int | None, program: bool = True) -> None:
+    """In a forked process: its own session, limits, uid, folder and environment; a `program`'s process is the
+    first the kernel kills when its memory cgroup is full."""
     os.setsid()
+    _oom_score(1000 if program else -1000)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for name, limit in job["limits"].items():
         # CPU: the soft limit sends SIGXCPU, the hard one a second later SIGKILL.
@@ -395,7 +395,7 @@ def test_process(job: dict, calls_fd: int, replies_fd: int, report_fd: int) -> N
     """Run the set-up and the tests against stand-ins for the program's names; write the verdict on `report`."""
     calls, replies, report = 3, 4, 5
     _place({old: new for old, new in zip((calls_fd, replies_fd, report_fd), (calls, replies, report))})
-    become(job, "/", job["judge_uid"])
+    become(job, "/", job["judge_uid"], program=False)
     step = "the program"
 
     def call(name: str, args: tuple, kwargs: dict):

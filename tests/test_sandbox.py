@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import selfimprove
-from selfimprove import sandbox
+from selfimprove import sandbox, sandbox_memory
 from selfimprove.config import SandboxConfig
 from selfimprove.errors import UserError
 from selfimprove.sandbox import run_tests
@@ -254,7 +254,7 @@ def test_a_killed_zygote_costs_only_the_program_it_was_judging():
     import threading
 
     assert run(DOUBLE, DOUBLE_TESTS).passed  # the zygote is up
-    zygote = sandbox._ZYGOTES[("bwrap", CFG.file_mb)]
+    zygote = sandbox._ZYGOTES[("bwrap", CFG.file_mb, CFG.memory_mb)]
     verdicts = []
     judging = threading.Thread(target=lambda: verdicts.append(run("import time\ntime.sleep(2)\n" + DOUBLE, DOUBLE_TESTS)))
     judging.start()
@@ -264,4 +264,18 @@ def test_a_killed_zygote_costs_only_the_program_it_was_judging():
     assert (verdicts[0].status, verdicts[0].detail) == (
         "crashed", "the sandbox's process died or hung while judging it; it was restarted")
     assert run(DOUBLE, DOUBLE_TESTS).passed
-    assert sandbox._ZYGOTES[("bwrap", CFG.file_mb)] is not zygote
+    assert sandbox._ZYGOTES[("bwrap", CFG.file_mb, CFG.memory_mb)] is not zygote
+
+
+@pytest.mark.skipif(sandbox_memory.available() is not None, reason="needs a memory cgroup of our own (root)")
+def test_a_programs_processes_together_are_capped_where_the_machine_has_memory_cgroups():
+    """Six processes of 150 MiB each stay under a 256 MiB address-space limit apiece, but not under 256 MiB (plus
+    the zygote's headroom) together: the kernel kills some, and the verdict says memory."""
+    program = ("import os, time\nkids = []\nfor _ in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
+               "        block = b'x' * (150 * 2**20)\n        time.sleep(30)\n        os._exit(0)\n    kids.append(pid)\n"
+               "time.sleep(1.5)\nalive = sum(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in kids)\n"
+               "def f(x):\n    return alive\n")
+    cfg = replace(CFG, memory_mb=256, processes=32)
+    verdict = run(program, ["assert f(0) == 6"], cfg=cfg)
+    assert (verdict.status, verdict.detail) == ("memory", "its processes together passed 256 MiB")
+    assert run(DOUBLE, DOUBLE_TESTS, cfg=cfg).passed  # the zygote lived on
