@@ -36,4 +36,10 @@ def test_sipf_runs_on_code_with_sandboxed_verification(tmp_path, bundled_model):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert all("pass@2" in m and "maj@2" not in m for m in metrics)  # programs do not vote
+    # The monitor's counts: every sample's flags in the rollout's stats.json, the eval's share in metrics and report.
+    stats = json.loads((run_dir / "iter_1" / "rollout" / "stats.json").read_text())
+    assert (stats["samples"], stats["passed"], stats["flagged_passes"]) == (
+        len(rows), sum(r["correct"] for r in rows), sum(r["correct"] and bool(r["flags"]) for r in rows))
+    assert all(0 <= m["flagged_pass_share"] <= 1 and 0 <= m["judged_by_value"] <= 1 for m in metrics)
+    assert "| flagged passes |" in (run_dir / "report.md").read_text()
     assert "pass@2" in out and (run_dir / "iter_1" / "train" / "model" / "config.json").is_file()
