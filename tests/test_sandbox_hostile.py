@@ -114,6 +114,13 @@ def test_as_root_no_hostile_program_is_judged_passed(what, by_value, tmp_path):
         assert written_outside(verdict.output) <= CFG.file_mb
 
 
+def test_a_program_cannot_shadow_the_builtins_or_helpers_its_tests_use():
+    program = "def abs(x):\n    return 0\ndef check(c):\n    pass\nlen = 5\n" + WRONG
+    tests = ["def check(c):\n    assert len([c(1)]) == 1 and abs(c(1) - 2) < 1e-6", "check(f)"]
+    verdict = run_tests(program, tests, CFG)
+    assert (verdict.status, verdict.detail, verdict.judged) == ("failed", "test 2: check(f)", "value")
+
+
 def test_a_test_that_redefines_nothing_but_imports_the_program_twice_gets_no_program():
     tests = ["import __main__", "import __main__", "assert __main__.f(1) == 2"]
     verdict = run_tests("def f(x):\n    return 2 * x\n", tests, CFG)
