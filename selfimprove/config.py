@@ -105,6 +105,8 @@ class TaskConfig:
                            lambda v: None if v and set(v) <= set("+-*") else "must be a non-empty subset of '+-*'")
     variety: int = knob(4, "arithmetic: how many phrasings of each operation to draw from (1 = one template)", positive)
     generated_train: int = knob(2000, "arithmetic: problems generated for the train split", up_to(MAX_GENERATED))
+    generated_val: int = knob(200, "arithmetic: problems generated for the val split (choose knobs on it)",
+                              up_to(MAX_GENERATED))
     generated_test: int = knob(200, "arithmetic: problems generated for the test split", up_to(MAX_GENERATED))
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
@@ -139,7 +141,7 @@ class RolloutConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = knob("test", "held-out split to evaluate on", one_of("train", "test"))
+    split: str = knob("test", "held-out split to evaluate on", one_of("train", "val", "test"))
     k: int = knob(8, "samples per problem for maj@k (1 = greedy pass@1 only)", up_to(MAX_SAMPLES))
     temperature: float = knob(0.8, "sampling temperature of the maj@k samples", non_negative)
     extra: dict[str, TaskConfig] = knob({}, "further held-out sets evaluated beside the task's (out of domain): name -> "

@@ -61,7 +61,7 @@ def test_bad_overrides():
         load_config(None, ["rollout.temp=1"])
     with pytest.raises(UserError, match=r"override 'rollout.n' must look like key.sub=value"):
         load_config(None, ["rollout.n"])
-    with pytest.raises(UserError, match=r"'eval.split' must be one of train, test, got 'dev'"):
+    with pytest.raises(UserError, match=r"'eval.split' must be one of train, val, test, got 'dev'"):
         load_config(None, ["eval.split=dev"])
 
 

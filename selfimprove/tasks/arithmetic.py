@@ -1,9 +1,10 @@
 """Built-in word problems: a person's count of things changes in 1-4 steps (+, -, *).
 
-1. One seeded stream of problems serves both splits. A problem belongs to the split chosen
-   by its question's SHA-256 (even: train, odd: test), so train and test never share a
-   question, and a split is the first `generated_<split>` distinct problems of the stream
-   that fall into it. More training problems therefore never change the test set.
+1. One seeded stream of problems serves the three splits, train, val and test. A problem belongs to the split
+   its structural key chooses: its start count, operations and operands, whatever the person, object or
+   phrasing (`splits.py`). So no val or test problem is a training problem in other words, and a split is the
+   first `generated_<split>` problems of the stream that fall into it: more training problems never change
+   the test set.
 2. A problem: a starting count in [min_value, max_value], then steps drawn with
    `step_weights` (relative frequency of 1, 2, 3, 4 steps). Added and subtracted amounts lie
    in [min_value, max_value]; a subtraction never takes more than there is, so every
@@ -18,14 +19,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
+from collections.abc import Callable
 
 from selfimprove.config import TaskConfig
 from selfimprove.errors import UserError
 from selfimprove.tasks.answers import is_correct
 from selfimprove.tasks.base import Task
+from selfimprove.tasks.splits import check_split, distinct_problems
 
 # (name, he, him, his)
 PEOPLE = (
@@ -92,10 +94,8 @@ class Arithmetic(Task):
             raise UserError(f"task.variety must be at most {len(TEMPLATES['+'])} (phrasings per operation), got {cfg.variety}")
 
     def read(self, split: str) -> list[dict]:
-        counts = {"train": self.cfg.generated_train, "test": self.cfg.generated_test}
-        if split not in counts:
-            raise UserError(f"arithmetic has the splits train and test, not '{split}'")
-        return generate(self.cfg, split, counts[split])
+        check_split(self.name, split)
+        return generate(self.cfg, split, generated_count(self.cfg, split))
 
     def verify(self, text: str, gold: str) -> bool:
         return is_correct(text, gold)
@@ -118,39 +118,20 @@ def generate(cfg: TaskConfig, split: str, count: int) -> list[dict]:
                              "widen task.min_value..task.max_value, or allow more steps or operations")
 
 
-def distinct_problems(draw, seed: int, split: str, count: int, remedy: str) -> list[dict]:
-    """The first `count` problems `draw(rng)` makes from a stream seeded by `seed` whose questions are new and hash
-    into `split` (`draw` may return None: no problem from this draw). UserError saying `remedy` if it runs dry."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    # Generous for any reasonable range; only a tiny problem space (say max_value=1) runs out.
-    tries = 100 * count + 10_000
-    for _ in range(tries):
-        row = draw(rng)
-        if row is None or row["question"] in seen or split_of(row["question"]) != split:
-            continue
-        seen.add(row["question"])
-        rows.append(row)
-        if len(rows) == count:
-            return rows
-    raise UserError(f"could only generate {len(rows)} distinct {split} problems of the {count} asked "
-                    f"(task.generated_{split}) in {tries} tries: {remedy}")
+def generated_count(cfg: TaskConfig, split: str) -> int:
+    return {"train": cfg.generated_train, "val": cfg.generated_val, "test": cfg.generated_test}[split]
 
 
-def split_of(question: str) -> str:
-    """'train' or 'test', fixed by the question text alone (stable across runs and machines)."""
-    return "test" if hashlib.sha256(question.encode()).digest()[0] % 2 else "train"
-
-
-def _problem(rng: random.Random, cfg: TaskConfig) -> dict | None:
-    """One random problem, or None when a step cannot be drawn (nothing left to subtract)."""
+def _problem(rng: random.Random, cfg: TaskConfig) -> tuple[str, Callable[[], dict]] | None:
+    """One random problem as (its structural key, its row), or None when a step cannot be drawn (nothing left to
+    subtract)."""
     name, he, him, his = rng.choice(PEOPLE)
     other = rng.choice([p for p in PEOPLE if p[0] != name])[0]
     singular, plural = rng.choice(THINGS)
     steps = rng.choices(range(1, len(cfg.step_weights) + 1), weights=cfg.step_weights)[0]
     have = rng.randint(cfg.min_value, cfg.max_value)
     start = f"{name} has {have} {singular if have == 1 else plural}."
-    question, solution = [start], [start.replace(" has ", " starts with ", 1)]
+    question, solution, key = [start], [start.replace(" has ", " starts with ", 1)], [str(have)]
     for step in range(steps):
         ops = [op for op in cfg.operations if op != "-" or have >= cfg.min_value]
         if not ops:
@@ -164,10 +145,12 @@ def _problem(rng: random.Random, cfg: TaskConfig) -> dict | None:
         asked = asked.format(**words)
         question.append(f"Then {asked}" if step else _capitalize(asked))
         solution.append(_capitalize(worked.format(**words)))
+        key.append(f"{op} {n}")
         have = result
     question.append(f"How many {plural} does {name} have now?")
     solution.append(f"The answer is {have}.")
-    return {"question": " ".join(question), "answer": str(have), "solution": " ".join(solution)}
+    row = {"question": " ".join(question), "answer": str(have), "solution": " ".join(solution)}
+    return " ".join(key), lambda: row
 
 
 def _amount(rng: random.Random, op: str, have: int, cfg: TaskConfig) -> int:

@@ -2,12 +2,15 @@
 
 1. A problem is a family (what the function does, e.g. "the sum of the numbers greater than k") with
    constants drawn from a seeded stream, so one family gives many distinct functions. The question
-   names the function and its parameters and shows one example call; the tests are `HIDDEN_TESTS`
-   other calls, their expected values computed by the reference program.
-2. The example's and the tests' arguments are drawn from a generator seeded by the function's
-   description, so a question is a function of its description alone: train and test (split by the
-   question's hash, as the arithmetic task does) never share a function.
-3. `task.generated_train` / `generated_test` set the split sizes, `task.seed` the stream.
+   names the function and its parameter and shows one example call.
+2. Splits go by the function, not its wording: the structural key is the reference body with the parameter
+   renamed (family and constants, no names), so no val or test function is a training function renamed
+   (`splits.py`).
+3. `HIDDEN_TESTS` tests, chosen from edge arguments at the constants and random ones (a generator seeded by
+   the key) so that the trivial answers (0, False, None, [], the argument, ...) and the same family with
+   constants off by one or two, or drawn afresh, fail at least one wherever an argument can tell them apart.
+   The example call is never a hidden test.
+4. `task.generated_train` / `generated_val` / `generated_test` set the split sizes, `task.seed` the stream.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from selfimprove.errors import UserError
-from selfimprove.tasks.arithmetic import distinct_problems
+from selfimprove.tasks.arithmetic import generated_count
 from selfimprove.tasks.code import CodeTask, fenced
+from selfimprove.tasks.splits import check_split, distinct_problems
 
-HIDDEN_TESTS = 4
+HIDDEN_TESTS = 10
+CANDIDATES = 40  # arguments drawn per problem, beside the edge ones, to choose its tests from
 WORDS = ("sun", "river", "apple", "stone", "cloud", "tiger", "lamp", "orange", "bird", "garden", "moon", "sea")
 
 
@@ -99,20 +103,26 @@ FAMILIES = (
 )
 
 
-def make_problem(rng: random.Random) -> dict:
-    """One problem: a family, name, parameter and constants from `rng`; its example and tests from a generator
-    seeded by the question's description."""
+def make_problem(rng: random.Random) -> tuple[str, Callable[[], dict]]:
+    """One problem as (its structural key: the reference body with the parameter renamed `x`, its row): a family,
+    name, parameter and constants from `rng`; the row's example and tests from a generator seeded by the key."""
     family = rng.choice(FAMILIES)
     name, param = rng.choice(family.names), rng.choice(PARAMS[family.kind])
-    constants = {**family.constants(rng), "p": param}
-    asks = family.asks.format(**constants)
-    program = f"def {name}({param}):\n    {family.body.format(**constants)}\n"
-    reference = {}
-    exec(program, reference)  # our own reference code, not a model's
-    function = reference[name]
+    constants = family.constants(rng)
+    key = family.body.format(**constants, p="x")
+    return key, lambda: _row(family, name, param, constants, key)
+
+
+def _row(family: Family, name: str, param: str, constants: dict, key: str) -> dict:
+    asks = family.asks.format(**constants, p=param)
+    program = f"def {name}({param}):\n    {family.body.format(**constants, p=param)}\n"
+    function = _compiled(family, constants)
+    calls = random.Random(hashlib.sha256(key.encode()).digest())
     draw = family.arguments or ARGUMENTS[family.kind]
-    calls = random.Random(hashlib.sha256(f"{name}({param}) {asks}".encode()).digest())
-    example, *hidden = [draw(calls) for _ in range(1 + HIDDEN_TESTS)]
+    candidates = _distinct([*edge_arguments(family.kind, constants), *(draw(calls) for _ in range(CANDIDATES))])
+    example = calls.choice(candidates)
+    hidden = hidden_arguments(function, [a for a in candidates if a != example], confusers(family, constants),
+                              calls)
 
     def call(arg) -> str:
         return f"{name}({arg!r})"
@@ -124,12 +134,82 @@ def make_problem(rng: random.Random) -> dict:
             "setup": "", "entry_point": name, "stub": ""}
 
 
+def _compiled(family: Family, constants: dict) -> Callable:
+    scope = {}
+    exec(f"def f(x):\n    {family.body.format(**constants, p='x')}\n", scope)  # our own code, not a model's
+    return scope["f"]
+
+
+def _distinct(values: list) -> list:
+    seen, kept = set(), []
+    for value in values:
+        if repr(value) not in seen:
+            seen.add(repr(value))
+            kept.append(value)
+    return kept
+
+
+# Programs a test set must tell from the reference: the trivial answers, and (`confusers`) the same family with
+# constants a little or wholly off.
+TRIVIAL = (lambda x: 0, lambda x: False, lambda x: True, lambda x: None, lambda x: [], lambda x: "", lambda x: x)
+LETTERS = "abcdeghilmnoprstu-,+/ "
+
+
+def confusers(family: Family, constants: dict) -> list[Callable]:
+    """The trivial programs, and the family's function with each constant moved by 1 or 2 (another letter, for a
+    letter), or with all constants drawn afresh (eight draws)."""
+    others = []
+    for name, value in constants.items():
+        moved = [value + d for d in (-2, -1, 1, 2)] if type(value) is int else [c for c in LETTERS if c != value]
+        others += [{**constants, name: v} for v in moved]
+    redraw = random.Random(repr(sorted(constants.items())))
+    others += [family.constants(redraw) for _ in range(8)]
+    return [*TRIVIAL, *(_compiled(family, c) for c in others if c != constants)]
+
+
+def edge_arguments(kind: str, constants: dict) -> list:
+    """Arguments at the family's constants, where a constant off by one answers differently."""
+    ints = [v for v in constants.values() if type(v) is int]
+    letters = [v for v in constants.values() if type(v) is str]
+    if kind == "int":
+        return [c + d for c in ints for d in range(-2, 3)] + [0, 1, -1, 2]
+    if kind == "ints":
+        return [[c - 1, c, c + 1] for c in ints] + [[c, 2 * c, 3 * c + 1] for c in ints] + [[0, 1, 2, 3, 4, 5, 6]]
+    if kind == "word":
+        return list(WORDS)
+    return [f"{c}{c} sun {c}" for c in letters] + [" ".join(WORDS[i:i + 3]) for i in range(0, len(WORDS), 3)]
+
+
+def hidden_arguments(function: Callable, candidates: list, confusers: list[Callable], rng: random.Random) -> list:
+    """`HIDDEN_TESTS` of `candidates`: first, one at a time, the argument on which the reference's answer tells it
+    from most of the confusers not yet told apart (a test passes when the answers are ==, as the judge compares);
+    then random ones."""
+    expected = [function(a) for a in candidates]
+    differs = [[_differs(c, a, e) for a, e in zip(candidates, expected)] for c in confusers]
+    chosen, alive = [], set(range(len(confusers)))
+    while alive and len(chosen) < HIDDEN_TESTS:
+        best = max(range(len(candidates)), key=lambda i: sum(differs[c][i] for c in alive))
+        if not any(differs[c][best] for c in alive):
+            break
+        chosen.append(best)
+        alive = {c for c in alive if not differs[c][best]}
+    rest = [i for i in range(len(candidates)) if i not in chosen]
+    chosen += rng.sample(rest, min(HIDDEN_TESTS - len(chosen), len(rest)))
+    return [candidates[i] for i in sorted(chosen)]
+
+
+def _differs(program: Callable, argument, expected) -> bool:
+    try:
+        return not program(argument) == expected
+    except Exception:  # noqa: BLE001 -- a confuser that raises fails that test
+        return True
+
+
 class Functions(CodeTask):
     name = "functions"
 
     def read(self, split: str) -> list[dict]:
-        counts = {"train": self.cfg.generated_train, "test": self.cfg.generated_test}
-        if split not in counts:
-            raise UserError(f"functions has the splits train and test, not '{split}'")
-        return distinct_problems(make_problem, self.cfg.seed, split, counts[split],
-                                 "ask for fewer; the families' constants give about 4,000 functions a split")
+        check_split(self.name, split)
+        return distinct_problems(make_problem, self.cfg.seed, split, generated_count(self.cfg, split),
+                                 "ask for fewer; the families' constants give about 3,900 functions for train, and "
+                                 "2,000 each for val and test")

@@ -37,7 +37,8 @@ def test_generated_problems_name_the_function_show_one_call_and_hide_tests_the_r
 
     rng = random.Random(3)
     for _ in range(50):
-        problem = make_problem(rng)
+        key, build = make_problem(rng)
+        problem = build()
         name = problem["entry_point"]
         assert problem["question"].startswith(f"Write a function `{name}(")
         assert f"For example, {name}(" in problem["question"]
@@ -54,7 +55,7 @@ def test_generated_splits_never_share_a_function_and_are_stable():
     assert len(train) == 300 and len(test) == 100
     assert not {p["question"] for p in train} & {p["question"] for p in test}
     assert task.load("test") == test
-    with pytest.raises(UserError, match="functions has the splits train and test"):
+    with pytest.raises(UserError, match="functions has the splits train, val, test"):
         task.load("validation")
 
 
