@@ -271,10 +271,14 @@ def test_a_killed_zygote_costs_only_the_program_it_was_judging():
 def test_a_programs_processes_together_are_capped_where_the_machine_has_memory_cgroups():
     """Six processes of 150 MiB each stay under a 256 MiB address-space limit apiece, but not under 256 MiB (plus
     the zygote's headroom) together: the kernel kills some, and the verdict says memory."""
-    program = ("import os, time\nkids = []\nfor _ in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
-               "        block = b'x' * (150 * 2**20)\n        time.sleep(30)\n        os._exit(0)\n    kids.append(pid)\n"
-               "time.sleep(1.5)\nalive = sum(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in kids)\n"
-               "def f(x):\n    return alive\n")
+    # Each child says when it holds its 150 MiB; the parent waits until each has said so or died.
+    program = ("import os, time\nread, write = os.pipe()\nkids = []\nfor _ in range(6):\n    pid = os.fork()\n"
+               "    if pid == 0:\n        block = b'x' * (150 * 2**20)\n        os.write(write, b'1')\n"
+               "        time.sleep(30)\n        os._exit(0)\n    kids.append(pid)\nos.set_blocking(read, False)\n"
+               "held, dead = 0, set()\nwhile held + len(dead) < 6:\n    try:\n        held += len(os.read(read, 6))\n"
+               "    except BlockingIOError:\n        pass\n"
+               "    dead |= {pid for pid in kids if os.waitpid(pid, os.WNOHANG)[0]}\n    time.sleep(0.01)\n"
+               "def f(x):\n    return 6 - len(dead)\n")
     cfg = replace(CFG, memory_mb=256, processes=32)
     verdict = run(program, ["assert f(0) == 6"], cfg=cfg)
     assert (verdict.status, verdict.detail) == ("memory", "its processes together passed 256 MiB")
