@@ -21,6 +21,7 @@ from pathlib import Path
 from selfimprove.config import Config
 from selfimprove.errors import UserError
 from selfimprove.guidance import computed_numbers
+from selfimprove.intervals import mean_interval
 from selfimprove.io import write_atomic
 from selfimprove.monitor import pass_counts
 from selfimprove.overhead import share
@@ -92,6 +93,20 @@ def monitored(samples: list[dict]) -> dict:
             "judged_by_value": counts["judged"]["value"] / judged if judged else 0.0}
 
 
+INTERVAL = "pass_at_1_interval"  # beside pass@1 in a set's figures: [low, high], its 95% interval over problems
+
+
+def pass_at_1_interval(rows: list[dict]) -> list[float]:
+    """pass@1's 95% bootstrap interval over the problems of per-problem results (`intervals.py`)."""
+    return [round(x, 4) for x in mean_interval([[r["greedy_correct"] for r in rows]])[1:]]
+
+
+def cell(figures: dict, key: str) -> str:
+    """A report's cell for the figure `key`, with its interval where it has one."""
+    interval = figures.get(INTERVAL) if key == "pass@1" else None
+    return f"{figures[key]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
 def unanswered(problems: list[dict]) -> int:
     """How many problems come without an answer (rows of a question-only file)."""
     return sum(not p["answer"] for p in problems)
@@ -149,7 +164,8 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
     def scored(task: Task, samples: list[dict]) -> tuple[list[dict], dict]:
         """(per-problem results, the set's figures) from its samples."""
         rows = problem_results(samples, numbered=guide is not None)
-        return rows, {**aggregate(rows, cfg.eval.k, task.votes), **(monitored(samples) if task.isolation else {})}
+        return rows, {**aggregate(rows, cfg.eval.k, task.votes), INTERVAL: pass_at_1_interval(rows),
+                      **(monitored(samples) if task.isolation else {})}
 
     rows, figures = scored(task, results(task, problems, out / "samples", ahead))
     metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
@@ -227,7 +243,7 @@ def write_report(run_dir: Path) -> Path:
         p = trained_on(r)
         dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items() if k not in COUNTED_NOT_DROPPED)
         fixed = share(r)
-        lines.append(f"| {r['iteration']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+        lines.append(f"| {r['iteration']} | " + " | ".join(cell(r, k) for k in keys)
                      + (f" | {flagged_passes(r)}" if monitored else "")
                      + f" | {training_rows(p)} | {dropped} | {sum(r.get('stage_seconds', {}).values()):.0f}"
                      + f" | {'' if fixed is None else f'{fixed:.0%}'} |")
@@ -243,12 +259,12 @@ def write_report(run_dir: Path) -> Path:
                   "|---" * (len(sets) * len(keys) + 1) + "|"]
         for r in rows:
             lines.append(f"| {r['iteration']} | " + " | ".join(
-                f"{r['extra'][name][k]:.3f}" if name in r.get("extra", {}) else "" for name in sets for k in keys) + " |")
+                cell(r["extra"][name], k) if name in r.get("extra", {}) else "" for name in sets for k in keys) + " |")
     others = [(r["iteration"], kind, r[kind]) for r in rows for kind in r if kind.endswith("_eval")]
     if others:  # other models' evaluations: a teacher, a solver alone, a baseline
         lines += ["", "Other models, same held-out sets:", ""]
-        lines += [f"- iteration {t} `{kind}`, `{m['model']}`: " + ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
-                  + "".join(f"; {name}: " + ", ".join(f"{k} {e[k]:.3f}" for k in keys if k in e)
+        lines += [f"- iteration {t} `{kind}`, `{m['model']}`: " + ", ".join(f"{k} {cell(m, k)}" for k in keys if k in m)
+                  + "".join(f"; {name}: " + ", ".join(f"{k} {cell(e, k)}" for k in keys if k in e)
                             for name, e in m.get("extra", {}).items()) for t, kind, m in others]
     scored = [r for r in rows if "process" in r]
     if scored:

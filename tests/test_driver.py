@@ -251,6 +251,13 @@ def test_report_from_metrics(tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_shows_pass_at_1_with_its_interval_where_the_eval_computed_one(tmp_path):
+    rows = [{"iteration": 0, "model": "m", "task": "arithmetic", "split": "test", "problems": 10, "pass@1": 0.4,
+             "pass_at_1_interval": [0.1, 0.7], "maj@4": 0.3, "stage_seconds": {"eval": 5.0}}]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert write_report(tmp_path).read_text().splitlines()[6] == "| 0 | 0.400 [0.100, 0.700] | 0.300 |  |  | 5 |  |"
+
+
 def test_report_shows_the_extra_sets_and_the_teacher_beside_the_task(tmp_path):
     head = {"model": "m", "task": "arithmetic", "split": "test", "problems": 10}
     rows = [{"iteration": 0, **head, "pass@1": 0.2, "maj@4": 0.1, "extra": {"wide": {"pass@1": 0.05, "maj@4": 0.0}},

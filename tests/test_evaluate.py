@@ -84,7 +84,10 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
                        name="teacher")
     assert calls == [(task, tmp_path / "samples"), (task_b, tmp_path / "extra" / "wide" / "samples")]
     assert (metrics["model"], metrics["pass@1"], metrics["extra"]) == (
-        "teacher", 0.5, {"wide": {"problems": 4, "pass@1": 0.75, "maj@2": 0.75, "pass@2": 0.75}})
+        "teacher", 0.5, {"wide": {"problems": 4, "pass@1": 0.75, "maj@2": 0.75, "pass@2": 0.75,
+                                  # 3 of 4 right, redrawn: at most one right has chance 0.4% + 4.7% (over 2.5%),
+                                  # none 0.4%; all four 31.6%: the 95% interval is [0.25, 1.0].
+                                  "pass_at_1_interval": [0.25, 1.0]}})
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == metrics
 
     # Drawing the next rollout's requests ahead: they go to the task's own set's engines, the metrics stay the
