@@ -196,7 +196,8 @@ def test_a_question_only_run_labels_by_the_teachers_majority_tunes_then_refines(
 
     data = tmp_path / "data"
     data.mkdir()
-    numbers = ((23, 58, 17), (41, 36, 12), (17, 29, 8), (64, 15, 33), (38, 47, 21), (52, 19, 26))
+    # Questions none of which the carved val split takes (`tasks.base.carved`): all six are training problems.
+    numbers = ((23, 58, 17), (41, 36, 12), (17, 29, 8), (64, 15, 33), (38, 47, 21), (53, 19, 26))
     questions = [f"Ann has {a} pens. She buys {b} more and gives {c} away. How many pens does she have?"
                  for a, b, c in numbers]
     (data / "train.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))

@@ -76,6 +76,7 @@ MULTIPLIERS = (2, 5)
 
 class Arithmetic(Task):
     name = "arithmetic"
+    own_val = True
     instruction = 'Solve the math word problem step by step, then write "The answer is N."'
     # Hand-written with a name, thing and phrasing the generator never uses, so the example
     # is never one of the problems.

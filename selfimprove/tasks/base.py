@@ -15,6 +15,7 @@ numbers the rows, applies the configured split sizes and keys answers for voting
 
 from __future__ import annotations
 
+import hashlib
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -31,6 +32,16 @@ class Judgement:
     verdict: str | None = None  # what it says beyond right or wrong, e.g. which test failed; None if nothing
     judged: str | None = None  # where a program's tests were decided (`sandbox.JUDGED`); None if none ran
     flags: tuple[str, ...] = ()  # the reward-hacking monitor's flags on the sample (`Task.flags`)
+
+
+VAL_SHARE = 8  # a task without a val split of its own gives 1 in VAL_SHARE of its training questions to val
+
+
+def carved(question: str) -> bool:
+    """Whether a training question belongs to the carved val split: by its SHA-256, whitespace and case aside, so
+    a question repeated with other spacing lands on the same side."""
+    normal = " ".join(question.lower().split())
+    return hashlib.sha256(normal.encode()).digest()[0] % VAL_SHARE == 0
 
 
 class Task(ABC):
@@ -52,18 +63,28 @@ class Task(ABC):
     votes: bool = True
     # Where a code task's programs run (selfimprove/sandbox.py: bwrap, unshare or none); None: no programs.
     isolation: str | None = None
+    # Whether `read("val")` gives a val split of the task's own (the generators'); else `load` carves one from train.
+    own_val: bool = False
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
 
     def load(self, split: str) -> list[dict]:
-        """Problem rows of a split ("train" or "test"), at most train_size/test_size of them.
+        """Problem rows of a split ("train", "val" or "test"), at most train_size/test_size of them.
+
+        A task without a val split of its own (`own_val`) carves one from train: the rows whose normalised
+        question hashes into `VAL_SHARE`, which its train split then never holds, so knobs chosen on val were
+        never trained on.
 
         Ids are given before the subset is drawn, so a problem keeps its id whatever the size.
         The subset is a seeded random sample kept in source order: the first N rows of a file
         are often one topic or difficulty (MATH is sorted by subject).
         """
-        rows = [dict(row, id=f"{self.name}-{split}-{i:05d}") for i, row in enumerate(self.read(split))]
+        if split in ("train", "val") and not self.own_val:
+            read = [row for row in self.read("train") if carved(row["question"]) == (split == "val")]
+        else:
+            read = self.read(split)
+        rows = [dict(row, id=f"{self.name}-{split}-{i:05d}") for i, row in enumerate(read)]
         size = {"train": self.cfg.train_size, "test": self.cfg.test_size}.get(split)
         if size is None or size >= len(rows):
             return rows

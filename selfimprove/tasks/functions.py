@@ -207,6 +207,7 @@ def _differs(program: Callable, argument, expected) -> bool:
 
 class Functions(CodeTask):
     name = "functions"
+    own_val = True
 
     def read(self, split: str) -> list[dict]:
         check_split(self.name, split)

@@ -8,6 +8,7 @@ import pytest
 
 from selfimprove.errors import UserError
 from selfimprove.tasks import build_task
+from selfimprove.tasks.base import carved
 from selfimprove.tasks.gsm8k import to_row
 
 RAW = {
@@ -68,7 +69,7 @@ def test_bad_rows(write_jsonl, task_config, row, fragment):
 
 def test_a_row_without_an_answer_is_a_question_alone(write_jsonl, task_config):
     path = write_jsonl("train.jsonl", [{"question": "q1"}, {"question": "q2", "answer": ""},
-                                       {"question": "q3", "answer": "2 + 1 = 3\n#### 3"}])
+                                       {"question": "q4", "answer": "2 + 1 = 3\n#### 3"}])  # q3 would be val's
     rows = build_task(task_config(name="gsm8k", data=path)).load("train")
     assert [(r["answer"], r["solution"]) for r in rows] == [("", ""), ("", ""), ("3", "2 + 1 = 3 The answer is 3.")]
 
@@ -79,6 +80,7 @@ def test_every_shared_gold_solution_verifies(task_config, split):
     """Both the raw `answer` field and our reformatted solution must score as correct."""
     task = build_task(task_config(name="gsm8k", data=SHARED))
     raw = [json.loads(line) for line in (SHARED / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    raw = [r for r in raw if split == "test" or not carved(r["question"])]  # train less the carved val split
     rows = task.load(split)
     assert len(rows) == len(raw) > 1000
     wrong = [row["id"] for row, r in zip(rows, raw, strict=True)
