@@ -1,14 +1,16 @@
 """Experiment tracking: what a run's stages wrote, also as TensorBoard scalars (always) and MLflow metrics
 (`tracking.mlflow`), written with those libraries' own writers as each stage finishes.
 
-1. Read from the finished stage's own files (`timing.json`, a trained model's `train_metrics.json`, `metrics.json`):
+1. Read from the finished stage's own files (`timing.json`, a trained model's `train_metrics.json`, `metrics.json`,
+   `stats.json`):
    the run folder stays the one record, and `selfimprove report` needs none of this.
 2. A stage is logged once, by the process that finished it, and flushed at once: a resumed run logs only what it
    runs, and a killed one has lost nothing it finished.
 3. Scalars: `train/<metric>` (loss, rewards/accuracies, rewards/margins, lr, tokens_per_s) at each reported
    optimizer step of the run's train stages of that kind, numbered on across iterations (`<kind>/<metric>` for
    other kinds that train); `seconds/<stage>` and `eval/<metric>` (`eval/<set>/<metric>` for `eval.extra` sets, and
-   `<stage>/<metric>` for other evaluations) at the iteration.
+   `<stage>/<metric>` for other evaluations) at the iteration; `<stage>/<count>` for each number a stage's
+   `stats.json` holds (a code rollout's `flagged_pass_share`, a pairs stage's `pairs`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class Tracker:
             prefix = "train" if kind == "train" else kind
             for row in json.loads(trained.read_text())["steps"]:
                 self._log({f"{prefix}/{m}": row[m] for m in STEP_METRICS if m in row}, offset + row["step"])
+        counted = folder / "stats.json"
+        if counted.is_file():
+            self._log({f"{kind}/{k}": v for k, v in json.loads(counted.read_text()).items() if _number(v)}, t)
         evaluated = folder / "metrics.json"
         if evaluated.is_file():
             metrics = json.loads(evaluated.read_text())["metrics"]

@@ -50,8 +50,14 @@ def test_stages_become_scalars_steps_numbered_on_across_iterations(tmp_path):
     tracker.stage_done(stage(tmp_path, 1, "eval", 11.0, metrics={"pass@1": 0.5, "maj@4": 0.75, "sandbox": "bwrap",
                                                                   "flagged_pass_share": 0.25, "judged_by_value": 0.0}))
     tracker.stage_done(stage(tmp_path, 2, "train", 20.0, steps=[0.5, 0.25]))
+    rollout = stage(tmp_path, 2, "rollout", 9.0)
+    (rollout / "stats.json").write_text(json.dumps({"drawn_by": "iter_1/eval", "passed": 8, "flagged_pass_share": 0.125,
+                                                    "judged": {"value": 16, "in_process": 0}}))
+    tracker.stage_done(rollout)
     tracker.close()
     got = scalars(tmp_path / "tensorboard")
+    assert (got["rollout/flagged_pass_share"], got["rollout/passed"]) == ([(2, 0.125)], [(2, 8.0)])  # its stats.json
+    assert "rollout/drawn_by" not in got and "rollout/judged" not in got
     assert got["train/loss"] == [(1, 1.0), (2, 0.75), (3, 0.5), (4, 0.5), (5, 0.25)]
     assert got["train/rewards/margins"] == [(1, 0.0), (2, 0.5), (3, 1.0), (4, 0.0), (5, 0.5)]
     assert [step for step, _ in got["train/lr"]] == [1, 2, 3, 4, 5] and len(got["train/tokens_per_s"]) == 5
