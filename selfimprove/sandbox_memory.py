@@ -62,11 +62,23 @@ def available() -> str | None:
     return parent()[1] if parent()[0] is None else None
 
 
+def _remove_left(folder: Path) -> None:
+    """Remove the groups a killed process of ours left (named with its pid; rmdir takes only an empty group)."""
+    for group in folder.glob("selfimprove-sandbox-*-*"):
+        pid = group.name.split("-")[2]
+        if pid.isdigit() and not Path("/proc", pid).exists():
+            try:
+                group.rmdir()
+            except OSError:  # processes still in it, or another process removed it first
+                pass
+
+
 class MemoryCap:
     """A memory cgroup of `mb` MiB plus headroom that a process joins with `wrap(command)`; removed by `close`."""
 
     def __init__(self, mb: int):
         folder, self.version = parent()
+        _remove_left(folder)
         self.path = folder / f"selfimprove-sandbox-{os.getpid()}-{secrets.token_hex(4)}"
         self.path.mkdir()
         limit = str((mb + HEADROOM_MB) << 20)

@@ -283,3 +283,22 @@ def test_a_programs_processes_together_are_capped_where_the_machine_has_memory_c
     verdict = run(program, ["assert f(0) == 6"], cfg=cfg)
     assert (verdict.status, verdict.detail) == ("memory", "its processes together passed 256 MiB")
     assert run(DOUBLE, DOUBLE_TESTS, cfg=cfg).passed  # the zygote lived on
+
+
+@pytest.mark.skipif(sandbox_memory.available() is not None, reason="needs a memory cgroup of our own (root)")
+def test_a_memory_group_left_by_a_killed_process_is_removed_by_the_next_one_and_only_ours():
+    import subprocess
+
+    folder = sandbox_memory.parent()[0]
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    left, other = folder / f"selfimprove-sandbox-{dead.pid}-abcd", folder / "someone-elses"
+    left.mkdir()
+    other.mkdir()
+    try:
+        sandbox_memory.MemoryCap(64).close()
+        assert not left.exists() and other.exists()
+    finally:
+        for group in (left, other):
+            if group.exists():
+                group.rmdir()
