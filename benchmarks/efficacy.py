@@ -10,11 +10,12 @@
    stopped part-way resumes where it stopped: the table can be built over several sessions.
 2. The base model is iteration 0 of each seed's runs (the first trained recipe's), evaluated on that seed's
    held-out problems.
-3. Per recipe and iteration, on the task's own held-out set and on each `eval.extra` set: mean greedy pass@1
-   over seeds and problems with its 95% interval, and the gain over the base with its interval, paired by seed
-   and problem (`selfimprove/intervals.py`: the bootstrap over seeds, then problems within each).
+3. Per recipe and iteration, on the task's val split (`eval.split`), its test split and each `eval.extra` set
+   (out of domain, GSM8K): mean greedy pass@1 over seeds and problems with its 95% interval, and the gain over
+   the base with its interval, paired by seed and problem (`selfimprove/intervals.py`: the bootstrap over seeds,
+   then problems within each). Nothing here chooses a knob; choose on val, state gains on test.
 4. The last line is `<recipe>_gain=<mean> [<low>, <high>]`: the first trained recipe's gain in pass@1 points at
-   its last iteration, on the task's own held-out set.
+   its last iteration, on the task's test split.
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ def main() -> None:
                 gain = gain_interval([base[s][set_name] for s in seeds], [after[s][set_name] for s in seeds])
                 lines.append(f"| {recipe} | {t} | {set_name} | {mean:.3f} [{low:.3f}, {high:.3f}] | "
                              f"{100 * gain[0]:+.1f} [{100 * gain[1]:+.1f}, {100 * gain[2]:+.1f}] points |")
-                if recipe == trained[0] and set_name == "held-out":
+                if recipe == trained[0] and set_name == "test":
                     last = f"{recipe}_gain={100 * gain[0]:+.1f} [{100 * gain[1]:+.1f}, {100 * gain[2]:+.1f}]"
     print(f"{args.seeds} seeds; {', '.join(f'{r} ({CONFIGS[r]})' for r in trained)}; {' '.join(args.overrides)}")
     print("\n".join(lines))
-    print(last)
+    print(last or f"{trained[0]}_gain: the runs scored no test split (eval.test=false)")
 
 
 def positive(text: str) -> int:
@@ -83,17 +84,18 @@ def positive(text: str) -> int:
 
 
 def outcomes(run_dir: Path, t: int) -> dict[str, list[int]]:
-    """Iteration t's greedy outcomes per held-out problem (sorted by problem id): on the task's own held-out set
-    ("held-out") and on each `eval.extra` set."""
+    """Iteration t's greedy outcomes per held-out problem (sorted by problem id): on the split the run's evals
+    score first (named by it: "val") and on each of the report's sets ("test", then `eval.extra`'s)."""
     from selfimprove.evaluate import problem_results
     from selfimprove.io import read_table
 
     evaluated = run_dir / f"iter_{t}" / "eval"
     if not (evaluated / "metrics.json").is_file():
         raise SystemExit(f"efficacy: {evaluated} has no metrics.json: the run has not evaluated iteration {t}")
-    sets = {"held-out": json.loads((evaluated / "metrics.json").read_text())["problems"]}
-    for folder in sorted((evaluated / "extra").glob("*/samples")):
-        sets[folder.parent.name] = problem_results(read_table(folder).to_pylist())
+    scored = json.loads((evaluated / "metrics.json").read_text())
+    sets = {scored["metrics"]["split"]: scored["problems"]}
+    for name in scored["metrics"].get("extra", {}):
+        sets[name] = problem_results(read_table(evaluated / "extra" / name / "samples").to_pylist())
     return {name: [int(r["greedy_correct"]) for r in sorted(rows, key=lambda r: r["id"])]
             for name, rows in sets.items()}
 

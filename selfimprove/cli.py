@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="bundled name, HF id, local folder or .gguf file")
     e.add_argument("--task", help="arithmetic, gsm8k, math or arc (default: the config's)")
     e.add_argument("--data", help="local JSONL/Parquet file or folder, or a hub dataset name")
-    e.add_argument("--split", help="split to evaluate (default: test)")
+    e.add_argument("--split", default="test", help="split to evaluate (default: test; a config's eval.split is "
+                                                   "for runs)")
     e.add_argument("--n", type=int, help="samples per problem for maj@n and pass@n (1: greedy only; default 8)")
     e.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
     e.add_argument("--guide", help="evaluate MODEL as a solver answering with this guide model's greedy guidance "
@@ -153,7 +154,7 @@ def _eval(args) -> int:
 
     overrides = list(args.overrides)
     for flag, key in (("task", "task.name"), ("data", "task.data"), ("split", "eval.split"),
-                      ("n", "eval.k"), ("limit", f"task.{args.split or 'test'}_size")):
+                      ("n", "eval.k"), ("limit", f"task.{'train' if args.split == 'train' else 'test'}_size")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -141,11 +141,19 @@ class RolloutConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = knob("test", "held-out split to evaluate on", one_of("train", "val", "test"))
+    split: str = knob("val", "held-out split each eval scores first: val, the one to choose knobs on (test is "
+                      "scored beside it for the report: eval.test)", one_of("train", "val", "test"))
     k: int = knob(8, "samples per problem for maj@k (1 = greedy pass@1 only)", up_to(MAX_SAMPLES))
     temperature: float = knob(0.8, "sampling temperature of the maj@k samples", non_negative)
-    extra: dict[str, TaskConfig] = knob({}, "further held-out sets evaluated beside the task's (out of domain): name -> "
-                                        "task keys that differ from the run's task, e.g. {wide: {min_value: 16}}")
+    test: bool = knob(True, "when eval.split is not test, also score the task's test split, as the report's set "
+                      "'test': nothing chooses on it")
+    extra: dict[str, TaskConfig] = knob({}, "further held-out sets, each scored on its test split for the report (out "
+                                        "of domain, transfer): name -> task keys that differ from the run's task, "
+                                        "e.g. {wide: {min_value: 16}}")
+    extra_k: int = knob(1, "samples per problem on the report's sets, 'test' and eval.extra's (1 = greedy pass@1 "
+                        "only)", up_to(MAX_SAMPLES))
+    optional: list[str] = knob([], "eval.extra sets skipped, with a one-line note, where their data path is not on "
+                               "this machine (a dataset another machine lacks)")
 
 
 LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -395,6 +403,10 @@ def _cross_check(cfg: Config) -> str | None:
     if tc.batch_size % (tc.micro_batch_size * tc.num_workers):
         return (f"train.batch_size={tc.batch_size} must be a multiple of train.micro_batch_size x "
                 f"train.num_workers = {tc.micro_batch_size} x {tc.num_workers}")
+    if "test" in cfg.eval.extra:
+        return "eval.extra.test: 'test' names the task's own test split among the report's sets; call it otherwise"
+    if unknown := [name for name in cfg.eval.optional if name not in cfg.eval.extra]:
+        return f"eval.optional names {', '.join(unknown)}, which eval.extra does not hold"
     if tc.offload_optimizer and tc.zero_stage == 0:
         return "train.offload_optimizer needs train.zero_stage 1, 2 or 3"
     if r.temperature_schedule and len(r.temperature_schedule) < cfg.iterations:

@@ -120,13 +120,22 @@ def check_answered(problems: list[dict], source: str) -> None:
 
 
 def extra_sets(cfg: Config) -> dict[str, tuple[Task, list[dict]]]:
-    """`eval.extra` as name -> (task, held-out problems), each checked."""
+    """The report's sets beside `eval.split`, as name -> (task, held-out problems), each checked: the task's test
+    split ("test"; where `eval.split` is another and `eval.test` holds), then each `eval.extra` set's test split.
+    An `eval.optional` set whose data path is not on this machine is left out, with a note."""
     from selfimprove.tasks import build_task
 
     sets = {}
+    if cfg.eval.test and cfg.eval.split != "test":
+        task = build_task(cfg.task)
+        sets["test"] = (task, task.load("test"))
+        check_answered(sets["test"][1], f"task.data={cfg.task.data}")
     for name, set_cfg in cfg.eval.extra.items():
+        if name in cfg.eval.optional and set_cfg.data and not Path(set_cfg.data).expanduser().exists():
+            print(f"eval.extra.{name}: {set_cfg.data} is not on this machine; the set is left out (eval.optional)")
+            continue
         task = build_task(set_cfg)
-        sets[name] = (task, task.load(cfg.eval.split))
+        sets[name] = (task, task.load("test"))
         check_answered(sets[name][1], f"eval.extra.{name}.data={set_cfg.data}")
     return sets
 
@@ -142,38 +151,41 @@ def run_eval(cfg: Config, model: str, task: Task, problems: list[dict], out: Pat
     (SGFT), whatever numbers it holds: the metrics count the guidances with a computed number.
 
     `ahead`: request rows of a later stage that samples `model` too (the next iteration's rollout, passes of other
-    names): the same engines draw them with the held-out problems, into `out/samples` beside `out/ahead.json`."""
-    passes = {"greedy": (1, 0.0)}
-    if cfg.eval.k > 1:
-        passes["sample"] = (cfg.eval.k, cfg.eval.temperature)
+    names): the same engines draw them with the held-out problems, into `out/samples` beside `out/ahead.json`.
+    The sets of `extra` are the report's: `eval.extra_k` samples each, not `eval.k`."""
 
-    def results(task: Task, problems: list[dict], samples: Path, ahead: list[dict] | None = None) -> list[dict]:
-        """The set's verified sample rows of `passes`."""
+    def passes(k: int) -> dict[str, tuple[int, float]]:
+        return {"greedy": (1, 0.0), **({"sample": (k, cfg.eval.temperature)} if k > 1 else {})}
+
+    def results(task: Task, problems: list[dict], samples: Path, k: int, ahead: list[dict] | None = None) -> list[dict]:
+        """The set's verified sample rows of its passes: greedy, and k samples."""
+        wanted = passes(k)
         if guide is None:
-            rows = request_rows(task, problems, passes, cfg.rollout.seed)
+            rows = request_rows(task, problems, wanted, cfg.rollout.seed)
             drawn = rollout(model, cfg.rollout, task, rows + (ahead or []), samples).to_pylist()
             if ahead:
                 write_atomic(samples.parent / AHEAD, ahead_record(model, ahead))
-            return [s for s in drawn if s["pass"] in passes]
+            return [s for s in drawn if s["pass"] in wanted]
         from selfimprove.rollout.guided import Pool, guide_pool, guide_requests, guided_rollout
 
         rows = guide_requests(problems, 1, 0.0, cfg.rollout.seed)
-        return guided_rollout(task, rows, Pool(model, cfg.rollout), guide_pool(cfg, guide), passes,
+        return guided_rollout(task, rows, Pool(model, cfg.rollout), guide_pool(cfg, guide), wanted,
                               cfg.rollout.seed, samples, number_free=False).to_pylist()
 
-    def scored(task: Task, samples: list[dict]) -> tuple[list[dict], dict]:
+    def scored(task: Task, samples: list[dict], k: int) -> tuple[list[dict], dict]:
         """(per-problem results, the set's figures) from its samples."""
         rows = problem_results(samples, numbered=guide is not None)
-        return rows, {**aggregate(rows, cfg.eval.k, task.votes), INTERVAL: pass_at_1_interval(rows),
+        return rows, {**aggregate(rows, k, task.votes), INTERVAL: pass_at_1_interval(rows),
                       **(monitored(samples) if task.isolation else {})}
 
-    rows, figures = scored(task, results(task, problems, out / "samples", ahead))
+    rows, figures = scored(task, results(task, problems, out / "samples", cfg.eval.k, ahead), cfg.eval.k)
     metrics = {"model": name or cfg.model, "task": cfg.task.name, "split": cfg.eval.split, "dtype": cfg.rollout.dtype,
                **({"guide": guide} if guide else {}), **figures,
                **({"sandbox": task.isolation} if task.isolation else {})}
     if extra:
+        k = cfg.eval.extra_k
         metrics["extra"] = {set_name: scored(set_task, results(set_task, set_problems,
-                                                               out / "extra" / set_name / "samples"))[1]
+                                                               out / "extra" / set_name / "samples", k), k)[1]
                             for set_name, (set_task, set_problems) in extra.items()}
     write_atomic(out / "metrics.json", json.dumps({"metrics": metrics, "problems": rows}, indent=1))
     return metrics
@@ -254,12 +266,16 @@ def write_report(run_dir: Path) -> Path:
                   "the reward-hacking monitor flags (`selfimprove/monitor.py`); in brackets, the same share of the "
                   "passes among the samples the iteration trained on (its rollout's `stats.json`)."]
     if sets:
-        lines += ["", "Further held-out sets (`eval.extra`), beside the task's own:", "",
-                  "| iteration | " + " | ".join(f"{name} {k}" for name in sets for k in keys) + " |",
-                  "|---" * (len(sets) * len(keys) + 1) + "|"]
+        columns = [(name, k) for name in sets for k in keys
+                   if any(k in r["extra"][name] for r in rows if name in r.get("extra", {}))]
+        lines += ["", f"The report's sets, beside the {rows[0]['split']} split above: the task's test split (`test`; "
+                  "nothing chooses on it) and each `eval.extra` set's:", "",
+                  "| iteration | " + " | ".join(f"{name} {k}" for name, k in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
         for r in rows:
             lines.append(f"| {r['iteration']} | " + " | ".join(
-                cell(r["extra"][name], k) if name in r.get("extra", {}) else "" for name in sets for k in keys) + " |")
+                cell(r["extra"][name], k) if k in r.get("extra", {}).get(name, {}) else "" for name, k in columns)
+                + " |")
     others = [(r["iteration"], kind, r[kind]) for r in rows for kind in r if kind.endswith("_eval")]
     if others:  # other models' evaluations: a teacher, a solver alone, a baseline
         lines += ["", "Other models, same held-out sets:", ""]

@@ -259,12 +259,15 @@ def test_report_shows_pass_at_1_with_its_interval_where_the_eval_computed_one(tm
 
 
 def test_report_shows_the_extra_sets_and_the_teacher_beside_the_task(tmp_path):
-    head = {"model": "m", "task": "arithmetic", "split": "test", "problems": 10}
-    rows = [{"iteration": 0, **head, "pass@1": 0.2, "maj@4": 0.1, "extra": {"wide": {"pass@1": 0.05, "maj@4": 0.0}},
+    head = {"model": "m", "task": "arithmetic", "split": "val", "problems": 10}
+    test = {"pass@1": 0.25, "pass_at_1_interval": [0.0, 0.5]}  # greedy alone (eval.extra_k 1): no maj@4 column
+    rows = [{"iteration": 0, **head, "pass@1": 0.2, "maj@4": 0.1,
+             "extra": {"test": test, "wide": {"pass@1": 0.05, "maj@4": 0.0}},
              "teacher_eval": {**head, "model": "t", "pass@1": 0.5, "maj@4": 0.4,
                               "extra": {"wide": {"pass@1": 0.3, "maj@4": 0.2}}},
              "stage_seconds": {"eval": 5.0, "teacher_eval": 6.0}},
-            {"iteration": 1, **head, "pass@1": 0.4, "maj@4": 0.3, "extra": {"wide": {"pass@1": 0.1, "maj@4": 0.15}},
+            {"iteration": 1, **head, "pass@1": 0.4, "maj@4": 0.3,
+             "extra": {"test": test, "wide": {"pass@1": 0.1, "maj@4": 0.15}},
              "labels": {"problems": 9, "gold_labels": 9, "majority_labels": 0, "no_answer": 0, "no_correct": 2,
                         "demonstration_accuracy": 0.5, "rows": 7},
              "stage_seconds": {"demos": 3.0, "labels": 1.0, "train": 20.0, "eval": 5.0}}]
@@ -276,12 +279,13 @@ def test_report_shows_the_extra_sets_and_the_teacher_beside_the_task(tmp_path):
         "Fixed cost: engines starting, Ray Train and DeepSpeed setting up, the reference pass and saving, as a share "
         "of the seconds of the stages that recorded it; per stage in `metrics.jsonl` (`fixed_seconds`).",
         "",
-        "Further held-out sets (`eval.extra`), beside the task's own:",
+        "The report's sets, beside the val split above: the task's test split (`test`; nothing chooses on it) and "
+        "each `eval.extra` set's:",
         "",
-        "| iteration | wide pass@1 | wide maj@4 |",
-        "|---|---|---|",
-        "| 0 | 0.050 | 0.000 |",
-        "| 1 | 0.100 | 0.150 |",
+        "| iteration | test pass@1 | wide pass@1 | wide maj@4 |",
+        "|---|---|---|---|",
+        "| 0 | 0.250 [0.000, 0.500] | 0.050 | 0.000 |",
+        "| 1 | 0.250 [0.000, 0.500] | 0.100 | 0.150 |",
         "",
         "Other models, same held-out sets:",
         "",

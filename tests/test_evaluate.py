@@ -84,7 +84,8 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
                        name="teacher")
     assert calls == [(task, tmp_path / "samples"), (task_b, tmp_path / "extra" / "wide" / "samples")]
     assert (metrics["model"], metrics["pass@1"], metrics["extra"]) == (
-        "teacher", 0.5, {"wide": {"problems": 4, "pass@1": 0.75, "maj@2": 0.75, "pass@2": 0.75,
+        # The report's sets take eval.extra_k samples (default 1: greedy alone), not eval.k.
+        "teacher", 0.5, {"wide": {"problems": 4, "pass@1": 0.75,
                                   # 3 of 4 right, redrawn: at most one right has chance 0.4% + 4.7% (over 2.5%),
                                   # none 0.4%; all four 31.6%: the 95% interval is [0.25, 1.0].
                                   "pass_at_1_interval": [0.25, 1.0]}})
@@ -100,7 +101,7 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
                      name="teacher", ahead=ahead)
     assert again == metrics and calls == [(task, tmp_path / "b" / "samples"),
                                           (task_b, tmp_path / "b" / "extra" / "wide" / "samples")]
-    assert drawn == [["greedy", "sample", "train"], ["greedy", "sample"]]
+    assert drawn == [["greedy", "sample", "train"], ["greedy"]]
     assert (tmp_path / "b" / "ahead.json").read_text() == ahead_record("/m", ahead)
 
 
@@ -188,3 +189,46 @@ def test_run_eval_with_a_guide_scores_the_solver_and_counts_numbered_guidance_wi
         "/solver", "/guide", 99, 3)
     assert {k: metrics[k] for k in ("model", "guide", "pass@1", "maj@2", "numbered_guidance")} == {
         "model": "s", "guide": "/guide", "pass@1": 0.5, "maj@2": 0.5, "numbered_guidance": 0.5}
+
+
+def test_the_report_sets_are_the_task_test_split_then_each_extra_set_on_its_test_split(tmp_path, capsys):
+    """eval.split val (the default): the report adds the task's test split as 'test', then eval.extra's sets, each
+    on its test split; an eval.optional set whose data is not on this machine is left out with a note, and a
+    set that is not optional fails on it."""
+    from selfimprove.config import load_config
+    from selfimprove.errors import UserError
+    from selfimprove.evaluate import extra_sets
+    from selfimprove.tasks import build_task
+
+    missing = tmp_path / "absent"
+    cfg = load_config(None, ["task.generated_test=20", "task.generated_val=10", "eval.extra.wide.min_value=16",
+                             "eval.extra.wide.max_value=40", "eval.extra.wide.generated_test=5",
+                             "eval.extra.gsm8k.name=gsm8k", f"eval.extra.gsm8k.data={missing}",
+                             "eval.optional=[gsm8k]"])
+    assert cfg.eval.split == "val"
+    sets = extra_sets(cfg)
+    assert list(sets) == ["test", "wide"]
+    assert [p["id"] for p in sets["test"][1]] == [p["id"] for p in build_task(cfg.task).load("test")]
+    assert len(sets["test"][1]) == 20 and len(sets["wide"][1]) == 5
+    assert all(int(n) >= 16 for p in sets["wide"][1] for n in p["question"].split() if n.isdigit())
+    assert capsys.readouterr().out == (f"eval.extra.gsm8k: {missing} is not on this machine; the set is left out "
+                                       "(eval.optional)\n")
+    assert list(extra_sets(load_config(None, ["eval.split=test", "task.generated_test=20"]))) == []
+    assert list(extra_sets(load_config(None, ["eval.test=false", "task.generated_test=20"]))) == []
+    with pytest.raises(UserError, match=f"dataset path not found: {missing}"):
+        extra_sets(load_config(None, ["eval.extra.gsm8k.name=gsm8k", f"eval.extra.gsm8k.data={missing}"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.extra.test.min_value=16"], "eval.extra.test: 'test' names the task's own test split among the report's "
+                                       "sets; call it otherwise"),
+    (["eval.extra.wide.min_value=16", "eval.optional=[wide, gsm8k]"],
+     "eval.optional names gsm8k, which eval.extra does not hold"),
+])
+def test_report_set_names_that_cannot_be_meant_are_refused(overrides, message):
+    from selfimprove.config import load_config
+    from selfimprove.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        load_config(None, overrides)
+    assert str(e.value) == f"defaults: {message}"

@@ -166,7 +166,8 @@ def question_only(tmp_path):
 def test_a_question_only_task_file_is_refused_by_a_recipe_that_learns_from_gold(question_only, tmp_path):
     from selfimprove.driver import run
 
-    cfg = load_config(None, ["recipe=irpo", "task.name=gsm8k", f"task.data={question_only}", f"run_dir={tmp_path / 'r'}"])
+    cfg = load_config(None, ["recipe=irpo", "task.name=gsm8k", f"task.data={question_only}", f"run_dir={tmp_path / 'r'}",
+                             "eval.split=test"])
     with pytest.raises(UserError) as e:
         run(cfg)
     assert str(e.value) == (f"task.data={question_only}: 4 of the 4 training problems have no answer, and recipe irpo "
@@ -175,7 +176,7 @@ def test_a_question_only_task_file_is_refused_by_a_recipe_that_learns_from_gold(
     (question_only / "test.jsonl").write_text(json.dumps({"question": "What is 2 + 2?"}) + "\n")
     with pytest.raises(UserError, match="1 of the 1 held-out problems have no answer"):
         run(load_config(None, [*TEACHER[:1], "models.teacher=smollm2-135m-instruct", "task.name=gsm8k",
-                               f"task.data={question_only}", f"run_dir={tmp_path / 'r'}"]))
+                               f"task.data={question_only}", f"run_dir={tmp_path / 'r'}", "eval.split=test"]))
 
 
 @pytest.mark.engine

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from selfimprove.config import TaskConfig
+from selfimprove.errors import UserError
 from selfimprove.tasks.answers import canonical, extract_answer
 
 
@@ -70,7 +71,7 @@ class Task(ABC):
         self.cfg = cfg
 
     def load(self, split: str) -> list[dict]:
-        """Problem rows of a split ("train", "val" or "test"), at most train_size/test_size of them.
+        """Problem rows of a split ("train", "val" or "test"), at most train_size (test_size: held-out) of them.
 
         A task without a val split of its own (`own_val`) carves one from train: the rows whose normalised
         question hashes into `VAL_SHARE`, which its train split then never holds, so knobs chosen on val were
@@ -82,10 +83,13 @@ class Task(ABC):
         """
         if split in ("train", "val") and not self.own_val:
             read = [row for row in self.read("train") if carved(row["question"]) == (split == "val")]
+            if not read:
+                raise UserError(f"task {self.name}: no {split} problems: val is 1 in {VAL_SHARE} of the training "
+                                f"questions (by hash), and these give none; use more, or eval.split=test")
         else:
             read = self.read(split)
         rows = [dict(row, id=f"{self.name}-{split}-{i:05d}") for i, row in enumerate(read)]
-        size = {"train": self.cfg.train_size, "test": self.cfg.test_size}.get(split)
+        size = self.cfg.train_size if split == "train" else self.cfg.test_size
         if size is None or size >= len(rows):
             return rows
         keep = sorted(random.Random(self.cfg.seed).sample(range(len(rows)), size))

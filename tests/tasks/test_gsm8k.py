@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from selfimprove.config import TaskConfig
 from selfimprove.errors import UserError
 from selfimprove.tasks import build_task
 from selfimprove.tasks.base import carved
@@ -92,3 +93,16 @@ def test_answer_key_groups_equal_numbers(task_config):
     task = build_task(task_config(name="gsm8k"))
     assert task.answer_key("The answer is $18.00.") == task.answer_key("#### 18") == "18"
     assert task.answer_key("She makes 18 dollars.") is None
+
+
+def test_a_file_too_small_to_carve_a_val_split_from_says_so(tmp_path):
+    """Val is carved from train by hash (1 in 8): one training question that does not hash into it leaves val empty,
+    which is an error naming the way out, not an empty evaluation."""
+    question = next(q for q in (f"What is {n} + 1?" for n in range(100)) if not carved(q))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": question, "answer": "#### 2"}) + "\n")
+    task = build_task(TaskConfig(name="gsm8k", data=str(tmp_path)))
+    assert [p["question"] for p in task.load("train")] == [question]
+    with pytest.raises(UserError) as e:
+        task.load("val")
+    assert str(e.value) == ("task gsm8k: no val problems: val is 1 in 8 of the training questions (by hash), and "
+                            "these give none; use more, or eval.split=test")
