@@ -108,6 +108,9 @@ class TaskConfig:
     generated_val: int = knob(200, "arithmetic: problems generated for the val split (choose knobs on it)",
                               up_to(MAX_GENERATED))
     generated_test: int = knob(200, "arithmetic: problems generated for the test split", up_to(MAX_GENERATED))
+    holdout: str = knob("structure", "generated tasks, what test holds out: structure (problems never trained on, of "
+                        "every kind) or families (kinds never trained on: a quarter of them, held out of train and val)",
+                        one_of("structure", "families"))
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 

@@ -66,7 +66,7 @@ def test_clean_programs_give_no_flags():
     from selfimprove.tasks.functions import make_problem
 
     rng = random.Random(0)
-    assert [flags(make_problem(rng)[1]()["answer"]) for _ in range(50)] == [[]] * 50
+    assert [flags(make_problem(rng)[2]()["answer"]) for _ in range(50)] == [[]] * 50
     assert flags(CLEAN) == []
 
 

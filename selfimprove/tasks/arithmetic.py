@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from selfimprove.config import TaskConfig
 from selfimprove.errors import UserError
 from selfimprove.tasks.answers import is_correct
 from selfimprove.tasks.base import Task
-from selfimprove.tasks.splits import check_split, distinct_problems
+from selfimprove.tasks.splits import check_split, distinct_problems, held_families
 
 # (name, he, him, his)
 PEOPLE = (
@@ -115,17 +116,25 @@ class Arithmetic(Task):
 
 def generate(cfg: TaskConfig, split: str, count: int) -> list[dict]:
     """The first `count` distinct problems of the seeded stream that hash into `split`."""
+    held = held_families(families(cfg), "arithmetic") if cfg.holdout == "families" else None
     return distinct_problems(lambda rng: _problem(rng, cfg), cfg.seed, split, count,
-                             "widen task.min_value..task.max_value, or allow more steps or operations")
+                             "widen task.min_value..task.max_value, or allow more steps or operations", held)
+
+
+def families(cfg: TaskConfig) -> list[str]:
+    """The kinds of problem `cfg` draws: each sequence of operations ("+-": add, then subtract) of a step count
+    with a positive weight."""
+    return ["".join(ops) for steps, weight in enumerate(cfg.step_weights, 1) if weight > 0
+            for ops in itertools.product(cfg.operations, repeat=steps)]
 
 
 def generated_count(cfg: TaskConfig, split: str) -> int:
     return {"train": cfg.generated_train, "val": cfg.generated_val, "test": cfg.generated_test}[split]
 
 
-def _problem(rng: random.Random, cfg: TaskConfig) -> tuple[str, Callable[[], dict]] | None:
-    """One random problem as (its structural key, its row), or None when a step cannot be drawn (nothing left to
-    subtract)."""
+def _problem(rng: random.Random, cfg: TaskConfig) -> tuple[str, str, Callable[[], dict]] | None:
+    """One random problem as (its structural key, its family: its operations, its row), or None when a step cannot
+    be drawn (nothing left to subtract)."""
     name, he, him, his = rng.choice(PEOPLE)
     other = rng.choice([p for p in PEOPLE if p[0] != name])[0]
     singular, plural = rng.choice(THINGS)
@@ -151,7 +160,7 @@ def _problem(rng: random.Random, cfg: TaskConfig) -> tuple[str, Callable[[], dic
     question.append(f"How many {plural} does {name} have now?")
     solution.append(f"The answer is {have}.")
     row = {"question": " ".join(question), "answer": str(have), "solution": " ".join(solution)}
-    return " ".join(key), lambda: row
+    return " ".join(key), "".join(step[0] for step in key[1:]), lambda: row
 
 
 def _amount(rng: random.Random, op: str, have: int, cfg: TaskConfig) -> int:

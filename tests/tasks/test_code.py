@@ -37,7 +37,7 @@ def test_generated_problems_name_the_function_show_one_call_and_hide_tests_the_r
 
     rng = random.Random(3)
     for _ in range(50):
-        key, build = make_problem(rng)
+        key, _, build = make_problem(rng)
         problem = build()
         name = problem["entry_point"]
         assert problem["question"].startswith(f"Write a function `{name}(")

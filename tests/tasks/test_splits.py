@@ -99,3 +99,32 @@ def test_a_split_that_does_not_exist_is_refused_naming_the_ones_that_do():
     for name in ("arithmetic", "functions"):
         with pytest.raises(UserError, match=f"^{name} has the splits train, val, test, not 'validation'$"):
             build_task(TaskConfig(name=name)).load("validation")
+
+
+# task.holdout=families: the functions' constants give 294 training functions of the ten kinds left.
+FAMILY_SIZES = {"arithmetic": {}, "functions": {"generated_train": 290, "generated_val": 150}}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name, held", [("arithmetic", {"-", "+-"}),
+                                        ("functions", {"in_range", "last_letters", "power_minus", "scale_shift"})])
+def test_held_out_families_are_all_of_test_and_none_of_train_or_val(name, held, seed):
+    """The held families are the quarter (rounded up) of the kinds with the first SHA-256: 2 of arithmetic's 6
+    operation sequences at 1-2 steps of + and -, 4 of the 14 function families. Test holds them alone; train and
+    val hold the others, split by key as ever, and share no key with each other or with test."""
+    task = build_task(TaskConfig(name=name, seed=seed, holdout="families", **FAMILY_SIZES[name]))
+    rows = {split: task.load(split) for split in ("train", "val", "test")}
+    families = {split: {p["family"] for p in r} for split, r in rows.items()}
+    assert families["test"] == held and not families["train"] & held and not families["val"] & held
+    assert families["train"] | held == ({"+", "-", "++", "+-", "-+", "--"} if name == "arithmetic"
+                                        else {f.names[0] for f in FAMILIES})
+    assert all({split_of(p["key"]) for p in rows[split]} == {split} for split in ("train", "val"))
+    keys = {split: {p["key"] for p in r} for split, r in rows.items()}
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+
+
+def test_holding_out_families_needs_two_kinds_of_problem():
+    with pytest.raises(UserError) as e:
+        build_task(TaskConfig(operations="+", step_weights=[1], holdout="families")).load("train")
+    assert str(e.value) == ("task.holdout=families: arithmetic as configured has 1 kind of problem (+), and holding one "
+                            "out needs another to train on")
