@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/dtype.py [--prompts 16] [--n 4] [--max-tokens 64] [--pairs 16]
 
 1. Generation: raw `vllm.LLM` (built as the rollout stage builds it, on all cores) in a fresh
-   process per dtype; the arithmetic test prompts with the chat template, n samples each, exactly
+   process per dtype; the arithmetic val prompts with the chat template, n samples each, exactly
    `max_tokens` new tokens per sample (EOS ignored, no stop strings), so both dtypes make the same
    number of tokens. One untimed warm-up call, then one timed `generate`.
 2. Training: `selfimprove.train.trainer.train` (Ray Train + DeepSpeed ZeRO-2, one worker on all
@@ -40,7 +40,7 @@ def generate(dtype: str, prompts: int, n: int, max_tokens: int) -> dict:
     cfg = Config()
     model = resolve_model(cfg.model)
     task = build_task(cfg.task)
-    texts = chat_prompts(AutoTokenizer.from_pretrained(model), [task.prompt(p) for p in task.load("test")[:prompts]])
+    texts = chat_prompts(AutoTokenizer.from_pretrained(model), [task.prompt(p) for p in task.load("val")[:prompts]])
     rcfg = dataclasses.replace(cfg.rollout, dtype=dtype, max_model_len=1024)
     start = time.perf_counter()
     llm = build_llm(model, rcfg, cpu_cores=f"0-{(os.cpu_count() or 1) - 1}")

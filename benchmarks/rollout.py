@@ -1,6 +1,6 @@
 """Rollout throughput: the Ray Data vLLM actor pool against batched transformers `generate`.
 
-Same prompts (arithmetic test problems, chat template applied), same sampling (n=8,
+Same prompts (arithmetic val problems, chat template applied), same sampling (n=8,
 temperature 0.8, at most 128 new tokens, same stop strings), bundled model, this machine; the pool with the
 shipped `rollout.batch_size` (64 prompts: 64 problems make one batch of 32 per engine of the 2 x 1 pool).
 
@@ -62,7 +62,7 @@ def main() -> None:
     cfg = Config()
     cfg.rollout = dataclasses.replace(cfg.rollout, n=args.n, max_tokens=args.max_tokens)
     task = build_task(cfg.task)
-    problems = task.load("test")[: args.problems]
+    problems = task.load("val")[: args.problems]
     model = resolve_model(cfg.model)
     rows = request_rows(task, problems, {"sample": (args.n, cfg.rollout.temperature)}, cfg.rollout.seed)
     cores = os.cpu_count() or 1

@@ -31,7 +31,7 @@ def main() -> None:
     from selfimprove.tasks import build_task
 
     cfg = SandboxConfig()
-    problems = build_task(TaskConfig(name="functions", generated_test=args.programs // 2)).load("test")
+    problems = build_task(TaskConfig(name="functions", generated_val=args.programs // 2)).load("val")
     programs = [(p["answer"], p["tests"], True) for p in problems]
     programs += [(re.sub(r"return .*", "return None", p["answer"]), p["tests"], False) for p in problems]
     python = sandbox._python()

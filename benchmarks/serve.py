@@ -2,7 +2,7 @@
 
 1. served: `selfimprove serve` of the bundled model on loopback (one replica: an engine bound to --cores cores).
    --clients clients (the official `openai` client, streaming, usage included) share --requests chat requests,
-   each one held-out arithmetic question with its own seed: time to first token, latency and completion tokens of
+   each one arithmetic val question with its own seed: time to first token, latency and completion tokens of
    every request; tokens/s over the whole wall time.
 2. raw: `vllm.LLM` in this process once the server is gone, with the same engine settings and cores, on the same
    prompts (the chat template applied), sampling parameters and seeds, in one `generate` call: the ceiling.
@@ -43,7 +43,7 @@ def main() -> None:
     from selfimprove.tasks import build_task
 
     task = build_task(TaskConfig())
-    chats = [task.prompt(p) for p in task.load("test")[:args.requests]]
+    chats = [task.prompt(p) for p in task.load("val")[:args.requests]]
     settings = ["rollout.max_model_len=1024", "rollout.cpu_kvcache_gib=2", f"serve.cpus_per_replica={args.cores}",
                 f"serve.max_tokens={args.max_tokens}", f"serve.max_ongoing_requests={args.clients}"]
 

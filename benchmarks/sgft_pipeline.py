@@ -1,6 +1,6 @@
 """Guide -> solver throughput: one Ray Data pipeline over two actor pools, against two stages through disk.
 
-Same requests both ways (arithmetic test questions, the guide's n guidances per question, the solver's m answers
+Same requests both ways (arithmetic val questions, the guide's n guidances per question, the solver's m answers
 per guidance, each request with its own seed, bundled model as guide and solver), this machine, all its cores:
 
 1. Pipeline: `guided_rollout` with a guide pool and a solver pool of one engine each, one core each; guidances
@@ -45,7 +45,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     base = dataclasses.replace(cfg.rollout, max_tokens=128, batch_size=16)
     task = build_task(cfg.task)
-    problems = task.load("test")[: args.problems]
+    problems = task.load("val")[: args.problems]
     model = resolve_model(cfg.model)
     rows = guide_requests(problems, args.guidances, 0.8, cfg.rollout.seed)
     passes = {"solve": (args.answers, 0.7)}
