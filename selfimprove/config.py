@@ -206,8 +206,6 @@ class TrainConfig:
     checkpoint_every: int = knob(50, "optimizer steps between resumable checkpoints (0 = none)", non_negative)
     worker_restarts: int = knob(1, "times the workers start again from the last checkpoint after one of them (or its "
                                 "node) is lost, or could not be started, before training fails", non_negative)
-    storage_path: str | None = knob(None, "where Ray Train keeps checkpoints (none: beside the output; multi-node: a shared path or s3:// URI)",
-                                    path=True)
     seed: int = knob(0, "seed of the pair order, LoRA initialisation and dropout")
 
 
@@ -327,6 +325,9 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     guide: GuideConfig = field(default_factory=GuideConfig)
     run_dir: str = knob("runs/local", "where a run writes its stages, models and metrics", path=True)
+    storage_path: str | None = knob(None, "the one place all nodes share (models, checkpoints): a folder every node "
+                                    "mounts at the same path, or a URI (s3://, gs://); none: this machine only",
+                                    path=True)
     iterations: int = knob(2, "self-improvement iterations (each: rollout, pairs, train, evaluate)", positive)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -490,6 +491,10 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
     return rows
 
 
+# Keys that moved: old dotted key -> (new one, what it is now).
+MOVED = {"train.storage_path": ("storage_path", "the storage all nodes share: models and checkpoints")}
+
+
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
@@ -504,6 +509,9 @@ def _build(cls, raw: dict, prefix: str, where: str):
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
+        if prefix + key in MOVED:
+            new, what = MOVED[prefix + key]
+            raise UserError(f"{where}: '{prefix}{key}' is now '{new}' ({what})")
         if key not in names:
             raise UserError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(names)})")
     kwargs = {}

@@ -61,8 +61,11 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
     with claim_run_dir(run_dir, cfg), contextlib.closing(Tracker(run_dir, cfg.tracking)) as tracker:
         announce({s.dtype.key: s.dtype for s in plan if s.dtype}.values())
         from selfimprove.runtime import init_ray
+        from selfimprove.storage import check_storage, location, use
 
         init_ray()
+        check_storage(cfg.storage_path and location(cfg.storage_path))
+        use(cfg.storage_path)
         progress = RunProgress(run_dir, [(s.iteration, s.kind) for s in plan])
         redoing = Redo(frozenset(redo))
         for s in plan:
@@ -237,8 +240,10 @@ def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
     theirs, mine = to_dict(dataclasses.replace(theirs, recipe=name_of(theirs))), dict(mine, recipe=name_of(cfg))
     if theirs == mine:
         return
-    # More (or fewer) iterations of the same run: it goes on from where it is. Serving and tracking change no stage.
-    theirs.update(iterations=cfg.iterations, serve=mine["serve"], tracking=mine["tracking"])
+    # More (or fewer) iterations of the same run: it goes on from where it is. Serving, tracking and where nodes
+    # share files change no stage.
+    theirs.update(iterations=cfg.iterations, serve=mine["serve"], tracking=mine["tracking"],
+                  storage_path=mine["storage_path"])
     if theirs == mine:
         write_atomic(saved, yaml.safe_dump(mine, sort_keys=False))
     else:

@@ -140,8 +140,8 @@ def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path):
 
 def test_run_dir_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = load_config(None, ["run_dir=~/runs/r", "train.storage_path=~/ray"])
-    assert (cfg.run_dir, cfg.train.storage_path) == (str(tmp_path / "runs" / "r"), str(tmp_path / "ray"))
+    cfg = load_config(None, ["run_dir=~/runs/r", "storage_path=~/ray"])
+    assert (cfg.run_dir, cfg.storage_path) == (str(tmp_path / "runs" / "r"), str(tmp_path / "ray"))
     with claim_run_dir(Path(cfg.run_dir), cfg):
         assert (tmp_path / "runs" / "r" / "config.yaml").is_file()
 

@@ -46,6 +46,7 @@ from selfimprove.config import ProcessConfig, RolloutConfig
 from selfimprove.errors import UserError
 from selfimprove.reward.steps import Step, cap_steps, split_steps
 from selfimprove.rollout.generator import SKIPPED, VLLMGenerator
+from selfimprove.storage import shared
 from selfimprove.tasks.base import Task
 
 # Where a step's value came from.
@@ -136,7 +137,8 @@ def prm_actors(model: str, cfg: RolloutConfig, stop: tuple[str, ...]):
 
     resources, cores = engine_resources(cfg)
     actor = ray.remote(MCPRM).options(**resources)
-    actors = [actor.remote(model, cfg, tuple(stop), cores) for _ in range(cfg.num_actors)]
+    stored = shared(model)  # what the actors' nodes can fetch
+    actors = [actor.remote(stored, cfg, tuple(stop), cores) for _ in range(cfg.num_actors)]
     try:
         _wait_started(actors, cfg.start_timeout)
         yield actors

@@ -48,6 +48,7 @@ from selfimprove.io import read_table, stage_output
 from selfimprove.models import check_tokenizer, tokenizer_hash
 from selfimprove.reward.mc_prm import OUTCOME, scorable_samples, write_stage
 from selfimprove.rollout.generator import SKIPPED
+from selfimprove.storage import local, shared
 
 TRAINED = "trained"  # a step's source: the PRM's prediction
 PRM_FILE = "prm.json"  # beside the weights: backbone, max_len, tokenizer hash, training log
@@ -206,9 +207,9 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
     use_gpu, cores, resources = worker_resources(tc)
     settings = {k: v for k, v in to_dict(pc).items() if k.startswith("prm_")} | {"seed": tc.seed, "precision": tc.precision}
     run = "prm-" + fingerprint(backbone, settings, examples)
-    storage = checkpoint_storage(tc, out, checkpoints)
+    storage = checkpoint_storage(cfg.storage_path, out, checkpoints)
     worker_config = {
-        "process": pc, "seed": tc.seed, "precision": tc.precision, "backbone": backbone,
+        "process": pc, "seed": tc.seed, "precision": tc.precision, "backbone": shared(backbone),
         "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
         "pad_id": padding_id(tokenizer),
         "tokenizer_hash": tokenizer_hash(tokenizer), "counts": counts | {"unused": counts["examples"] - len(examples)},
@@ -219,7 +220,7 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
             raise UserError("PRM training ended without a saved model")
         checkpoint.to_directory(str(scratch))
         summary = json.loads((scratch / PRM_FILE).read_text())["summary"]
-    release_storage(tc, storage)
+    release_storage(cfg.storage_path, storage, run)
     return summary
 
 
@@ -242,6 +243,7 @@ def prm_worker(config: dict) -> None:
         torch.set_num_threads(config["cores"])
     torch.manual_seed(config["seed"])
     device = get_device()
+    config = dict(config, backbone=local(config["backbone"]))  # into this node's cache, if from storage_path
     model = AutoModelForTokenClassification.from_pretrained(config["backbone"], num_labels=1, dtype=torch.float32)
     model = prepare_model(model)  # to the worker's device; DDP when there are several workers
     optimizer = torch.optim.AdamW(model.parameters(), lr=pc.prm_lr)
@@ -351,6 +353,7 @@ def predict(prm_dir: str, queries: list[tuple[list[int], list[int]]], batch_size
 
     if cores:
         torch.set_num_threads(cores)
+    prm_dir = local(prm_dir)  # into this node's cache, if from storage_path
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForTokenClassification.from_pretrained(prm_dir, dtype=dtype).to(device).eval()
@@ -385,10 +388,11 @@ def run_trained_prm(prm_dir: str | Path, policy: str, cfg: ProcessConfig, sample
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cores = 1 if use_gpu else node_cpus()
     task = ray.remote(predict).options(num_cpus=cores, num_gpus=1 if use_gpu else 0)
+    stored = shared(prm_dir)  # what the task's node can fetch
 
     def remote_predict(queries):
         try:
-            return ray.get(task.remote(prm_dir, queries, cfg.prm_batch_size, pad_id, 0 if use_gpu else cores))
+            return ray.get(task.remote(stored, queries, cfg.prm_batch_size, pad_id, 0 if use_gpu else cores))
         except Exception as e:
             from selfimprove.rollout.stage import root_cause
 

@@ -24,13 +24,13 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from selfimprove.config import RolloutConfig
 
 SKIPPED = "skipped=too_long"
+STARTUP = "engine_startups"  # a column: the start-up record (JSON) of each engine a row passed through, one a line
 # Sequences per transformers `generate` call: larger batches barely help on CPU and cost memory.
 HF_CHUNK = 64
 
@@ -92,17 +92,22 @@ class _Generator:
 class VLLMGenerator(_Generator):
     """One vLLM engine per Ray actor, built once.
 
-    With `startups` (a folder), the engine leaves `<host>-<pid>.json` there once built: when its actor began and
-    when the engine was ready (wall clock), so a stage can tell its fixed cost from its work (`overhead.py`).
+    `model` may be a `stored:` reference (`storage.shared`): it is fetched into this node's cache first.
+    With `startups`, every row it returns carries in the column `STARTUP` when its actor began and when the engine
+    was ready (wall clock), after any earlier pool's record the row held: the driver keeps them, so that a stage can
+    tell its fixed cost from its work (`overhead.py`). No file is written here: the run dir is the driver's.
     With `then` (a function of a batch), each batch of samples passes through it before leaving the actor.
     """
 
     def __init__(self, model: str, cfg: RolloutConfig, stop: tuple[str, ...] = (), cores_per_actor: int = 0,
-                 startups: str | None = None, then: Callable[[dict], dict] | None = None):
+                 startups: bool = False, then: Callable[[dict], dict] | None = None):
         began = time.time()
         super().__init__(cfg, stop)
         self.then = then
         from selfimprove.rollout.engine import build_llm, on_cpu
+        from selfimprove.storage import local
+
+        model = local(model)
 
         # CPU actors of one node bind their engines to disjoint cores: each holds a lock on
         # its slot for its whole life, and the OS drops the lock if the actor dies.
@@ -111,16 +116,14 @@ class VLLMGenerator(_Generator):
             cores, self._slot_lock = claim_cores(cores_per_actor)
         self.llm = build_llm(model, cfg, cpu_cores=cores, in_process=cores is not None)
         self.tokenizer = self.llm.get_tokenizer()
-        if startups:
-            from selfimprove.io import write_atomic
-
-            folder = Path(startups)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / f"{socket.gethostname()}-{os.getpid()}.json",
-                         json.dumps({"began": round(began, 2), "ready": round(time.time(), 2)}))
+        self.startup = json.dumps({"engine": f"{socket.gethostname()}-{os.getpid()}", "began": round(began, 2),
+                                   "ready": round(time.time(), 2)}) if startups else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out = super().__call__(batch)
+        if self.startup:
+            out[STARTUP] = [f"{before}\n{self.startup}" if before else self.startup
+                            for before in out.get(STARTUP) or [""] * len(out["text"])]
         return self.then(out) if self.then else out
 
     def generate(self, prompts, ns, temps, seeds):

@@ -23,9 +23,9 @@ import pyarrow as pa
 
 from selfimprove.config import Config, RolloutConfig
 from selfimprove.guidance import guidance_problem, guide_prompt, solver_prompt
+from selfimprove.rollout.generator import STARTUP
 from selfimprove.rollout.stage import (
     SAMPLE_SCHEMA,
-    STARTUPS,
     engine_resources,
     generate,
     generate_verified,
@@ -81,9 +81,11 @@ def solver_requests(batch: dict[str, np.ndarray], task: Task, passes: dict[str, 
                     number_free: bool) -> dict[str, list]:
     """Guide sample rows -> one solver request per (guidance, solver pass): the task's prompt with the guidance,
     and the guide's columns renamed (`_FROM_GUIDE`). A request whose guidance must not reach the solver gets a
-    `skip` status: the guide's own (too long), or, with `number_free`, empty or a computed number."""
+    `skip` status: the guide's own (too long), or, with `number_free`, empty or a computed number. The guide
+    engines' start-up records (`STARTUP`) go on with each request."""
+    carried = [*_FROM_GUIDE, *([(STARTUP, STARTUP)] if STARTUP in batch else [])]
     out: dict[str, list] = {k: [] for k in ("pass", "problem_id", "question", "answer", "problem", "prompt", "n",
-                                            "temperature", "seed", "skip", *(ours for _, ours in _FROM_GUIDE))}
+                                            "temperature", "seed", "skip", *(ours for _, ours in carried))}
     for i in range(len(batch["problem_id"])):
         problem, guidance = json.loads(batch["problem"][i]), str(batch["text"][i])
         skip = "" if batch["status"][i] == "ok" else str(batch["status"][i])
@@ -99,7 +101,7 @@ def solver_requests(batch: dict[str, np.ndarray], task: Task, passes: dict[str, 
             out["temperature"].append(temperature)
             out["seed"].append(request_seed(seed, name, problem["id"], int(batch["sample_index"][i])))
             out["skip"].append(skip)
-            for theirs, ours in _FROM_GUIDE:
+            for theirs, ours in carried:
                 value = batch[theirs][i]
                 out[ours].append(value.item() if isinstance(value, np.generic) else value)
     return out
@@ -112,12 +114,10 @@ def guided_rollout(task: Task, rows: list[dict], solver: Pool, guide: Pool | Non
     actors = solver.cfg.num_actors + (guide.cfg.num_actors if guide else 0)
     ds = request_dataset(rows, (guide or solver).cfg)
     if guide:
-        ds = generate(ds, guide.model, guide.cfg, task.stop, *engine_resources(guide.cfg, actors),
-                      startups=out.with_name(STARTUPS))
+        ds = generate(ds, guide.model, guide.cfg, task.stop, *engine_resources(guide.cfg, actors), startups=True)
     ds = ds.map_batches(solver_requests, fn_kwargs={"task": task, "passes": passes, "seed": seed,
                                                     "number_free": number_free}, batch_size=None, num_cpus=0)
-    ds = generate_verified(ds, solver.model, solver.cfg, task, *engine_resources(solver.cfg, actors),
-                           startups=out.with_name(STARTUPS))
+    ds = generate_verified(ds, solver.model, solver.cfg, task, *engine_resources(solver.cfg, actors), startups=True)
     guidances = [(r["problem_id"], i) for r in rows for i in (range(r["n"]) if guide else [r["sample_index"]])]
     expected = {(name, pid, gi, si) for pid, gi in guidances for name, (n, _) in passes.items() for si in range(n)}
     return write_samples(ds, out, GUIDED_SCHEMA, GUIDED_ORDER, expected)

@@ -32,10 +32,11 @@ import pyarrow.parquet as pq
 
 from selfimprove.config import RolloutConfig
 from selfimprove.errors import UserError
-from selfimprove.io import digest, is_done, read_table, stage_output
+from selfimprove.io import digest, is_done, read_table, stage_output, write_atomic
 from selfimprove.rollout.engine import cpu_engine_env
-from selfimprove.rollout.generator import VLLMGenerator
+from selfimprove.rollout.generator import STARTUP, VLLMGenerator
 from selfimprove.runtime import node_cpus
+from selfimprove.storage import shared
 from selfimprove.tasks.base import Judgement, Task
 
 AHEAD = "ahead.json"  # beside a samples folder that also holds a later stage's requests, drawn ahead
@@ -96,8 +97,7 @@ def verify_batch(batch: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarr
 
 def rollout(model: str, cfg: RolloutConfig, task: Task, rows: list[dict], out: Path):
     """Generate and verify samples for `rows` (from `request_rows`) into `out`; return them as an Arrow table."""
-    ds = generate_verified(request_dataset(rows, cfg), model, cfg, task, *engine_resources(cfg),
-                           startups=out.with_name(STARTUPS))
+    ds = generate_verified(request_dataset(rows, cfg), model, cfg, task, *engine_resources(cfg), startups=True)
     return write_samples(ds, out, SAMPLE_SCHEMA, SAMPLE_ORDER, expected_samples(rows))
 
 
@@ -176,7 +176,7 @@ def expected_samples(rows: list[dict]) -> set[tuple]:
 
 
 def generate_verified(ds, model: str, cfg: RolloutConfig, task: Task, resources: dict, cores: int,
-                      startups: Path | None = None):
+                      startups: bool = False):
     """`generate` with `task`'s stop strings, each sample then checked by `verify_batch`: in the engine's own call
     if the check is light, else in a step of its own with the task's `verify_cpus` (running programs is not
     light: a core each, a bounded number at once, so hostile samples cannot crowd out the engines or the
@@ -194,18 +194,19 @@ def verify_step(ds, task: Task):
 
 
 def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resources: dict, cores: int,
-             startups: Path | None = None, then=None):
-    """`ds` (request rows) mapped to sample rows by a pool of `cfg.num_actors` vLLM actors of `model`, each with
-    `resources` and bound to `cores` cores on CPU; each engine records its start-up in `startups`, if given, and
-    passes each batch of samples through `then` (a function of the batch), if given."""
+             startups: bool = False, then=None):
+    """`ds` (request rows) mapped to sample rows by a pool of `cfg.num_actors` vLLM actors of `model` (handed on as
+    `storage.shared` makes it), each with `resources` and bound to `cores` cores on CPU; with `startups`, each
+    engine records its start-up in its rows (`write_samples` keeps them); each batch of samples passes through
+    `then` (a function of the batch), if given."""
     import ray
 
     # Bounded failure: Ray Data would wait for its actors forever and restart a dying one without end.
     ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.start_timeout
     return ds.map_batches(
         VLLMGenerator,
-        fn_constructor_kwargs={"model": model, "cfg": cfg, "stop": stop, "cores_per_actor": cores,
-                               "startups": startups and str(startups), "then": then},
+        fn_constructor_kwargs={"model": shared(model), "cfg": cfg, "stop": stop, "cores_per_actor": cores,
+                               "startups": startups, "then": then},
         batch_size=None,  # a block is a batch: its size is set by `batch_count`
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
         max_restarts=cfg.actor_restarts,
@@ -216,21 +217,36 @@ def generate(ds, model: str, cfg: RolloutConfig, stop: tuple[str, ...], resource
 
 def write_samples(ds, out: Path, schema: pa.Schema, order: tuple[str, ...], expected: set[tuple]):
     """Write the verified samples of `ds` to `out` as Parquet of `schema`; the folder is marked done only if it
-    holds each key of `expected` (values of the `order` columns) exactly once. Returns the samples, in order."""
+    holds each key of `expected` (values of the `order` columns) exactly once. Returns the samples, in order.
+    The engines' start-up records the rows carry go to `<out>/../engines/<engine>.json`."""
+    startups = set()
     try:
         with stage_output(out) as scratch:
             with pq.ParquetWriter(scratch / "samples.parquet", schema) as writer:
                 # The schema, not each batch's guess: a batch where no sample states an answer has an all-null
                 # `extracted`, typed null.
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    if STARTUP in batch.column_names:
+                        startups.update(pc.unique(batch.column(STARTUP)).to_pylist())
                     writer.write_table(batch.select(schema.names).cast(schema))
             samples = read_table(scratch, order)
             check_complete(samples, order, expected)
+        write_startups(out.with_name(STARTUPS), startups)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"rollout failed: {root_cause(e)}") from e
     return samples
+
+
+def write_startups(folder: Path, startups: set[str | None]) -> None:
+    """One `<engine>.json` in `folder` per engine named in `startups` (values of the `STARTUP` column)."""
+    records = {json.loads(line)["engine"]: json.loads(line) for value in startups if value
+               for line in value.splitlines()}
+    if records:
+        folder.mkdir(parents=True, exist_ok=True)
+    for engine, record in records.items():
+        write_atomic(folder / f"{engine}.json", json.dumps({"began": record["began"], "ready": record["ready"]}))
 
 
 def check_complete(samples: pa.Table, order: tuple[str, ...], expected: set[tuple]) -> None:

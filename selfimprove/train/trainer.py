@@ -27,7 +27,7 @@
    pass. The driver then names the step and the last good checkpoint, which it keeps.
 7. Every `checkpoint_every` steps a DeepSpeed checkpoint (with the reference log-probs and the
    position in the data) goes through `ray.train.report`; Ray Train persists it under
-   `storage_path`, keeps the newest, and hands it back (`get_checkpoint`) when a run of the same
+   `<storage_path>/checkpoints`, keeps the newest, and hands it back (`get_checkpoint`) when a run of the same
    model, data and settings starts again, which resumes there.
 8. Metrics (loss, rewards, reward accuracy, margin, tokens/s) go to `ray.train.report` every
    `report_every` steps: a report costs ~2 s. Every step's metrics are kept in
@@ -59,6 +59,7 @@ from selfimprove.config import Config, TrainConfig, check_knobs, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
 from selfimprove.runtime import check_resources
+from selfimprove.storage import shared
 from selfimprove.train.data import Example, collate, padding_id, read_rows, row_length, tokenize, training_order
 from selfimprove.train.loss_names import needs_reference, needs_rejected
 from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
@@ -85,7 +86,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
 
     `reference`: the model a DPO-style loss measures against (default: `cfg.model` as it starts).
 
-    Checkpoints go to `train.storage_path`, else to `checkpoints` (default: `<out>.ray`), which is
+    Checkpoints go to `<storage_path>/checkpoints`, else to `checkpoints` (default: `<out>.ray`), which is
     removed once the model is saved. A caller whose `out` is a scratch folder passes a `checkpoints`
     outside it, so a killed stage resumes from them.
     """
@@ -119,9 +120,10 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
     use_gpu, cores, resources = worker_resources(tc)
     reference = reference and check_reference(reference, model_path)
     run = "train-" + fingerprint(model_path, to_dict(tc) | ({"reference": reference} if reference else {}), examples)
-    storage = checkpoint_storage(tc, out, checkpoints)
+    storage = checkpoint_storage(cfg.storage_path, out, checkpoints)
     worker_config = {
-        "train": tc, "model": model_path, "reference": reference, "examples": ray.put(examples), "use_gpu": use_gpu,
+        "train": tc, "model": shared(model_path), "reference": reference and shared(reference),
+        "examples": ray.put(examples), "use_gpu": use_gpu,
         "cores": cores,
         "pad_id": padding_id(tokenizer),
         "counts": vars(counts) | {"unused": counts.examples - len(examples)},
@@ -143,7 +145,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
         if not (scratch / METRICS_FILE).is_file():
             raise UserError(f"training ended without a saved model ({checkpoint.path} is not one)")
         summary = json.loads((scratch / METRICS_FILE).read_text())["summary"]
-    release_storage(tc, storage)
+    release_storage(cfg.storage_path, storage, run)
     return summary
 
 
@@ -158,19 +160,26 @@ def worker_resources(tc: TrainConfig) -> tuple[bool, int, dict]:
     return use_gpu, cores, {"CPU": cores, **({"GPU": 1} if use_gpu else {})}
 
 
-def checkpoint_storage(tc: TrainConfig, out: Path, checkpoints: Path | None) -> str:
-    """Where Ray Train keeps a training's checkpoints: `train.storage_path`, else `checkpoints`, else `<out>.ray`.
-    A folder is given as an absolute path: Ray Train reads a relative one (`run_dir=runs/local`) as a URI, and fails."""
-    if tc.storage_path:
-        return tc.storage_path if "://" in tc.storage_path else os.path.abspath(tc.storage_path)
+def checkpoint_storage(storage_path: str | None, out: Path, checkpoints: Path | None) -> str:
+    """Where Ray Train keeps a training's checkpoints: `<storage_path>/checkpoints` (every worker's node reaches it),
+    else `checkpoints`, else `<out>.ray`. A folder is given as an absolute path: Ray Train reads a relative one
+    (`run_dir=runs/local`) as a URI, and fails."""
+    from selfimprove.storage import location
+
+    if storage_path:
+        return f"{location(storage_path)}/checkpoints"
     return str(claim_folder(checkpoints or out.with_name(out.name + ".ray")).resolve())
 
 
-def release_storage(tc: TrainConfig, storage: str) -> None:
-    """Remove the checkpoints once the model is saved, if they are in our own scratch space: a user's
-    `train.storage_path` is theirs to clean."""
-    if tc.storage_path is None:
+def release_storage(storage_path: str | None, storage: str, run: str) -> None:
+    """Remove the checkpoints once the model is saved: our scratch folder, or the training's own folder in
+    `storage_path` (named by its fingerprint, so no other training's)."""
+    from selfimprove.storage import release
+
+    if storage_path is None:
         remove_ours(Path(storage))
+    else:
+        release(storage, run)
 
 
 def launch(worker, worker_config: dict, tc: TrainConfig, use_gpu: bool, resources: dict, run: str, storage: str,
@@ -343,9 +352,12 @@ def train_worker(config: dict) -> None:
 
     from selfimprove.models import home
     from selfimprove.precision import concrete
+    from selfimprove.storage import local
 
     tc: TrainConfig = config["train"]
     tc = dataclasses.replace(tc, precision=concrete("train.precision", tc.precision))
+    # Models fetched into this node's cache, if they came from storage_path.
+    config = dict(config, model=local(config["model"]), reference=config["reference"] and local(config["reference"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ops DeepSpeed JIT-builds (its CPU Adam, with offload) are built once per machine and venv.

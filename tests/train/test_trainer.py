@@ -340,11 +340,12 @@ def test_progress_line_shows_rewards_only_for_preference_losses(capsys):
 def test_checkpoint_storage_is_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):
     """`make demo` writes to run_dir=runs/local: Ray Train read the relative checkpoint folder as a URI and failed."""
     monkeypatch.chdir(tmp_path)
-    storage = checkpoint_storage(TrainConfig(), Path("runs/local/iter_1/train.partial"), Path("runs/local/iter_1/train.ray"))
+    storage = checkpoint_storage(None, Path("runs/local/iter_1/train.partial"), Path("runs/local/iter_1/train.ray"))
     assert storage == str(tmp_path / "runs" / "local" / "iter_1" / "train.ray")
     assert (tmp_path / "runs" / "local" / "iter_1" / "train.ray" / ".selfimprove").is_file()
-    assert checkpoint_storage(TrainConfig(storage_path="ckpt"), Path("o"), None) == str(tmp_path / "ckpt")
-    assert checkpoint_storage(TrainConfig(storage_path="s3://bucket/ckpt"), Path("o"), None) == "s3://bucket/ckpt"
+    # With a storage_path, every worker's node reaches them there.
+    assert checkpoint_storage("shared", Path("o"), None) == str(tmp_path / "shared" / "checkpoints")
+    assert checkpoint_storage("s3://bucket/run/", Path("o"), None) == "s3://bucket/run/checkpoints"
 
 
 def test_cpu_workers_reduce_through_torch_without_building_deepspeeds_shm_op(tmp_path):
