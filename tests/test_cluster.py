@@ -6,7 +6,8 @@
    others, unless it says x-kubernetes-preserve-unknown-fields. jsonschema ignores the
    x-kubernetes-* keywords (CEL rules are not evaluated) and formats (int32, int-or-string).
 2. What a schema cannot say: a RayJob's entrypoint is one `selfimprove run` of a config in
-   configs/ that loads with its overrides; its run_dir is on a volume every pod shares; the
+   configs/ that loads with its overrides; its run_dir is on a volume of the head alone (where the driver
+   runs) and its storage_path on a volume every pod mounts at the same path (nodes share nothing else); the
    cluster has the CPUs and GPUs the config asks Ray for; images and spec.rayVersion pin
    setup.cfg's ray; volumes name the claim of cluster/storage.yaml.
 3. Security (issue 13): every pod runs as the image's non-root user with no privileges, no
@@ -222,17 +223,28 @@ def test_job_runs_a_repository_config_that_loads(name, doc):
 
 
 @pytest.mark.parametrize("name,doc", jobs(), ids=[name for name, _ in jobs()])
-def test_job_run_dir_is_on_a_volume_every_pod_mounts(name, doc):
+def test_job_shares_only_storage_path_between_pods(name, doc):
+    """The run dir is the driver's, on the head; workers mount only the claim of storage_path, at the same path."""
     path, overrides = entrypoint(doc)
-    run_dir = Path(load_config(path, overrides).run_dir)
+    cfg = load_config(path, overrides)
+    run_dir = Path(cfg.run_dir)
     assert run_dir.is_absolute(), f"{name}: run_dir {run_dir} depends on the driver's working directory"
-    shared_mount(name, doc, run_dir)
+    _, runs = shared_mount(name, doc, run_dir, groups={"head"})
+    assert cfg.storage_path and Path(cfg.storage_path).is_absolute(), f"{name}: storage_path {cfg.storage_path}"
+    _, storage = shared_mount(name, doc, Path(cfg.storage_path))
+    for group, pod, _ in containers(doc):
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+        assert group == "head" or claims == {storage}, f"{name}: {group} mounts {claims}, not only {storage}"
+    assert runs != storage
 
 
-def shared_mount(name: str, doc: dict, path: Path) -> tuple[str, str]:
-    """(mount path, claim) of the claim holding `path` that every Ray container of `doc` mounts, at the same place."""
+def shared_mount(name: str, doc: dict, path: Path, groups: set[str] | None = None) -> tuple[str, str]:
+    """(mount path, claim) of the claim holding `path` that every Ray container of `doc` (of `groups`, if given)
+    mounts, at the same place."""
     shared = None
     for group, pod, container in containers(doc):
+        if groups is not None and group not in groups:
+            continue
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
                   if "persistentVolumeClaim" in v}
         mounts = {(m["mountPath"], claims.get(m["name"])) for m in container.get("volumeMounts", [])
@@ -556,7 +568,7 @@ def test_service_reads_the_model_from_the_volume_the_job_writes():
     gateway, engine = serve_config_v2(service)["applications"]
     paths = {gateway["args"]["tokenizer"], engine["args"]["llm_config"]["model_loading_config"]["model_source"]}
     assert paths == {model} and Path(model).is_relative_to(cfg.run_dir)
-    assert shared_mount(SERVICE, service, Path(model)) == shared_mount(SERVED_JOB, job, Path(cfg.run_dir))
+    assert shared_mount(SERVICE, service, Path(model)) == shared_mount(SERVED_JOB, job, Path(cfg.run_dir), {"head"})
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray 2.60's pydantic models, when ray.serve.schema loads
@@ -611,6 +623,10 @@ def test_service_runs_on_the_cpu_cluster_shape():
         for container in group["template"]["spec"]["containers"]:
             container.pop("env")  # test_service_api_key_comes_from_a_secret_in_every_ray_container
     spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"].remove(SERVE_PORT)
+    # Serve's replicas on the workers read the run's model from the run dir: its volume too.
+    worker = spec["workerGroupSpecs"][0]["template"]["spec"]
+    worker["containers"][0]["volumeMounts"].remove({"name": "runs", "mountPath": "/mnt/runs"})
+    worker["volumes"].remove({"name": "runs", "persistentVolumeClaim": {"claimName": "selfimprove-runs"}})
     assert spec == manifest("raycluster-cpu.yaml")["spec"]
 
 
