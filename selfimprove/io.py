@@ -90,12 +90,12 @@ def digest(value) -> str:
     if isinstance(value, Path) and is_done(value):
         return hashlib.sha256((value / SUCCESS).read_bytes()).hexdigest()[:16]
     if isinstance(value, Path) and value.is_dir():
-        return _folder_digest(str(value.resolve()))
+        return folder_digest(str(value.resolve()))
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=8)
-def _folder_digest(folder: str) -> str:
+def folder_digest(folder: str) -> str:
     """Every file's path and bytes; cached, as a run reads its starting model's digest at several stages (a 270 MB
     model takes about half a second)."""
     h = hashlib.sha256()

@@ -17,8 +17,8 @@ What a process on another node reads or writes, and how it travels:
    (s3://, gs://, hdfs://...). Unset, the run is a one-machine run: engines open the driver's folders and
    checkpoints stay beside their stage, and a cluster of more than one node is refused at start.
 2. `shared(ref)`, on the driver, where a model crosses to another process: a local model folder is published to
-   `<storage>/models/<digest>/` (its files' content digest, `io.digest`), once, its manifest (`_SUCCESS`)
-   written last, and handed on as `stored:<storage>/models/<digest>`. Hub ids and bundled names pass unchanged:
+   `<storage>/models/<digest>/` (its files' content digest, `io.folder_digest`), once, its manifest
+   (`<digest>.json`) written last, and handed on as `stored:<storage>/models/<digest>`. Hub ids and bundled names pass unchanged:
    every node resolves those itself. A trained model is published when the first stage hands it on.
 3. `local(ref)`, in that process: a `stored:` model is copied into this node's cache,
    `$SELFIMPROVE_HOME/cache/models/<digest>`, once per node: under a lock file (concurrent actors of one node
@@ -42,7 +42,9 @@ from pathlib import Path
 from selfimprove.errors import UserError, first_line
 
 STORED = "stored:"  # a model reference that lives in storage: stored:<storage>/models/<digest>
-MANIFEST = "_SUCCESS"  # in a published model folder, last: its files, as a JSON list
+# Beside a published model folder `<digest>/`, written last: its files, as a JSON list. Outside it: a trained
+# model's folder holds a `_SUCCESS` of its own.
+MANIFEST = ".json"
 PROBE_SECONDS = 120  # how long every node gets to answer the start-up probe
 
 _storage: str | None = None  # this process's storage_path (`use`); None: a one-machine run
@@ -83,18 +85,18 @@ def shared(ref: str) -> str:
 
 def publish(folder: Path, storage: str) -> str:
     """Copy the model `folder` to `<storage>/models/<its digest>` unless it is there; its `stored:` reference."""
-    from selfimprove.io import digest
+    from selfimprove.io import folder_digest
 
-    key = digest(folder.resolve())
+    key = folder_digest(str(folder.resolve()))
     uri = f"{storage}/models/{key}"
     fs, root = filesystem(uri)
-    if fs.get_file_info(f"{root}/{MANIFEST}").is_file:
+    if fs.get_file_info(root + MANIFEST).is_file:
         return STORED + uri
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     local_fs, _ = filesystem(str(folder.resolve()))
     for name in files:
         _copy(local_fs, str(folder.resolve() / name), fs, f"{root}/{name}")
-    _write(fs, f"{root}/{MANIFEST}", json.dumps(files))
+    _write(fs, root + MANIFEST, json.dumps(files))
     return STORED + uri
 
 
@@ -116,7 +118,7 @@ def fetch(uri: str, into: Path) -> Path:
     Under `into/<digest>.lock`: the first process of a node copies, the others wait and find it there. The copy goes
     to a temp folder, is checked against the digest, and is renamed into place.
     """
-    from selfimprove.io import digest
+    from selfimprove.io import folder_digest
 
     key = uri.rstrip("/").rsplit("/", 1)[-1]
     final = into / key
@@ -130,15 +132,15 @@ def fetch(uri: str, into: Path) -> Path:
             shutil.rmtree(stale)
         fs, root = filesystem(uri)
         try:
-            files = json.loads(_read(fs, f"{root}/{MANIFEST}"))
+            files = json.loads(_read(fs, root + MANIFEST))
         except FileNotFoundError:
-            raise RuntimeError(f"{uri} holds no published model (no {MANIFEST}): is storage_path the same storage "
-                               "on every node?") from None
+            raise RuntimeError(f"{uri} holds no published model (no {key}{MANIFEST} beside it): is storage_path the "
+                               "same storage on every node?") from None
         tmp = into / f"{key}.tmp-{os.getpid()}"
         tmp_fs, _ = filesystem(str(tmp))
         for name in files:
             _copy(fs, f"{root}/{name}", tmp_fs, str(tmp / name))
-        if (got := digest(tmp)) != key:
+        if (got := folder_digest.__wrapped__(str(tmp))) != key:  # not cached: this name may have held another copy
             shutil.rmtree(tmp)
             raise RuntimeError(f"the model copied from {uri} has digest {got}: storage holds a damaged copy")
         tmp.rename(final)

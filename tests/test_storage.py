@@ -10,14 +10,16 @@ import pytest
 from selfimprove import storage
 from selfimprove.config import load_config
 from selfimprove.errors import UserError
-from selfimprove.io import digest
+from selfimprove.io import SUCCESS, folder_digest
 from selfimprove.rollout.stage import write_startups
 from selfimprove.storage import STORED, fetch, publish, shared, unreachable
 
 
 def _model(folder: Path) -> Path:
-    """A stand-in model folder: a config, weights in a subfolder, a tokenizer file."""
+    """A stand-in model folder as a train stage leaves it: a config, weights in a subfolder, a tokenizer file, and
+    the `_SUCCESS` of the stage output it is."""
     (folder / "sub").mkdir(parents=True)
+    (folder / SUCCESS).write_text("")
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "sub" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
     (folder / "tokenizer.json").write_text("{}")
@@ -30,13 +32,14 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_a_model_is_published_under_its_digest_and_fetched_whole(tmp_path):
     model = _model(tmp_path / "run" / "iter_1" / "train" / "model")
-    key = digest(model)
+    key = folder_digest(str(model))
     ref = publish(model, str(tmp_path / "store"))
     assert ref == f"{STORED}{tmp_path}/store/models/{key}"
     published = tmp_path / "store" / "models" / key
-    # The manifest, written last, lists the files; the rest is the model as it is.
-    assert json.loads((published / "_SUCCESS").read_text()) == ["config.json", "sub/model.safetensors", "tokenizer.json"]
-    assert {k: v for k, v in _files(published).items() if k != "_SUCCESS"} == _files(model)
+    # The manifest beside it, written last, lists the files; the folder is the model as it is.
+    assert json.loads((published.parent / f"{key}.json").read_text()) == [
+        "_SUCCESS", "config.json", "sub/model.safetensors", "tokenizer.json"]
+    assert _files(published) == _files(model)
     got = fetch(ref.removeprefix(STORED), tmp_path / "cache")
     assert got == tmp_path / "cache" / key and _files(got) == _files(model)
     # On one machine both copies are links to the trained files: no second 270 MB per model.
@@ -110,7 +113,7 @@ def test_concurrent_fetches_on_one_node_copy_once(tmp_path, monkeypatch):
         p.join(timeout=60)
         assert p.exitcode == 0
     lines = log.read_text().splitlines()
-    assert len(lines) == 3 and len({line.split()[0] for line in lines}) == 1, lines
+    assert len(lines) == 4 and len({line.split()[0] for line in lines}) == 1, lines
     assert set(got) == {str(tmp_path / "cache" / uri.rsplit("/", 1)[1])}
     assert _files(Path(got[0])) == _files(model)
 
@@ -121,11 +124,11 @@ def test_shared_hands_on_a_folder_as_stored_only_with_a_storage(tmp_path, monkey
     assert shared(str(model)) == str(model)  # a one-machine run: the folder itself
     storage.use(str(tmp_path / "store"))
     ref = shared(str(model))
-    assert ref == f"{STORED}{tmp_path}/store/models/{digest(model)}"
+    assert ref == f"{STORED}{tmp_path}/store/models/{folder_digest(str(model))}"
     assert shared(ref) == ref
     assert shared("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"  # every node resolves a hub id
     monkeypatch.setenv("SELFIMPROVE_HOME", str(tmp_path / "home"))
-    assert storage.local(ref) == str(tmp_path / "home" / "cache" / "models" / digest(model))
+    assert storage.local(ref) == str(tmp_path / "home" / "cache" / "models" / folder_digest(str(model)))
     assert storage.local(str(model)) == str(model)
 
 

@@ -1,4 +1,5 @@
-"""A tiny `selfimprove run` on a two-node Ray cluster on this machine, then the loss of one node mid-rollout.
+"""Tiny `selfimprove run`s on a two-node Ray cluster on this machine whose nodes share only `storage_path`, then the
+loss of one node mid-rollout.
 
 1. Two nodes of one CPU each: a `ray start --head --block` and a `ray start --block --address=<head>`, both on
    127.0.0.1, each in its own process group with its own --temp-dir (one short parent under /tmp, also the
@@ -8,8 +9,13 @@
    into this machine's network address, and connects there. With it `ray start --address` refuses to join a
    cluster ("not supported on Windows and OSX"), so the worker node's `ray start` is run by a two-line wrapper
    that lifts that one check (WORKER_START) and nothing else.
-2. A run with two engines and two Ray Train workers: the state API shows each kind on both nodes.
-3. A second run: the worker node is stopped while the first engine stage is mid-way. The run must then either
+2. Only `storage_path` is shared: the worker node runs in a mount namespace of its own (`unshare -m`, as root)
+   with an empty tmpfs over the folder holding the run dirs (`driver/`) and another over its model cache
+   (`home/cache`), so it sees neither the run dir nor the head's cache, and fetches models from `shared/` into a
+   cache of its own. A run with no storage_path, or one the worker node cannot see, is refused in one line.
+3. An IRPO run and a SIPF run, each with two engines (pools and MC PRM actors) and two Ray Train workers: the state
+   API shows each kind on both nodes; the worker node's cache holds exactly the models it was handed.
+4. A further run: the worker node is stopped while the first engine stage is mid-way. The run must then either
    finish on the head alone, or stop in bounded time with one `selfimprove: error:` line naming the cause and
    no stage marked done that is not complete. What happens (Ray 2.60): the lost engine actor is RESTARTING
    with nowhere to go while the head's engine drains the queue; Ray Data then releases the head's engine, the
@@ -35,7 +41,7 @@ import psutil
 import pytest
 from processes import TINY_RUN, free_ports
 
-from selfimprove.io import read_table
+from selfimprove.io import folder_digest, read_table
 from selfimprove.models import home
 
 pytestmark = [pytest.mark.engine, pytest.mark.faults]
@@ -65,6 +71,14 @@ class Cluster:
 
     def __init__(self):
         self.root = tempfile.mkdtemp(prefix="r2n-", dir="/tmp")  # short: Unix socket paths hold < 108 bytes
+        root = Path(self.root)
+        self.hidden, self.shared, self.home = root / "driver", root / "shared", root / "home"
+        for folder in (self.hidden, self.shared, self.home / "cache"):
+            folder.mkdir(parents=True)
+        # The bundled model (and DeepSpeed's built ops) as `make model` left them; the caches are the test's own.
+        for name in ("models", "torch_extensions"):
+            if (home() / name).is_dir():
+                (self.home / name).symlink_to(home() / name)
         self.token = secrets.token_hex(16)
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
@@ -99,7 +113,11 @@ class Cluster:
                            f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={head_agent}",
                            f"--ray-client-server-port={client}"):
             return False
-        if not self._start("worker", attempt, [sys.executable, "-c", WORKER_START],
+        # In a mount namespace of its own: empty tmpfs folders over the run dirs' parent and its cache.
+        hide = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs tmpfs "$1" && mount -t tmpfs tmpfs "$2" && shift 2 && exec "$@"', "sh",
+                str(self.hidden), str(self.home / "cache")]
+        if not self._start("worker", attempt, [*hide, sys.executable, "-c", WORKER_START],
                            lambda: len(self.alive_nodes()) == 2,
                            f"--address={self.address}", f"--dashboard-agent-listen-port={worker_agent}"):
             return False
@@ -201,8 +219,15 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+    def seen_by_worker(self, path: Path) -> list[str]:
+        """What the worker node's processes see in the folder `path` (through its `ray start`'s view of the files)."""
+        return sorted(os.listdir(f"/proc/{self.nodes['worker'].pid}/root{path}"))
+
+
 @pytest.fixture(scope="module")
 def cluster():
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("hiding the run dir from the worker node takes a mount namespace: root and unshare")
     c = Cluster()
     try:
         c.start()
@@ -212,27 +237,33 @@ def cluster():
 
 
 def start_run(cluster: Cluster, config: Path, run_dir: Path, log: Path, *overrides: str) -> subprocess.Popen:
-    """`selfimprove run` joining the cluster through RAY_ADDRESS, in its own process group, its output into `log`."""
-    env = {**cluster.env, "RAY_ADDRESS": cluster.address, "SELFIMPROVE_HOME": str(home())}
+    """`selfimprove run` joining the cluster through RAY_ADDRESS, in its own process group, its output into `log`,
+    sharing `cluster.shared` as its storage_path (a later override wins)."""
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address, "SELFIMPROVE_HOME": str(cluster.home)}
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}", *RUN, *overrides],
+        return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}", *RUN,
+                                 f"storage_path={cluster.shared}", *overrides],
                                 env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_run(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def refused(cluster: Cluster, config: Path, run_dir: Path, log: Path, *overrides: str) -> str:
+    """The one error line of a run that must be refused at start, before any stage."""
+    proc = start_run(cluster, config, run_dir, log, *overrides)
+    try:
+        proc.wait(timeout=300)
+    finally:
+        stop_run(proc)
+    out = log.read_text()
+    errors = [line for line in out.splitlines() if line.startswith("selfimprove: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, out[-3000:]
+    assert not list(run_dir.glob("iter_*")), "a stage ran"
+    return errors[0]
 
 
-def is_engine(actor: dict) -> bool:
-    return any(name in actor["class_name"] for name in ENGINE)
-
-
-def test_a_run_uses_both_nodes(cluster, tiny_config, tmp_path, bundled_model):
-    run_dir, log = tmp_path / "run", tmp_path / "run.log"
-    proc = start_run(cluster, tiny_config, run_dir, log)
-    seen = {"engine": set(), "train": set()}  # node ids each kind of actor was seen alive on
+def run_on_both_nodes(cluster: Cluster, config: Path, run_dir: Path, log: Path, *overrides: str) -> dict[str, set]:
+    """Run to the end; the node ids each kind of actor (engine, train) was seen alive on."""
+    proc = start_run(cluster, config, run_dir, log, *overrides)
+    seen = {"engine": set(), "train": set()}
     try:
         deadline = time.time() + 1800
         while proc.poll() is None:
@@ -250,19 +281,78 @@ def test_a_run_uses_both_nodes(cluster, tiny_config, tmp_path, bundled_model):
     out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     assert "Connected to Ray cluster" in out and "Started a local Ray instance" not in out
-    for stage in STAGES:
-        assert (run_dir / stage / "_SUCCESS").is_file(), stage
     both = {cluster.head_id, cluster.worker_id}
     assert seen["engine"] == both, f"engines ran on {seen['engine']}, nodes are {both}"
     assert seen["train"] == both, f"Ray Train workers ran on {seen['train']}, nodes are {both}"
     print(f"\nhead {cluster.head_id}, worker {cluster.worker_id}: engines on {sorted(seen['engine'])}, "
           f"train workers on {sorted(seen['train'])}")
+    return seen
 
 
-def test_losing_the_worker_node_mid_rollout_is_bounded(cluster, tiny_config, tmp_path, bundled_model):
+def stop_run(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def is_engine(actor: dict) -> bool:
+    return any(name in actor["class_name"] for name in ENGINE)
+
+
+def test_a_cluster_without_a_storage_path_is_refused(cluster, tiny_config):
+    run_dir = cluster.hidden / "no-storage"
+    line = refused(cluster, tiny_config, run_dir, cluster.hidden / "no-storage.log", "storage_path=null")
+    assert line == ("selfimprove: error: the Ray cluster has 2 nodes and storage_path is not set: set storage_path "
+                    "to a folder every node mounts at the same path, or a URI all reach (s3://, gs://)")
+
+
+def test_a_storage_path_the_worker_node_cannot_see_is_refused(cluster, tiny_config):
+    """The driver's own folder as storage: the worker node sees an empty tmpfs there, so not the driver's probe."""
+    storage, run_dir = cluster.hidden / "store", cluster.hidden / "unseen"
+    line = refused(cluster, tiny_config, run_dir, cluster.hidden / "unseen.log", f"storage_path={storage}")
+    prefix = (f"selfimprove: error: node 127.0.0.1 ({cluster.worker_id[:8]}) cannot share files with the driver "
+              f"through storage_path={storage}: it does not see {storage}/probes/")
+    assert line.startswith(prefix) and line.endswith(
+        "/driver, which the driver wrote; storage_path must be a folder every node mounts at the same path, or a URI "
+        "every node reaches"), line
+
+
+def check_shared_only(cluster: Cluster, run_dir: Path, stages: tuple[str, ...], bundled_model: str) -> None:
+    """Every stage done; the worker node never saw the run dir, and fetched exactly the models it was handed (the
+    starting one and iteration 1's, by digest) into its own cache, which the head's does not share; the training
+    checkpoints under storage_path were released once the models were saved; the driver wrote each engine's
+    start-up record."""
+    for stage in stages:
+        assert (run_dir / stage / "_SUCCESS").is_file(), stage
+    assert cluster.seen_by_worker(cluster.hidden) == []
+    models = {folder_digest(str(Path(bundled_model).resolve())),
+              folder_digest(str(run_dir / "iter_1" / "train" / "model"))}
+    assert models <= set(cluster.seen_by_worker(cluster.shared / "models"))
+    worker_cache = {name for name in cluster.seen_by_worker(cluster.home / "cache" / "models") if "." not in name}
+    assert worker_cache == models
+    assert cluster.seen_by_worker(cluster.shared / "checkpoints") == []
+    engines = sorted(p.name for p in (run_dir / "iter_0" / "eval" / "engines").iterdir())
+    assert len(engines) == 2, engines  # one record per engine of the pool, one engine per node
+
+
+def test_a_run_shares_only_storage_path(cluster, tiny_config, bundled_model):
+    run_dir = cluster.hidden / "irpo"
+    run_on_both_nodes(cluster, tiny_config, run_dir, cluster.hidden / "irpo.log")
+    check_shared_only(cluster, run_dir, STAGES, bundled_model)
+
+
+def test_a_sipf_run_shares_only_storage_path(cluster, tiny_config, bundled_model):
+    """MC PRM actors (one per node) and ORPO: the process stage's engines fetch the policy as the pools' do."""
+    run_dir = cluster.hidden / "sipf"
+    run_on_both_nodes(cluster, tiny_config, run_dir, cluster.hidden / "sipf.log", "recipe=sipf", "process.split=sentence", "process.k=2", "process.max_steps=4",
+                      "process.max_tokens=64")
+    check_shared_only(cluster, run_dir, (*STAGES[:2], "iter_1/process", *STAGES[2:]), bundled_model)
+
+
+def test_losing_the_worker_node_mid_rollout_is_bounded(cluster, tiny_config, bundled_model):
     """Batches of one prompt, so that each engine has batches in flight and queued when the worker node goes:
     Ray Data writes a stage's Parquet only once every batch is generated, so a written file comes too late."""
-    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    run_dir, log = cluster.hidden / "lose", cluster.hidden / "lose.log"
     proc = start_run(cluster, tiny_config, run_dir, log, "rollout.batch_size=1", f"rollout.start_timeout={START}")
     try:
         deadline = time.time() + 1800
