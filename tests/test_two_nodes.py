@@ -318,8 +318,8 @@ def test_a_storage_path_the_worker_node_cannot_see_is_refused(cluster, tiny_conf
 
 
 def check_shared_only(cluster: Cluster, run_dir: Path, stages: tuple[str, ...], bundled_model: str) -> None:
-    """Every stage done; the worker node never saw the run dir, and fetched exactly the models it was handed (the
-    starting one and iteration 1's, by digest) into its own cache, which the head's does not share; the training
+    """Every stage done; the worker node never saw the run dir, and fetched the models it was handed (the starting
+    one and iteration 1's, by digest) into its own cache, which the head's does not share; the training
     checkpoints under storage_path were released once the models were saved; the driver wrote each engine's
     start-up record."""
     for stage in stages:
@@ -329,7 +329,7 @@ def check_shared_only(cluster: Cluster, run_dir: Path, stages: tuple[str, ...], 
               folder_digest(str(run_dir / "iter_1" / "train" / "model"))}
     assert models <= set(cluster.seen_by_worker(cluster.shared / "models"))
     worker_cache = {name for name in cluster.seen_by_worker(cluster.home / "cache" / "models") if "." not in name}
-    assert worker_cache == models
+    assert models <= worker_cache, worker_cache  # and an earlier run's of this module
     assert cluster.seen_by_worker(cluster.shared / "checkpoints") == []
     engines = sorted(p.name for p in (run_dir / "iter_0" / "eval" / "engines").iterdir())
     assert len(engines) == 2, engines  # one record per engine of the pool, one engine per node
