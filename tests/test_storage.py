@@ -47,6 +47,17 @@ def test_a_model_is_published_under_its_digest_and_fetched_whole(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [key, f"{key}.lock"]
 
 
+def test_a_storage_uri_goes_through_its_file_system(tmp_path):
+    """An fsspec URI (memory://, standing in for s3:// or gs://): the model is copied there and back, not linked."""
+    model = _model(tmp_path / "model")
+    key = folder_digest(str(model))
+    ref = publish(model, f"memory://{tmp_path.name}/store")
+    assert ref == f"{STORED}memory://{tmp_path.name}/store/models/{key}"
+    got = fetch(ref.removeprefix(STORED), tmp_path / "cache")
+    assert _files(got) == _files(model)
+    assert (got / "config.json").stat().st_ino != (model / "config.json").stat().st_ino
+
+
 def test_publishing_again_copies_nothing(tmp_path, monkeypatch):
     model = _model(tmp_path / "model")
     ref = publish(model, str(tmp_path / "store"))
