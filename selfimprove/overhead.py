@@ -1,8 +1,9 @@
 """How much of a finished stage was fixed cost rather than work, read back from the stage's own files.
 
 - A stage that samples (rollout, eval, demonstrations, ...) holds an `engines/` folder beside each of its samples
-  folders: each engine of that pool recorded when its actor began and when the engine was ready. Until its last
-  engine is ready a pool is not at full speed, so its fixed cost is last ready − first began; a stage's is the
+  folders: each engine of that pool that returned samples recorded when its actor began and when the engine was
+  ready (the driver writes them: `rollout.stage.write_startups`). Until its last engine is ready a pool is not at
+  full speed, so its fixed cost is last ready − first began; a stage's is the
   sum over its pools (an eval with further held-out sets starts a pool per set).
 - A train stage: its seconds less its optimizer steps' own (`train_seconds` of the model's `train_metrics.json`):
   Ray Train's workers, DeepSpeed's set-up, the reference pass, saving the model.
