@@ -57,6 +57,16 @@ def test_claim_with_more_iterations_continues_the_run(tmp_path):
     assert load_config(run_dir / "config.yaml").iterations == 4
 
 
+def test_claim_with_another_storage_path_continues_the_run(tmp_path):
+    """Where nodes share files changes no stage: a run resumed on another cluster, or another bucket, goes on."""
+    run_dir = tmp_path / "r"
+    with claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}"])):
+        pass
+    with claim_run_dir(run_dir, load_config(None, [f"run_dir={run_dir}", "storage_path=s3://bucket/run"])):
+        pass
+    assert load_config(run_dir / "config.yaml").storage_path == "s3://bucket/run"
+
+
 def test_claim_unwritable_path_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot write the run dir .*file/r"):
