@@ -186,6 +186,9 @@ def _eval(args) -> int:
     claim_folder(out)
     announce(choices[:1])
     init_ray()
+    from selfimprove.storage import share_through
+
+    share_through(cfg.storage_path)
     metrics = run_eval(cfg, model, task, problems, out, extra, guide=guide)
     table = Table(title=f"{cfg.model}" + (f" guided by {args.guide}" if guide else "") + f" ({cfg.eval.split})")
     keys = [k for k in metrics if "@" in k or k == "numbered_guidance"]

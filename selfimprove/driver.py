@@ -61,11 +61,10 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
     with claim_run_dir(run_dir, cfg), contextlib.closing(Tracker(run_dir, cfg.tracking)) as tracker:
         announce({s.dtype.key: s.dtype for s in plan if s.dtype}.values())
         from selfimprove.runtime import init_ray
-        from selfimprove.storage import check_storage, location, use
+        from selfimprove.storage import share_through
 
         init_ray()
-        check_storage(cfg.storage_path and location(cfg.storage_path))
-        use(cfg.storage_path)
+        share_through(cfg.storage_path)
         progress = RunProgress(run_dir, [(s.iteration, s.kind) for s in plan])
         redoing = Redo(frozenset(redo))
         for s in plan:

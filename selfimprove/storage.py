@@ -25,7 +25,7 @@ What a process on another node reads or writes, and how it travels:
    wait for one copy), into a temp folder checked against the digest, renamed into place (a reader never sees
    half a copy; a killed copy leaves a temp folder the next fetch clears). On one machine both copies are hard
    links: files here are written once, never edited.
-4. `check_storage` (at the start of a run): a tiny task on every alive node reads a probe the driver wrote under
+4. `check_storage` (at the start of a run, `selfimprove eval` or `train`: `share_through`): a tiny task on every alive node reads a probe the driver wrote under
    `storage_path` and writes its own, which the driver reads back; a node that cannot is named in one line.
 """
 
@@ -54,6 +54,13 @@ def use(path: str | None) -> None:
     """Make `path` (a run's `storage_path`) where this process publishes the models it hands to other processes."""
     global _storage
     _storage = location(path) if path else None
+
+
+def share_through(path: str | None) -> None:
+    """What every command that starts engines or trainers does once Ray is up: check that all nodes reach `path` (a
+    `storage_path`, or None for one machine), then `use` it."""
+    check_storage(path and location(path))
+    use(path)
 
 
 def location(path: str) -> str:
@@ -159,6 +166,8 @@ def check_storage(storage: str | None) -> None:
     `storage` (or, with no storage, a cluster of more than one node)."""
     import ray
 
+    if not ray.is_initialized():  # no cluster to check (and a probe would start one)
+        return
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
     if storage is None:
         if len(nodes) > 1:

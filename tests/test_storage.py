@@ -159,6 +159,7 @@ def test_a_cluster_of_two_nodes_needs_a_storage_path(monkeypatch):
     nodes = [{"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1", "Alive": True},
              {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2", "Alive": True},
              {"NodeID": "c" * 56, "NodeManagerAddress": "10.0.0.3", "Alive": False}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     with pytest.raises(UserError, match=r"^the Ray cluster has 2 nodes and storage_path is not set: set storage_path "
                                         r"to a folder every node mounts at the same path, or a URI all reach"):
@@ -172,7 +173,7 @@ def test_every_node_of_a_local_cluster_reaches_a_local_storage(ray_local, tmp_pa
     assert list((tmp_path / "store" / "probes").iterdir()) == []  # the probe is cleared
 
 
-def test_a_storage_the_driver_cannot_write_is_refused(tmp_path):
+def test_a_storage_the_driver_cannot_write_is_refused(tmp_path, ray_local):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match=f"^cannot write storage_path={tmp_path}/file from the driver: "):
         storage.check_storage(f"{tmp_path}/file")
