@@ -16,17 +16,19 @@ What a process on another node reads or writes, and how it travels:
 1. `storage_path` (run-level) is a folder every node mounts at the same path, or a URI pyarrow or fsspec knows
    (s3://, gs://, hdfs://...). Unset, the run is a one-machine run: engines open the driver's folders and
    checkpoints stay beside their stage, and a cluster of more than one node is refused at start.
-2. `shared(ref)`, on the driver, where a model crosses to another process: a local model folder is published to
-   `<storage>/models/<digest>/` (its files' content digest, `io.folder_digest`), once, its manifest
-   (`<digest>.json`) written last, and handed on as `stored:<storage>/models/<digest>`. Hub ids and bundled names pass unchanged:
-   every node resolves those itself. A trained model is published when the first stage hands it on.
+2. `shared(ref)`, on the driver, where a model crosses to another process: a local model folder (the bundled
+   model and a `.gguf` are folders by then) is published to `<storage>/models/<digest>/` (its files' content
+   digest, `io.folder_digest`), once, its manifest (`<digest>.json`) written last, and handed on as
+   `stored:<storage>/models/<digest>`. A hub id passes unchanged: every node downloads it itself. A trained
+   model is published when the first stage hands it on.
 3. `local(ref)`, in that process: a `stored:` model is copied into this node's cache,
    `$SELFIMPROVE_HOME/cache/models/<digest>`, once per node: under a lock file (concurrent actors of one node
    wait for one copy), into a temp folder checked against the digest, renamed into place (a reader never sees
    half a copy; a killed copy leaves a temp folder the next fetch clears). On one machine both copies are hard
    links: files here are written once, never edited.
-4. `check_storage` (at the start of a run, `selfimprove eval` or `train`: `share_through`): a tiny task on every alive node reads a probe the driver wrote under
-   `storage_path` and writes its own, which the driver reads back; a node that cannot is named in one line.
+4. `share_through` (at the start of a run and of `selfimprove eval`): a tiny task on every alive node reads a
+   probe the driver wrote under `storage_path` and writes its own, which the driver reads back; a node that
+   cannot is named in one line (`check_storage`); then this process `use`s it.
 """
 
 from __future__ import annotations
