@@ -3,15 +3,15 @@ object store; nothing a process on another node opens is a path on the driver's 
 
 What a process on another node reads or writes, and how it travels:
 
-| who (where it runs)                          | what                                | how                                |
-|----------------------------------------------|-------------------------------------|------------------------------------|
-| engine actors (rollout, eval, guide, MC PRM) | the model they sample               | `stored:` reference -> node cache  |
-| Ray Train workers (policy and PRM training)  | the model (and reference) they load | `stored:` reference -> node cache  |
-| Ray Train workers                            | checkpoints, the saved model        | Ray Train: `<storage>/checkpoints` |
-| the trained-PRM scoring task                 | the PRM folder                      | `stored:` reference -> node cache  |
-| engine actors                                | their start-up times                | a column of their rows (driver writes `engines/`) |
-| Ray Data tasks                               | request and sample rows             | the object store (as before)       |
-| the driver only                              | the run dir: stages, `_SUCCESS`     | opened nowhere else                |
+| who (on any node)                      | what                                | how                                 |
+|----------------------------------------|-------------------------------------|-------------------------------------|
+| engines (rollout, eval, guide, MC PRM) | the model they sample               | `stored:` reference -> node cache   |
+| Ray Train workers (policy, PRM)        | the model (and reference) they load | `stored:` reference -> node cache   |
+| Ray Train workers                      | checkpoints, the saved model        | Ray Train: `<storage>/checkpoints`  |
+| the trained-PRM scoring task           | the PRM folder                      | `stored:` reference -> node cache   |
+| engines                                | their start-up times                | in their rows; the driver writes    |
+| Ray Data tasks                         | request and sample rows             | the object store (as before)        |
+| the driver only                        | the run dir: stages, `_SUCCESS`     | opened nowhere else                 |
 
 1. `storage_path` (run-level) is a folder every node mounts at the same path, or a URI pyarrow or fsspec knows
    (s3://, gs://, hdfs://...). Unset, the run is a one-machine run: engines open the driver's folders and
