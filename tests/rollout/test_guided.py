@@ -1,6 +1,8 @@
 """The guide -> solver pipeline on real engines: two actor pools in one Ray Data stream, and guidance written
 elsewhere going to the solver pool alone."""
 
+import json
+
 import pytest
 
 from selfimprove.config import RolloutConfig, TaskConfig
@@ -36,6 +38,10 @@ def test_questions_flow_through_the_guide_pool_into_the_solver_pool(ray_local, b
         assert s["guidance"].strip() and hint in s["prompt_text"]  # the solver saw the guidance
     first = {(s["problem_id"], s["guidance_index"]): s["guidance"] for s in samples if s["sample_index"] == 0}
     assert all(s["guidance"] == first[s["problem_id"], s["guidance_index"]] for s in samples)
+    # Each pool's one engine sent its start-up record with its rows (the guide's on through the solver's), and the
+    # driver wrote both beside the samples.
+    records = [json.loads(p.read_text()) for p in (tmp_path / "engines").glob("*.json")]
+    assert len(records) == 2 and all(r["began"] <= r["ready"] for r in records), records
 
 
 @pytest.mark.engine
