@@ -349,8 +349,9 @@ def test_a_run_shares_only_storage_path(cluster, tiny_config, bundled_model):
 def test_a_sipf_run_shares_only_storage_path(cluster, tiny_config, bundled_model):
     """MC PRM actors (one per node) and ORPO: the process stage's engines fetch the policy as the pools' do."""
     run_dir = cluster.hidden / "sipf"
-    seen = run_on_both_nodes(cluster, tiny_config, run_dir, cluster.hidden / "sipf.log", "recipe=sipf", "process.split=sentence", "process.k=2", "process.max_steps=3",
-                             "process.max_tokens=48", "process.eta=0.0")  # eta 0: enough pairs from 8 problems
+    seen = run_on_both_nodes(cluster, tiny_config, run_dir, cluster.hidden / "sipf.log", "recipe=sipf",
+                             "process.split=sentence", "process.k=2", "process.max_steps=3", "process.max_tokens=48",
+                             "process.eta=0.0")  # eta 0: enough pairs from 8 problems
     check_shared_only(cluster, run_dir, (*STAGES[:2], "iter_1/process", *STAGES[2:]), bundled_model, seen)
 
 
