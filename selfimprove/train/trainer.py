@@ -381,7 +381,9 @@ def train_worker(config: dict) -> None:
             if (Path(folder) / METRICS_FILE).is_file():
                 return  # a previous attempt finished and saved the model: nothing left to do
             _, state = engine.load_checkpoint(folder, tag="ds", load_module_strict=not tc.lora)
-            references = torch.load(Path(folder) / f"reference-{rank}.pt")
+            # Saved only by a loss that reads them; the run's fingerprint holds the loss, so this is that loss.
+            if needs_reference(tc.loss):
+                references = torch.load(Path(folder) / f"reference-{rank}.pt")
         step, epoch, start_micro, history = state["step"], state["epoch"], state["micro"], state.get("history", [])
         checkpoint_step = step
         if rank == 0:
