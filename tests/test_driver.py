@@ -138,6 +138,63 @@ def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path):
     assert (tmp_path / "elsewhere").read_text() == "not yours to truncate"
 
 
+def _flock_once_after(monkeypatch, before):
+    """fcntl.flock as it is, but `before()` runs first on its first call: what another process does between a
+    claim's opening of the lock file and its locking."""
+    import fcntl
+
+    real, calls = fcntl.flock, []
+
+    def flock(f, op):
+        if not calls:
+            calls.append(op)
+            before()
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_a_claim_refused_by_a_run_that_locked_first_leaves_that_runs_lock(tmp_path, monkeypatch):
+    """Two claims of a new run dir: the second finds no lock file, then the first (another process) makes and locks
+    it before the second locks. The second is refused; the first's lock file stays, so a third claim is refused too."""
+    run_dir, config = tmp_path / "r", tmp_path / "config.yaml"
+    config.write_text("iterations: 1\n")
+    cfg = load_config(config, [f"run_dir={run_dir}"])
+    first = []
+
+    def first_claims():
+        first.append(subprocess.Popen([sys.executable, "-c", HOLD_RUN_DIR, str(run_dir), str(config)], cwd=ROOT,
+                                      stdout=subprocess.PIPE, text=True))
+        assert first[0].stdout.readline() == "claimed\n"
+
+    _flock_once_after(monkeypatch, first_claims)
+    try:
+        for _ in ("second", "third"):
+            with pytest.raises(UserError) as e:
+                claim_run_dir(run_dir, cfg)
+            assert str(e.value).startswith(f"{run_dir} is in use by another selfimprove run (pid {first[0].pid} on "
+                                           f"{socket.gethostname()})")
+        assert (run_dir / LOCK).read_text() == f"pid {first[0].pid} on {socket.gethostname()}\n"
+    finally:
+        for p in first:
+            p.kill()
+            p.wait()
+
+
+def test_a_claim_whose_lock_file_was_removed_before_it_locked_locks_the_new_one(tmp_path, monkeypatch):
+    """A failed claim removes the lock file it made while holding it. A claim that had opened that file locks a file
+    no longer in the folder: it must open and lock the one there instead, or another run could lock that one too."""
+    run_dir = tmp_path / "r"
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    with claim_run_dir(run_dir, cfg):
+        pass
+    _flock_once_after(monkeypatch, lambda: (run_dir / LOCK).unlink())
+    with claim_run_dir(run_dir, cfg) as lock:
+        mine, there = os.fstat(lock.fileno()), os.stat(run_dir / LOCK)
+        assert (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        assert (run_dir / LOCK).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
 def test_run_dir_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(None, ["run_dir=~/runs/r", "train.storage_path=~/ray"])
