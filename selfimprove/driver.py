@@ -30,7 +30,7 @@ import yaml
 
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import MARKER, digest, is_done, is_ours, stage_output, success_record, write_atomic
+from selfimprove.io import MARKER, digest, is_damaged, is_done, is_ours, stage_output, success_record, write_atomic
 from selfimprove.overhead import fixed_seconds
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import RunProgress
@@ -315,8 +315,10 @@ def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: 
     inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
     digests = {name: digest(value) for name, value in inputs.items()}
     redo = redo or Redo()
+    if progress and is_damaged(folder):
+        progress.damaged(folder)
     if is_done(folder) and not redo.wanted(folder, inputs):
-        recorded = success_record(folder).get("inputs", digests)  # markers made before records: trusted
+        recorded = success_record(folder).get("inputs", digests)  # records made before they held inputs: trusted
         changed = [name for name in digests if recorded.get(name) != digests[name]]
         if changed:
             raise UserError(f"{folder} was made from other inputs than now ({', '.join(changed)} changed); rerun "

@@ -1,8 +1,10 @@
 """Stage outputs: a folder that appears complete or not at all, and never at the cost of a user's files.
 
 A stage writes into `<final>.partial/`, then renames it to `<final>/` and writes `_SUCCESS`
-last. A reader that sees `_SUCCESS` knows every file is there; a crash at any point leaves
-at most a `.partial` folder, which the next attempt clears.
+last, whole or not at all (a JSON record, written atomically). A reader that sees a readable
+`_SUCCESS` knows every file is there; a crash at any point leaves at most a `.partial` folder,
+which the next attempt clears, or a folder whose `_SUCCESS` is missing or damaged (a disk that
+lost its last write), which is redone.
 
 Every folder the project makes carries the marker file `.selfimprove`. Only an empty folder or
 one of ours is ever deleted or replaced; anything else is refused, naming it.
@@ -28,12 +30,27 @@ MARKER = ".selfimprove"
 
 
 def is_done(folder: Path) -> bool:
-    return (folder / SUCCESS).is_file()
+    return _record(folder) is not None
+
+
+def is_damaged(folder: Path) -> bool:
+    """Whether `folder` has a `_SUCCESS` that is not a whole record (empty, cut short): it is not finished."""
+    return (folder / SUCCESS).is_file() and not is_done(folder)
+
+
+def _record(folder: Path) -> dict | None:
+    """The JSON object in `folder`'s `_SUCCESS`, or None if it is absent or not a whole JSON object."""
+    try:
+        record = json.loads((folder / SUCCESS).read_bytes())
+    except (OSError, ValueError):  # absent; empty, cut short or not text (UnicodeDecodeError is a ValueError)
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def is_ours(folder: Path) -> bool:
-    """Whether selfimprove wrote `folder`: it has our marker, or `_SUCCESS` (stages finished before the marker existed)."""
-    return (folder / MARKER).is_file() or is_done(folder)
+    """Whether selfimprove wrote `folder`: it has our marker, or a `_SUCCESS` of any content (stages finished before
+    the marker existed)."""
+    return (folder / MARKER).is_file() or (folder / SUCCESS).is_file()
 
 
 def check_replaceable(folder: Path) -> None:
@@ -74,13 +91,15 @@ def stage_output(final: Path, record: dict | None = None):
     yield claim_folder(partial)
     remove_ours(final)
     partial.rename(final)
-    (final / SUCCESS).write_text(json.dumps(record) if record is not None else "")
+    write_atomic(final / SUCCESS, json.dumps(record if record is not None else {}))
 
 
 def success_record(folder: Path) -> dict:
-    """What a finished stage recorded in its `_SUCCESS` marker ({} for markers written before records existed)."""
-    text = (folder / SUCCESS).read_text()
-    return json.loads(text) if text.strip() else {}
+    """What a finished stage recorded in its `_SUCCESS` marker."""
+    record = _record(folder)
+    if record is None:
+        raise ValueError(f"{folder} is not finished: no whole {SUCCESS} record")
+    return record
 
 
 def digest(value) -> str:

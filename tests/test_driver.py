@@ -268,6 +268,34 @@ def test_disk_full_is_one_line_and_leaves_no_marker(tmp_path):
     assert not is_done(tmp_path / "s")
 
 
+@pytest.mark.parametrize("cut", [0, 20], ids=["empty", "cut-short"])
+def test_a_stage_whose_marker_is_empty_or_cut_short_is_redone_saying_so_in_one_line(tmp_path, capsys, cut):
+    """The rerun finds the train stage's `_SUCCESS` empty, or cut after 20 bytes: it runs the stage again, says so in
+    one line, and the stage that reads it runs again too."""
+    from selfimprove.progress import RunProgress
+
+    train, evaluate = tmp_path / "iter_1" / "train", tmp_path / "iter_1" / "eval"
+    ran = []
+
+    def both():
+        progress = RunProgress(tmp_path, [(1, "train"), (1, "eval")])
+        _stage(train, lambda out: ran.append("train"), progress=progress, inputs={"data": [1, 2]}, redo=redo)
+        _stage(evaluate, lambda out: ran.append("eval"), progress=progress, inputs={"model": train}, redo=redo)
+
+    redo = Redo()
+    both()
+    record = (train / SUCCESS).read_bytes()
+    (train / SUCCESS).write_bytes(record[:cut])
+    capsys.readouterr()
+    redo = Redo()
+    both()
+    assert ran == ["train", "eval", "train", "eval"]
+    said = [line for line in capsys.readouterr().err.splitlines() if SUCCESS in line]
+    assert said == [f"iteration 1 train: its _SUCCESS marker ({train}) is empty or cut short, so it may not have "
+                    "finished: running it again"]
+    assert set(success_record(train)) == {"inputs", "started"}
+
+
 def test_metrics_rows_from_finished_eval_stages(tmp_path):
     def fake_eval(metrics, out):
         (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "problems": []}))
