@@ -21,7 +21,7 @@ from selfimprove.config import load_config
 from selfimprove.driver import LOCK, Redo, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
-from selfimprove.io import MARKER, SUCCESS, _folder_digest, digest, is_done, success_record
+from selfimprove.io import MARKER, SUCCESS, _bytes_digest, digest, is_done, success_record
 from selfimprove.precision import Machine
 from selfimprove.recipes.stages import _pairs
 from selfimprove.rollout.stage import SAMPLE_SCHEMA
@@ -255,7 +255,7 @@ def test_a_model_folder_is_an_input_by_its_bytes(tmp_path):
     (model / "weights.bin").write_bytes(b"1234")
     before = digest(model)
     (model / "weights.bin").write_bytes(b"1235")
-    _folder_digest.cache_clear()
+    _bytes_digest.cache_clear()  # written within the file system's clock tick: same size and mtime
     assert digest(model) != before and digest([1, 2]) != digest([2, 1]) and len(before) == 16
 
 

@@ -57,7 +57,7 @@ from pathlib import Path
 
 from selfimprove.config import Config, TrainConfig, check_knobs, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
+from selfimprove.io import check_replaceable, claim_folder, model_digest, remove_ours, stage_output
 from selfimprove.runtime import check_resources
 from selfimprove.train.data import Example, collate, padding_id, read_rows, row_length, tokenize, training_order
 from selfimprove.train.loss_names import needs_reference, needs_rejected
@@ -118,7 +118,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
     init_ray()
     use_gpu, cores, resources = worker_resources(tc)
     reference = reference and check_reference(reference, model_path)
-    run = "train-" + fingerprint(model_path, to_dict(tc) | ({"reference": reference} if reference else {}), examples)
+    run = "train-" + fingerprint(model_path, to_dict(tc), examples, reference)
     storage = checkpoint_storage(tc, out, checkpoints)
     worker_config = {
         "train": tc, "model": model_path, "reference": reference, "examples": ray.put(examples), "use_gpu": use_gpu,
@@ -647,9 +647,16 @@ def whole_steps(examples: list, batch_size: int, seed: int) -> list:
     return [examples[i] for i in order[:usable]]
 
 
-def fingerprint(model_path: str, settings: dict, data) -> str:
-    """Same model, settings and data -> same Ray Train run name, so a restarted run resumes its checkpoints."""
-    h = hashlib.sha256(json.dumps([model_path, settings], sort_keys=True).encode())
+def fingerprint(model: str, settings: dict, data, reference: str | None = None) -> str:
+    """Same model (and reference), settings and data -> same Ray Train run name, so a restarted run resumes its
+    checkpoints.
+
+    A model counts by its files' bytes, not its path (`io.model_digest`): a model rewritten at the same path (a
+    redone train stage) is another model, whose training must not resume the old one's checkpoints; the same files
+    at another path (a moved run dir, a copy in another node's cache) are the same model, whose checkpoints fit it.
+    """
+    models = [model_digest(model), reference and model_digest(reference)]
+    h = hashlib.sha256(json.dumps([models, settings], sort_keys=True).encode())
     h.update(pickle.dumps(data))
     return h.hexdigest()[:12]
 

@@ -29,6 +29,7 @@ from selfimprove.train.trainer import (
     check_lora_targets,
     checkpoint_storage,
     deepspeed_config,
+    fingerprint,
     learning_rate,
     loss_kwargs,
     sequence_logps,
@@ -97,6 +98,35 @@ def test_bad_input_fails_before_ray(tmp_path, bundled_model, monkeypatch):
     with pytest.raises(UserError, match=r"holds SFT rows .* train.loss=rpo needs pairs; use train.loss=sft"):
         train(cfg, sft, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_the_resume_fingerprint_is_the_models_content_not_its_path(tmp_path):
+    """A training resumes the checkpoints of the run with its fingerprint. A model rewritten at the same path (a
+    redone train stage) must not resume the old model's checkpoints; the same files copied elsewhere (a moved run
+    dir, another node's cache) are the same model, whose checkpoints fit it: they resume."""
+    import shutil
+
+    def model(folder, weights: bytes):
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(weights)
+        return str(folder)
+
+    settings, data = {"loss": "sft"}, [Example([1, 2], [3], None)]
+    a = model(tmp_path / "a", b"weights one")
+    first = fingerprint(a, settings, data)
+    assert fingerprint(shutil.copytree(a, tmp_path / "elsewhere"), settings, data) == first
+    same_path = model(tmp_path / "a", b"weights two")  # same size; its new mtime tells the cache to read it again
+    os.utime(tmp_path / "a" / "model.safetensors", ns=(1, 1))
+    assert fingerprint(same_path, settings, data) != first
+    model(tmp_path / "a", b"weights one")
+    os.utime(tmp_path / "a" / "model.safetensors", ns=(2, 2))
+    assert fingerprint(a, settings, data) == first
+    # A separate reference counts by its content too; a hub id by its name.
+    b, c = model(tmp_path / "b", b"reference"), model(tmp_path / "c", b"reference")
+    assert fingerprint(a, settings, data, reference=b) == fingerprint(a, settings, data, reference=c) != first
+    assert fingerprint("org/model", settings, data) != fingerprint("org/other", settings, data)
+    assert fingerprint(a, {"loss": "rpo"}, data) != first != fingerprint(a, settings, data * 2)
 
 
 def test_deepspeed_config_from_knobs():
