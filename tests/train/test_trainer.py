@@ -270,6 +270,20 @@ def test_a_separate_reference_is_what_the_first_step_measures_against(trained, b
     assert first["rewards/margins"] < -trained_margin / 2 < 0
 
 
+@pytest.mark.slow
+def test_zero3_lora_with_a_separate_reference_trains_and_saves(extensions_dir, ray_local, bundled_model, tmp_path):
+    """ZeRO-3 + LoRA in bf16 on 2 Ray Train workers, the base model given as a separate reference (loaded sharded):
+    step 1 measures the policy against itself (LoRA's B starts at 0: margin 0), the loss falls, and the saved
+    folder is a whole bf16 model."""
+    data = write_pairs(tmp_path / "pairs.parquet", [GOOD] * 8)
+    tc = TrainConfig(**(ACCEPTANCE | dict(zero_stage=3, precision="bf16", checkpoint_every=2)))
+    summary = train(Config(model=bundled_model, train=tc), data, tmp_path / "model", reference=bundled_model)
+    steps = json.loads((tmp_path / "model" / "train_metrics.json").read_text())["steps"]
+    assert summary["zero_stage"] == 3 and summary["steps"] == 6
+    assert abs(steps[0]["rewards/margins"]) < 0.05 and steps[-1]["loss"] < steps[0]["loss"] - 0.1
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_a_reference_with_another_tokenizer_is_refused_in_one_line(bundled_model, tmp_path):
     from transformers import AutoTokenizer
 
