@@ -8,7 +8,7 @@ comma   := ,
 export SELFIMPROVE_HOME ?= $(HOME)/.cache/selfimprove
 export TORCH_EXTENSIONS_DIR ?= $(SELFIMPROVE_HOME)/torch_extensions
 
-.PHONY: install system model demo test test-faults test-slow lint clean
+.PHONY: install system model demo test test-faults test-slow gpu-smoke lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,8 +47,13 @@ test-faults: model
 test-slow: model
 	$(PY) -m pytest -m slow
 
+# One GPU, at most 9 minutes, after `make install EXTRAS=gpu,dev`: cluster/gpu_smoke.py (not yet run on a GPU).
+gpu-smoke:
+	@test -x $(PY) || { echo "gpu-smoke: no $(PY): run make install EXTRAS=gpu,dev first"; exit 1; }
+	@$(PY) cluster/gpu_smoke.py
+
 lint: install
-	$(VENV)/bin/ruff check selfimprove tests benchmarks
+	$(VENV)/bin/ruff check selfimprove tests benchmarks cluster
 
 clean:
 	rm -rf $(VENV) runs
