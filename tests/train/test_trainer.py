@@ -129,6 +129,18 @@ def test_adamw_is_torchs_fused_one_unless_offloaded_on_cpu_and_gpu(stage, use_gp
         assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": use_gpu}
 
 
+def test_a_reference_engine_gets_the_training_config_without_optimizer_schedule_or_their_offload():
+    from selfimprove.train.trainer import inference_config
+
+    tc = TrainConfig(zero_stage=3, offload_optimizer=True, warmup_steps=5, batch_size=4, micro_batch_size=1)
+    ds = deepspeed_config(tc, world=2, use_gpu=True)
+    assert inference_config(ds) == {
+        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": 3},
+        "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    assert ds["zero_optimization"]["offload_optimizer"] and "optimizer" in ds  # the training config is untouched
+
+
 def test_deepspeed_builds_torchs_fused_adamw_and_one_dtype_of_lora_for_every_zero_stage(tmp_path):
     """Two gloo ranks (tests/train/deepspeed_ranks.py), bf16 + LoRA, ZeRO 0-3, one step each: DeepSpeed made
     torch's fused AdamW and JIT-built nothing; adapters are bf16 like their base weights at every stage (PEFT
