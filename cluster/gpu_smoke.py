@@ -17,8 +17,8 @@ inputs (tests/test_gpu_smoke.py) and it stops at step 1.
    GRACE_S after the end of the stage it appeared in (before the first stage, the next one's start); the
    driver itself holds GPU memory; a GPU stage of at least 3 polls shows no process at all (nvidia-smi cannot
    see this container's processes: nothing would be checked); the run's output or Ray's logs hold a vLLM
-   memory-check error, a CUDA out-of-memory, a Ray Train worker-group retry, or an actor restarted before
-   Ray shut down. Last line: `gpu_smoke=PASS` or `gpu_smoke=FAIL`.
+   memory-check error, a CUDA out-of-memory, a Ray Train worker-group retry, or an actor restarted or
+   force-killed (it did not exit within 30 s of being asked) before Ray shut down. Last line: `gpu_smoke=PASS` or `gpu_smoke=FAIL`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ TRAIN_RETRY = re.compile(r"\[FailurePolicy\] RETRY")  # Ray Train V2 restarting 
 # are left (-1: no limit). On shutdown every actor dies so, after the node unregisters: those are not restarts.
 ACTOR_FAILED = re.compile(r"Actor is failed on worker .*need_reschedule = 1.*remaining_restarts = (-?\d+)")
 NODE_GONE = re.compile(r"HandleUnregisterNode|Node is dead")
+# Ray's GCS when an actor asked to exit (a finished stage's engine, say) is still there 30 s later: it outlived
+# its stage by more than GRACE_S whatever nvidia-smi saw. Seen on CPU for a VLLMGenerator pool actor.
+FORCE_KILLED = re.compile(r"Graceful shutdown timeout .* exceeded")
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ def unwatched(sightings: list[Sighting], windows: list[Window], poll: float = PO
 
 
 def log_findings(name: str, lines) -> list[str]:
-    """A line for each vLLM memory-check error, CUDA out-of-memory, Ray Train retry or actor restart in one log."""
+    """A line for each vLLM memory-check error, CUDA out-of-memory, Ray Train retry, actor restart or actor killed
+    after not exiting, in one log."""
     found, node_gone = [], False
     for n, line in enumerate(lines, 1):
         node_gone = node_gone or bool(NODE_GONE.search(line))
@@ -158,6 +162,8 @@ def log_findings(name: str, lines) -> list[str]:
             found.append(f"{name}:{n}: Ray Train restarted its worker group")
         elif restart and not node_gone and int(restart.group(1)) != 0:
             found.append(f"{name}:{n}: an actor died and was restarted: {line.strip()[:240]}")
+        elif FORCE_KILLED.search(line) and not node_gone:
+            found.append(f"{name}:{n}: an actor did not exit when asked and was killed 30 s later: {line.strip()[:240]}")
     return found
 
 

@@ -102,6 +102,8 @@ def test_logs_are_scanned_for_memory_errors_train_retries_and_actor_restarts():
         "type = ActorDiedErrorContext, remaining_restarts = 2, num_restarts = 0",  # killed for good: no restart
         "[...] gcs_actor_manager.cc:1515: Actor is failed on worker ef at node cd, need_reschedule = 1, death context "
         "type = ActorDiedErrorContext, remaining_restarts = 0, num_restarts = 2",  # no restarts left
+        "[2026-12-07 23:04:42,498 W 30626 30626] (gcs_server) gcs_actor_manager.cc:1079: Graceful shutdown timeout "
+        "(30000ms) exceeded. Falling back to force kill. actor_id=3da6 worker_id=0bfd",
         "[...] (gcs_server) gcs_node_manager.cc:183: HandleUnregisterNode() for node node_id=cd",
         "[...] gcs_actor_manager.cc:1515: Actor is failed on worker gh at node cd, need_reschedule = 1, death context "
         "type = ActorDiedErrorContext, remaining_restarts = -1, num_restarts = 0",  # the node shutting down
@@ -109,7 +111,8 @@ def test_logs_are_scanned_for_memory_errors_train_retries_and_actor_restarts():
     found = smoke.log_findings("gcs_server.out", lines)
     assert [f.split(": ")[0] + ": " + f.split(": ")[1] for f in found] == [
         "gcs_server.out:2: GPU memory", "gcs_server.out:3: GPU memory", "gcs_server.out:4: GPU memory",
-        "gcs_server.out:5: Ray Train restarted its worker group", "gcs_server.out:6: an actor died and was restarted"]
+        "gcs_server.out:5: Ray Train restarted its worker group", "gcs_server.out:6: an actor died and was restarted",
+        "gcs_server.out:9: an actor did not exit when asked and was killed 30 s later"]
 
 
 def test_the_vllm_pin_is_read_from_the_installed_requirements():
