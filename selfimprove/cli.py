@@ -121,6 +121,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag_overrides(args, *flags: tuple[str, str]) -> list[str]:
+    """`key=value` overrides for those of `flags` (name, the knob it sets) given on the command line. A value the
+    knob's check refuses fails here, naming the flag the user typed rather than the knob."""
+    from selfimprove.config import knob_problem
+
+    overrides = []
+    for flag, key in flags:
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if problem := knob_problem(key, value):
+            raise UserError(f"--{flag} {problem}, got {value!r}")
+        overrides.append(f"{key}={value}")
+    return overrides
+
+
 def _run(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -152,14 +168,10 @@ def _run(args) -> int:
 def _eval(args) -> int:
     from selfimprove.config import load_config
 
-    overrides = list(args.overrides)
-    for flag, key in (("task", "task.name"), ("data", "task.data"), ("split", "eval.split"),
-                      ("n", "eval.k"), ("limit", f"task.{'train' if args.split == 'train' else 'test'}_size")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    overrides.append(f"model={args.model}")
-    cfg = load_config(args.config, overrides)
+    limit = f"task.{'train' if args.split == 'train' else 'test'}_size"
+    flags = _flag_overrides(args, ("task", "task.name"), ("data", "task.data"), ("split", "eval.split"),
+                            ("n", "eval.k"), ("limit", limit))
+    cfg = load_config(args.config, [*args.overrides, *flags, f"model={args.model}"])
     pair = f"{Path(args.model).name}+{Path(args.guide).name}" if args.guide else Path(args.model).name
     out = Path(args.out or f"runs/eval/{pair}-{cfg.task.name}").expanduser()
 
@@ -235,9 +247,8 @@ def _serve(args) -> int:
                         "--iteration, --guide or --emit-config")
     run_config = Path(target) / "config.yaml"
     config = args.config or (str(run_config) if run_config.is_file() else None)
-    overrides = [f"serve.{key}={value}" for key in ("name", "host", "port")
-                 if (value := getattr(args, key)) is not None] + list(args.overrides)
-    cfg, _ = resolve(load_config(config, overrides))
+    flags = _flag_overrides(args, *((key, f"serve.{key}") for key in ("name", "host", "port")))
+    cfg, _ = resolve(load_config(config, [*flags, *args.overrides]))
     key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV)
     if key is not None and not key.strip():
         raise UserError(f"serve: the API key ({'--api-key' if args.api_key is not None else KEY_ENV}) is empty")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -437,6 +438,17 @@ def _cross_check(cfg: Config) -> str | None:
     return None
 
 
+def knob_problem(key: str, value: Any) -> str | None:
+    """What the check of the knob at the dotted `key` finds wrong with `value` (None: nothing), for a command-line
+    flag that sets that knob: its error names the flag the user typed."""
+    *sections, name = key.split(".")
+    cls = Config
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
+    return check(value) if check and value is not None else None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file's mapping; `extends: other.yaml` (relative to the file) is read first and overlaid."""
     if not path.exists():
@@ -562,9 +574,12 @@ def _coerce(value: Any, typ, dotted: str, where: str) -> Any:
     if typ is float and isinstance(value, str):
         # YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        # YAML reads `.inf` and `.nan` as floats, and every check compares: nan passes `v >= 0`, inf passes `v > 0`.
+        raise UserError(f"{where}: '{dotted}' must be a finite number, got {value!r}")
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):

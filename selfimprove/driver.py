@@ -30,7 +30,7 @@ import yaml
 
 from selfimprove.config import Config, load_config, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import MARKER, digest, is_done, is_ours, stage_output, success_record, write_atomic
+from selfimprove.io import MARKER, digest, is_damaged, is_done, is_ours, stage_output, success_record, write_atomic
 from selfimprove.overhead import fixed_seconds
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import RunProgress
@@ -154,7 +154,8 @@ def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:
     run dir was made with it. Returns the open lock file: the run dir is this run's until it is closed.
 
     A folder that is neither empty nor a run is refused with nothing written into it. A claim that fails (a full
-    disk, a read-only one) takes back what it made: the folders, marker and lock file it created.
+    disk, a read-only one) takes back what it made: the folders, marker and lock file it created. The lock file
+    only while this claim holds its lock: another run may have taken a lock file this claim found absent.
     """
     made: list[Path] = []  # created by this claim, in order
     try:
@@ -164,13 +165,18 @@ def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:
             raise UserError(f"{run_dir} is not empty and holds no selfimprove run; pass a new or empty run_dir=...")
         made += reversed([p for p in (run_dir, *run_dir.parents) if not os.path.lexists(p)])
         run_dir.mkdir(parents=True, exist_ok=True)
-        made += [p for p in (run_dir / MARKER, run_dir / LOCK) if not os.path.lexists(p)]
+        made += [p for p in (run_dir / MARKER,) if not os.path.lexists(p)]
+        new_lock = not os.path.lexists(run_dir / LOCK)
         (run_dir / MARKER).touch()
         lock = _lock(run_dir)
         try:
+            _name_holder(lock)
             _check_or_save_config(run_dir, cfg)
         except BaseException:
-            lock.close()
+            if new_lock:  # unlinked while held: a claim that opened it meanwhile sees it gone (`_lock`)
+                (run_dir / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # closing flushes the holder's line again: the first error is the one
+                lock.close()
             raise
     except OSError as e:
         _take_back(made)
@@ -202,28 +208,41 @@ def _is_run(run_dir: Path) -> bool:
 
 
 def _lock(run_dir: Path) -> IO[str]:
-    """Take `run_dir/.lock` and write this process's pid and host in it, or refuse naming the process holding it.
+    """Take `run_dir/.lock`, or refuse naming the process holding it.
 
     The OS releases a flock when its holder ends, however it ends, so a killed run leaves no stale lock.
     O_NOFOLLOW: a symlink planted at that name must not make us open, and overwrite, another file.
+    A failed claim removes the lock file it made while it holds it; a claim that opened that file meanwhile would
+    lock a file no longer in the folder, beside a run that makes a new one: it opens the new one instead.
     """
-    lock = os.fdopen(os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = lock.read().strip() or "one that has not written its pid yet"
-        lock.close()
-        raise UserError(f"{run_dir} is in use by another selfimprove run ({holder}); wait for it to end, "
-                        "or pass another run_dir=...") from None
-    try:
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
-    except OSError:  # a full disk: close (which tries the write again) without hiding the first error
-        with contextlib.suppress(OSError):
+    while True:
+        lock = os.fdopen(os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read().strip() or "one that has not written its pid yet"
             lock.close()
-        raise
-    return lock
+            raise UserError(f"{run_dir} is in use by another selfimprove run ({holder}); wait for it to end, "
+                            "or pass another run_dir=...") from None
+        if _same_file(lock, run_dir / LOCK):
+            return lock
+        lock.close()
+
+
+def _same_file(f: IO[str], path: Path) -> bool:
+    try:
+        there = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _name_holder(lock: IO[str]) -> None:
+    """Write this process's pid and host in the lock file, for a run it refuses to name."""
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
 
 
 def _check_or_save_config(run_dir: Path, cfg: Config) -> None:
@@ -300,8 +319,10 @@ def _stage(folder: Path, fn, *args, progress: RunProgress | None = None, dtype: 
     inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
     digests = {name: digest(value) for name, value in inputs.items()}
     redo = redo or Redo()
+    if progress and is_damaged(folder):
+        progress.damaged(folder)
     if is_done(folder) and not redo.wanted(folder, inputs):
-        recorded = success_record(folder).get("inputs", digests)  # markers made before records: trusted
+        recorded = success_record(folder).get("inputs", digests)  # records made before they held inputs: trusted
         changed = [name for name in digests if recorded.get(name) != digests[name]]
         if changed:
             raise UserError(f"{folder} was made from other inputs than now ({', '.join(changed)} changed); rerun "

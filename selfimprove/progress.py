@@ -58,6 +58,11 @@ class RunProgress:
         t, kind = self._where(folder)
         self.console.print(f"iteration {t} {kind}: finished earlier ({folder}), skipped")
 
+    def damaged(self, folder: Path) -> None:
+        t, kind = self._where(folder)
+        self.console.print(f"iteration {t} {kind}: its _SUCCESS marker ({folder}) is empty or cut short, so it may "
+                           "not have finished: running it again", soft_wrap=True)
+
     def _where(self, folder: Path) -> tuple[int, str]:
         return int(folder.parent.name.removeprefix("iter_")), folder.name
 

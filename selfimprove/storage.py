@@ -96,7 +96,7 @@ def publish(folder: Path, storage: str) -> str:
     """Copy the model `folder` to `<storage>/models/<its digest>` unless it is there; its `stored:` reference."""
     from selfimprove.io import folder_digest
 
-    key = folder_digest(str(folder.resolve()))
+    key = folder_digest(folder)
     uri = f"{storage}/models/{key}"
     fs, root = filesystem(uri)
     if fs.get_file_info(root + MANIFEST).is_file:
@@ -149,7 +149,7 @@ def fetch(uri: str, into: Path) -> Path:
         tmp_fs, _ = filesystem(str(tmp))
         for name in files:
             _copy(fs, f"{root}/{name}", tmp_fs, str(tmp / name))
-        if (got := folder_digest.__wrapped__(str(tmp))) != key:  # not cached: this name may have held another copy
+        if (got := folder_digest(tmp)) != key:
             shutil.rmtree(tmp)
             raise RuntimeError(f"the model copied from {uri} has digest {got}: storage holds a damaged copy")
         tmp.rename(final)

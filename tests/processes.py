@@ -22,12 +22,17 @@ TINY_RUN = {
 
 
 def start(config, run_dir, log, *overrides, env: dict | None = None) -> subprocess.Popen:
-    """`selfimprove run` in its own process group, its output into the file `log` (a pipe could be held open
+    """`selfimprove run` in its own process group, its output into the file `log`; `env`: variables to set in its
+    environment."""
+    return start_command(["run", config, f"run_dir={run_dir}", *overrides], log, env)
+
+
+def start_command(args: list, log, env: dict | None = None) -> subprocess.Popen:
+    """`selfimprove ARGS` in its own process group, its output into the file `log` (a pipe could be held open
     by processes that outlive a kill); `env`: variables to set in its environment."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "selfimprove", "run", str(config), f"run_dir={run_dir}",
-                                 *overrides], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+        return subprocess.Popen([sys.executable, "-m", "selfimprove", *map(str, args)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def kill_when(proc: subprocess.Popen, log: Path, ready, what: str, timeout: float = 900) -> None:

@@ -389,16 +389,30 @@ def test_size_in_run(box, key, value, fragment):
     box.fails("run", box.config, f"{key}={value}", f"run_dir={box.root / 'r'}", fragment=f"{box.config}: {fragment}")
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("rollout.temperature=.inf", "'rollout.temperature' must be a finite number, got inf"),
+    ("train.lr=.nan", "'train.lr' must be a finite number, got nan"),
+])
+def test_non_finite_float_in_run(box, override, fragment):
+    """YAML reads `.inf` and `.nan` as floats, which the knobs' comparisons would let through."""
+    box.fails("run", box.config, override, f"run_dir={box.root / 'r'}", fragment=f"{box.config}: {fragment}")
+
+
 @pytest.mark.parametrize("args, fragment", [
-    pytest.param(["--limit", 0], "'task.test_size' must be > 0, got 0", id="limit=0", marks=FAULTS),
-    pytest.param(["--limit", -1], "'task.test_size' must be > 0, got -1", id="limit=-1", marks=FAULTS),
+    # A flag's error names the flag typed, not the knob it sets (--limit: task.test_size, or train_size with
+    # --split train).
+    pytest.param(["--limit", 0], "error: --limit must be > 0, got 0", id="limit=0", marks=FAULTS),
+    pytest.param(["--limit", -1], "error: --limit must be > 0, got -1", id="limit=-1"),
+    pytest.param(["--split", "train", "--limit", -1], "error: --limit must be > 0, got -1", id="train-limit=-1"),
     pytest.param(["--limit", "inf"], "argument --limit: invalid int value: 'inf' (see selfimprove eval --help)",
                  id="limit=inf"),
     pytest.param(["--limit", "1e30"], "argument --limit: invalid int value: '1e30'", id="limit=1e30", marks=FAULTS),
-    pytest.param(["--limit", HUGE], f"'task.test_size' must be at most {MAX_PROBLEMS:,}, got {HUGE}", id="limit=huge",
+    pytest.param(["--limit", HUGE], f"error: --limit must be at most {MAX_PROBLEMS:,}, got {HUGE}", id="limit=huge",
                  marks=FAULTS),
-    pytest.param(["--n", 0], "'eval.k' must be > 0, got 0", id="n=0", marks=FAULTS),
-    pytest.param(["--n", HUGE], f"'eval.k' must be at most {MAX_SAMPLES:,}, got {HUGE}", id="n=huge", marks=FAULTS),
+    pytest.param(["--n", 0], "error: --n must be > 0, got 0", id="n=0"),
+    pytest.param(["--n", HUGE], f"error: --n must be at most {MAX_SAMPLES:,}, got {HUGE}", id="n=huge", marks=FAULTS),
+    pytest.param(["--split", "dev"], "error: --split must be one of train, val, test, got 'dev'", id="split=dev",
+                 marks=FAULTS),
     pytest.param(["rollout.max_tokens=0"], "'rollout.max_tokens' must be > 0, got 0", id="max_tokens=0", marks=FAULTS),
     pytest.param(["rollout.max_tokens=.inf"], "'rollout.max_tokens' must be int, got float inf", id="max_tokens=inf",
                  marks=FAULTS),

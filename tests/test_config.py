@@ -1,5 +1,6 @@
 """Config loading: YAML + dotted overrides, and each kind of bad input named with key and file."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,21 @@ def test_exponent_without_dot_is_a_float():
     assert load_config(None, ["rollout.temperature=1e-1"]).rollout.temperature == 0.1
     with pytest.raises(UserError, match=r"'rollout.temperature' must be float, got str 'hot'"):
         load_config(None, ["rollout.temperature=hot"])
+
+
+# Every float knob, found by its default; train.lr defaults to None.
+FLOAT_KNOBS = [key for key, default, _ in describe() if isinstance(default, float)] + ["train.lr"]
+
+
+@pytest.mark.parametrize("value, shown", [(".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan"), ("nan", "nan")])
+def test_every_float_knob_refuses_non_finite_values(value, shown):
+    """YAML's `.inf`/`.nan`, and `nan` (a string made a float): nan passes `v >= 0` and inf `v > 0`."""
+    assert {"rollout.temperature", "rollout.top_p", "train.beta", "task.sandbox.timeout"} <= set(FLOAT_KNOBS)
+    for key in FLOAT_KNOBS:
+        with pytest.raises(UserError, match=rf"^defaults: '{re.escape(key)}' must be a finite number, got {shown}$"):
+            load_config(None, [f"{key}={value}"])
+    with pytest.raises(UserError, match=rf"^defaults: 'task.step_weights' must be a finite number, got {shown}$"):
+        load_config(None, [f"task.step_weights=[1, {value}]"])
 
 
 def test_extends_overlays_a_base_file_key_by_key(tmp_path):

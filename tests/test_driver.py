@@ -21,7 +21,7 @@ from selfimprove.config import load_config
 from selfimprove.driver import LOCK, Redo, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
-from selfimprove.io import MARKER, SUCCESS, digest, folder_digest, is_done, success_record
+from selfimprove.io import MARKER, SUCCESS, _bytes_digest, digest, is_done, success_record
 from selfimprove.precision import Machine
 from selfimprove.recipes.stages import _pairs
 from selfimprove.rollout.stage import SAMPLE_SCHEMA
@@ -148,6 +148,63 @@ def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path):
     assert (tmp_path / "elsewhere").read_text() == "not yours to truncate"
 
 
+def _flock_once_after(monkeypatch, before):
+    """fcntl.flock as it is, but `before()` runs first on its first call: what another process does between a
+    claim's opening of the lock file and its locking."""
+    import fcntl
+
+    real, calls = fcntl.flock, []
+
+    def flock(f, op):
+        if not calls:
+            calls.append(op)
+            before()
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_a_claim_refused_by_a_run_that_locked_first_leaves_that_runs_lock(tmp_path, monkeypatch):
+    """Two claims of a new run dir: the second finds no lock file, then the first (another process) makes and locks
+    it before the second locks. The second is refused; the first's lock file stays, so a third claim is refused too."""
+    run_dir, config = tmp_path / "r", tmp_path / "config.yaml"
+    config.write_text("iterations: 1\n")
+    cfg = load_config(config, [f"run_dir={run_dir}"])
+    first = []
+
+    def first_claims():
+        first.append(subprocess.Popen([sys.executable, "-c", HOLD_RUN_DIR, str(run_dir), str(config)], cwd=ROOT,
+                                      stdout=subprocess.PIPE, text=True))
+        assert first[0].stdout.readline() == "claimed\n"
+
+    _flock_once_after(monkeypatch, first_claims)
+    try:
+        for _ in ("second", "third"):
+            with pytest.raises(UserError) as e:
+                claim_run_dir(run_dir, cfg)
+            assert str(e.value).startswith(f"{run_dir} is in use by another selfimprove run (pid {first[0].pid} on "
+                                           f"{socket.gethostname()})")
+        assert (run_dir / LOCK).read_text() == f"pid {first[0].pid} on {socket.gethostname()}\n"
+    finally:
+        for p in first:
+            p.kill()
+            p.wait()
+
+
+def test_a_claim_whose_lock_file_was_removed_before_it_locked_locks_the_new_one(tmp_path, monkeypatch):
+    """A failed claim removes the lock file it made while holding it. A claim that had opened that file locks a file
+    no longer in the folder: it must open and lock the one there instead, or another run could lock that one too."""
+    run_dir = tmp_path / "r"
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    with claim_run_dir(run_dir, cfg):
+        pass
+    _flock_once_after(monkeypatch, lambda: (run_dir / LOCK).unlink())
+    with claim_run_dir(run_dir, cfg) as lock:
+        mine, there = os.fstat(lock.fileno()), os.stat(run_dir / LOCK)
+        assert (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        assert (run_dir / LOCK).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
 def test_run_dir_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(None, ["run_dir=~/runs/r", "storage_path=~/ray"])
@@ -208,7 +265,7 @@ def test_a_model_folder_is_an_input_by_its_bytes(tmp_path):
     (model / "weights.bin").write_bytes(b"1234")
     before = digest(model)
     (model / "weights.bin").write_bytes(b"1235")
-    folder_digest.cache_clear()
+    _bytes_digest.cache_clear()  # written within the file system's clock tick: same size and mtime
     assert digest(model) != before and digest([1, 2]) != digest([2, 1]) and len(before) == 16
 
 
@@ -219,6 +276,34 @@ def test_disk_full_is_one_line_and_leaves_no_marker(tmp_path):
     with pytest.raises(UserError, match=r"cannot write stage .*s: No space left on device; rerun to redo only this stage"):
         _stage(tmp_path / "s", fake_disk_full_stage)
     assert not is_done(tmp_path / "s")
+
+
+@pytest.mark.parametrize("cut", [0, 20], ids=["empty", "cut-short"])
+def test_a_stage_whose_marker_is_empty_or_cut_short_is_redone_saying_so_in_one_line(tmp_path, capsys, cut):
+    """The rerun finds the train stage's `_SUCCESS` empty, or cut after 20 bytes: it runs the stage again, says so in
+    one line, and the stage that reads it runs again too."""
+    from selfimprove.progress import RunProgress
+
+    train, evaluate = tmp_path / "iter_1" / "train", tmp_path / "iter_1" / "eval"
+    ran = []
+
+    def both():
+        progress = RunProgress(tmp_path, [(1, "train"), (1, "eval")])
+        _stage(train, lambda out: ran.append("train"), progress=progress, inputs={"data": [1, 2]}, redo=redo)
+        _stage(evaluate, lambda out: ran.append("eval"), progress=progress, inputs={"model": train}, redo=redo)
+
+    redo = Redo()
+    both()
+    record = (train / SUCCESS).read_bytes()
+    (train / SUCCESS).write_bytes(record[:cut])
+    capsys.readouterr()
+    redo = Redo()
+    both()
+    assert ran == ["train", "eval", "train", "eval"]
+    said = [line for line in capsys.readouterr().err.splitlines() if SUCCESS in line]
+    assert said == [f"iteration 1 train: its _SUCCESS marker ({train}) is empty or cut short, so it may not have "
+                    "finished: running it again"]
+    assert set(success_record(train)) == {"inputs", "started"}
 
 
 def test_metrics_rows_from_finished_eval_stages(tmp_path):

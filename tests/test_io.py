@@ -5,7 +5,17 @@ import os
 import pytest
 
 from selfimprove.errors import UserError
-from selfimprove.io import MARKER, claim_folder, is_done, remove_ours, stage_output, write_atomic
+from selfimprove.io import (
+    MARKER,
+    SUCCESS,
+    claim_folder,
+    is_damaged,
+    is_done,
+    remove_ours,
+    stage_output,
+    success_record,
+    write_atomic,
+)
 
 
 def _snapshot(folder):
@@ -115,3 +125,41 @@ def test_write_atomic_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
         write_atomic(tmp_path / "metrics.jsonl", "new\n")
     assert (tmp_path / "metrics.jsonl").read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_success_marker_whose_write_fails_is_not_left_half_written(tmp_path, monkeypatch):
+    """The disk fails as the marker is written: no `_SUCCESS` at all (nor a temp file), so the folder is unfinished
+    and the next attempt replaces it. Written in place, an empty or half marker would be left."""
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", disk_full)
+        with pytest.raises(OSError, match="No space left on device"), stage_output(tmp_path / "out", {"n": 1}) as scratch:
+            (scratch / "result.txt").write_text("first")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "result.txt"]
+    assert not is_done(tmp_path / "out") and not is_damaged(tmp_path / "out")
+    with stage_output(tmp_path / "out", {"n": 2}) as scratch:
+        (scratch / "result.txt").write_text("second")
+    assert success_record(tmp_path / "out") == {"n": 2} and (tmp_path / "out" / "result.txt").read_text() == "second"
+
+
+@pytest.mark.parametrize("marker", [b"", b'{"inputs": {"data": "ab', b"\0" * 8, b"[]", b"\xff\xfe"],
+                         ids=["empty", "cut-short", "zeros", "not-a-record", "not-text"])
+def test_a_damaged_success_marker_is_not_finished_and_the_folder_is_redone(tmp_path, marker):
+    """What a disk that lost a marker's last write can hold: the folder is not finished, is still ours, and the
+    next attempt replaces it with a whole marker."""
+    with stage_output(tmp_path / "out", {"n": 1}):
+        pass
+    (tmp_path / "out" / MARKER).unlink()  # as folders finished before the marker existed: `_SUCCESS` says it is ours
+    (tmp_path / "out" / SUCCESS).write_bytes(marker)
+    assert not is_done(tmp_path / "out") and is_damaged(tmp_path / "out")
+    with stage_output(tmp_path / "out", {"n": 2}):
+        pass
+    assert is_done(tmp_path / "out") and success_record(tmp_path / "out") == {"n": 2}
+
+
+def test_a_stage_without_a_record_writes_a_whole_empty_one(tmp_path):
+    with stage_output(tmp_path / "out"):
+        pass
+    assert (tmp_path / "out" / SUCCESS).read_text() == "{}" and is_done(tmp_path / "out")

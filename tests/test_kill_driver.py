@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,8 +27,12 @@ pytestmark = [pytest.mark.engine, pytest.mark.faults]
 # Process pairs scored by Monte Carlo; a checkpoint after every training step, so that a kill can come after one.
 # The tiny run's few pairs fill one step of train.batch_size=2 per epoch: epochs give training its 3 steps.
 # Not drawn ahead: iteration 1's rollout samples with engines of its own, so that a kill can come mid-way in it.
+# Sums of numbers up to 9, which the base model gets right in some samples and wrong in others, so that process pairs
+# exist: on the default problems it got all 32 samples of the 8 wrong (an AVX-512 box), all scores 0, no pair.
 SIPF = ("rollout.draw_ahead=false", "pairs.source=process", "process.k=2", "process.max_steps=3",
-        "process.max_tokens=48", "process.eta=0.0", "train.checkpoint_every=1", "train.epochs=3", "train.max_steps=3")
+        "process.max_tokens=48", "process.eta=0.0", "train.checkpoint_every=1", "train.epochs=3", "train.max_steps=3",
+        "task.operations=+", "task.max_value=9", "task.generated_train=64", "task.generated_val=32",
+        "task.generated_test=32")
 STAGES = ["iter_0/eval", "iter_1/rollout", "iter_1/process", "iter_1/pairs", "iter_1/train", "iter_1/eval"]
 
 
@@ -58,20 +61,19 @@ def partial_output(run_dir: Path, stage: str, log: Path):
     return lambda: any((run_dir / f"{stage}.partial").rglob("*.parquet"))
 
 
-def started(run_dir: Path, stage: str, log: Path):
-    return lambda: (run_dir / f"{stage}.partial").is_dir()
+# Where nothing a stage writes part-way shows it running (the pairs stage takes 0.1 s; the process stage writes its
+# output only at its end), the run holds at a known point in it and waits for the kill (tests/hold_stage).
+HOLD = Path(__file__).parent / "hold_stage"
 
 
-# A run whose pairs stage waits a minute (tests/slow_pairs/sitecustomize.py): too short to catch otherwise.
-SLOW_PAIRS = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "slow_pairs"),
-                                                          os.environ.get("PYTHONPATH")]))}
+def holding(stage: str, held: Path) -> dict:
+    """Environment of a run that, reaching its point in `stage`, writes the file `held` and waits there."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(HOLD), os.environ.get("PYTHONPATH")])),
+            "HOLD_AT": stage.split("/")[-1], "HELD": str(held)}
 
 
-def busy(run_dir: Path, stage: str, log: Path, seconds: float = 20):
-    """True once the stage has run for `seconds` (a stage that writes its output only at its end)."""
-    first = []
-    return lambda: bool((run_dir / f"{stage}.partial").is_dir() and (first or first.append(time.time()))
-                        and time.time() - first[0] > seconds)
+def held(run_dir: Path, stage: str, log: Path):
+    return log.with_suffix(".held").exists
 
 
 def checkpointed(run_dir: Path, stage: str, log: Path):
@@ -84,7 +86,7 @@ def run_with_kills(tmp_path, tiny_config, kills) -> Path:
     run_dir, untouched = tmp_path / "run", {}
     for i, (stage, when) in enumerate(kills):
         log = tmp_path / f"run{i}.log"
-        env = SLOW_PAIRS if stage.endswith("/pairs") else None
+        env = holding(stage, log.with_suffix(".held")) if when is held else None
         kill_when(start(tiny_config, run_dir, log, *SIPF, env=env), log, when(run_dir, stage, log), f"{stage} mid-way")
         assert not (run_dir / stage / "_SUCCESS").exists(), f"the kill came after {stage} had finished"
         untouched |= finished_files(run_dir)
@@ -121,16 +123,17 @@ def assert_same_shape(run_dir: Path, reference: Path) -> None:
 
 
 def test_kills_in_generation_stages(tmp_path, tiny_config, uninterrupted):
-    """Killed mid-rollout, mid-process and mid-eval (each with partial output written): the same stages and rows."""
+    """Killed mid-rollout and mid-eval (each with partial output written) and mid-process (its engines have answered
+    a round): the same stages and rows."""
     run_dir = run_with_kills(tmp_path, tiny_config, [
-        ("iter_1/rollout", partial_output), ("iter_1/process", busy), ("iter_1/eval", partial_output)])
+        ("iter_1/rollout", partial_output), ("iter_1/process", held), ("iter_1/eval", partial_output)])
     assert_same_shape(run_dir, uninterrupted)
 
 
 def test_kills_in_pairs_and_train(tmp_path, tiny_config, uninterrupted):
     """Killed in the pairs stage, then in training after its first checkpoint: the rerun resumes from that
     checkpoint, and ends with the pairs, training steps and model that the same stages make without a kill."""
-    run_dir = run_with_kills(tmp_path, tiny_config, [("iter_1/pairs", started), ("iter_1/train", checkpointed)])
+    run_dir = run_with_kills(tmp_path, tiny_config, [("iter_1/pairs", held), ("iter_1/train", checkpointed)])
     assert re.search(r"resuming from the checkpoint of step [12]\b", (tmp_path / "last.log").read_text())
     assert_same_shape(run_dir, uninterrupted)
     killed = trained(run_dir)

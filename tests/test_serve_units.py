@@ -115,7 +115,7 @@ def test_cli_refuses_follow_with_an_iteration(tmp_path):
 def test_cli_refuses_an_empty_key_and_a_bad_port():
     assert_one_line_error(run("serve", ROOT_MODEL, "--api-key="), "the API key (--api-key) is empty")
     assert_one_line_error(run("serve", ROOT_MODEL, env={"SELFIMPROVE_API_KEY": " "}), "SELFIMPROVE_API_KEY) is empty")
-    assert_one_line_error(run("serve", ROOT_MODEL, "--port=70000"), "'serve.port' must be a port number")
+    assert_one_line_error(run("serve", ROOT_MODEL, "--port=70000"), "error: --port must be a port number")
 
 
 def test_cli_refuses_a_run_with_nothing_evaluated_and_an_iteration_of_a_model(tmp_path):

@@ -26,7 +26,8 @@
    `skipped=too_long`, counted.
 6. The PRM reads the policy's token ids, so it must share the policy's tokenizer: a checkpoint
    whose tokenizer's vocabulary differs is refused with one line when it is loaded.
-7. Scoring is one Ray task (one GPU if the cluster has one, else a node's cores): sequences
+7. Scoring is one Ray task (one GPU if the cluster has one, else a node's cores), in a worker process that
+   exits after it, so the next stage finds the GPU free (`scoring_task`): sequences
    sorted by length, `prm_batch_size` to a forward pass, right-padded, each cut after its last
    step that is scored.
 """
@@ -370,6 +371,17 @@ def predict(prm_dir: str, queries: list[tuple[list[int], list[int]]], batch_size
     return out
 
 
+def scoring_task(use_gpu: bool, cores: int):
+    """`predict` as a Ray task whose worker process exits after its one call (`max_calls=1`), so its GPU memory
+    goes with it. Ray reuses a task's worker by default, and `.options(num_gpus=1)` cannot change that (Ray
+    sets max_calls=1 for GPU tasks only when num_gpus is given to `ray.remote` itself): the idle worker kept its
+    CUDA context and cached memory on a GPU Ray counted free again, and the next vLLM engine's free-memory
+    check could fail. On CPU the exit frees the model's memory for the next stage too, for a second's start-up."""
+    import ray
+
+    return ray.remote(num_cpus=cores, num_gpus=1 if use_gpu else 0, max_calls=1)(predict)
+
+
 def run_trained_prm(prm_dir: str | Path, policy: str, cfg: ProcessConfig, samples: list[dict], out: Path
                     ) -> dict[str, int]:
     """The process stage with a trained PRM: score `samples` (written by `policy`); write `out/steps.parquet`
@@ -387,7 +399,7 @@ def run_trained_prm(prm_dir: str | Path, policy: str, cfg: ProcessConfig, sample
     init_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cores = 1 if use_gpu else node_cpus()
-    task = ray.remote(predict).options(num_cpus=cores, num_gpus=1 if use_gpu else 0)
+    task = scoring_task(use_gpu, cores)
     stored = shared(prm_dir)  # what the task's node can fetch
 
     def remote_predict(queries):

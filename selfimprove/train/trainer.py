@@ -15,8 +15,8 @@
    kept beside it (and in every checkpoint): never per step. Full fine-tuning reads them off the
    model before it moves; with LoRA they come from the same model inside `disable_adapter()`,
    so no second copy of the model exists either way. A separate reference model (`reference`)
-   is loaded whole on each worker for that pass only, then dropped. Losses that need none (sft,
-   orpo) skip it.
+   is loaded for that pass only, then dropped: whole on each worker, or sharded under ZeRO-3 as
+   the policy is. Losses that need none (sft, orpo) skip it.
 5. One forward pass per micro-batch, a row per pair holding its prompt once, then chosen and
    rejected, padded to the batch's longest (data.py, point 6). Logits are computed only from
    the first response position on (`logits_to_keep`): prompt positions need none, and a
@@ -57,7 +57,7 @@ from pathlib import Path
 
 from selfimprove.config import Config, TrainConfig, check_knobs, to_dict
 from selfimprove.errors import UserError
-from selfimprove.io import check_replaceable, claim_folder, remove_ours, stage_output
+from selfimprove.io import check_replaceable, claim_folder, model_digest, remove_ours, stage_output
 from selfimprove.runtime import check_resources
 from selfimprove.storage import shared
 from selfimprove.train.data import Example, collate, padding_id, read_rows, row_length, tokenize, training_order
@@ -119,7 +119,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, checkpoints: Path | No
     init_ray()
     use_gpu, cores, resources = worker_resources(tc)
     reference = reference and check_reference(reference, model_path)
-    run = "train-" + fingerprint(model_path, to_dict(tc) | ({"reference": reference} if reference else {}), examples)
+    run = "train-" + fingerprint(model_path, to_dict(tc), examples, reference)
     storage = checkpoint_storage(cfg.storage_path, out, checkpoints)
     worker_config = {
         "train": tc, "model": shared(model_path), "reference": reference and shared(reference),
@@ -268,20 +268,31 @@ def deepspeed_config(tc: TrainConfig, world: int, use_gpu: bool) -> dict:
         "gradient_clipping": tc.grad_clip,
         "bf16": {"enabled": tc.precision == "bf16"},
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": tc.weight_decay}},
+        "optimizer": {"type": "AdamW", "params": optimizer_params(tc, lr)},
         "steps_per_print": 10**9,  # we report metrics ourselves
         "wall_clock_breakdown": False,
     }
-    if not use_gpu and not tc.offload_optimizer:
-        # torch's fused AdamW on CPU: DeepSpeed's own fused Adam would JIT-build a C++ op first, and
-        # torch's default per-tensor loop took a third of a full fine-tuning step (measured).
-        # With offload DeepSpeed insists on its CPU Adam (built once into TORCH_EXTENSIONS_DIR).
-        config["optimizer"]["params"].update(torch_adam=True, fused=True)
     if tc.warmup_steps:
         config["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": tc.warmup_steps, "warmup_type": "linear"}}
     return config
+
+
+def optimizer_params(tc: TrainConfig, lr: float) -> dict:
+    """AdamW's DeepSpeed `optimizer.params`, which also choose its implementation, on CPU and GPU alike.
+
+    Without offload: torch's fused AdamW (`torch_adam`; DeepSpeed builds `torch.optim.AdamW(fused=True)`, for
+    ZeRO 0-3 alike, on the fp32 master weights). DeepSpeed's default there, FusedAdam, is a CUDA op it compiles
+    with nvcc at first use: a GPU node without nvcc, or with one of another CUDA version than torch's, failed
+    the first training stage. On CPU torch's per-tensor loop took a third of a full fine-tuning step (measured).
+    With `offload_optimizer` the step runs on the CPU copy, and DeepSpeed's ZeRO-Offload wants its own
+    DeepSpeedCPUAdam (what the plain AdamW config gives there): a C++ op built with g++ and ninja into
+    TORCH_EXTENSIONS_DIR, no nvcc (deepspeed 0.19.8 builds it with its CPU builder on CUDA nodes too).
+    """
+    params = {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": tc.weight_decay}
+    if not tc.offload_optimizer:
+        params.update(torch_adam=True, fused=True)
+    return params
 
 
 def loss_kwargs(tc: TrainConfig) -> dict:
@@ -393,7 +404,9 @@ def train_worker(config: dict) -> None:
             if (Path(folder) / METRICS_FILE).is_file():
                 return  # a previous attempt finished and saved the model: nothing left to do
             _, state = engine.load_checkpoint(folder, tag="ds", load_module_strict=not tc.lora)
-            references = torch.load(Path(folder) / f"reference-{rank}.pt")
+            # Saved only by a loss that reads them; the run's fingerprint holds the loss, so this is that loss.
+            if needs_reference(tc.loss):
+                references = torch.load(Path(folder) / f"reference-{rank}.pt")
         step, epoch, start_micro, history = state["step"], state["epoch"], state["micro"], state.get("history", [])
         checkpoint_step = step
         if rank == 0:
@@ -401,8 +414,7 @@ def train_worker(config: dict) -> None:
     elif needs_reference(tc.loss):
         t0 = time.perf_counter()
         if config.get("reference"):
-            references = _reference_logps(_load_reference(config["reference"], tc, device), shard, tc,
-                                          config["pad_id"], device)
+            references = _separate_reference_logps(config["reference"], shard, tc, config["pad_id"], device, ds_config)
         else:
             references = _reference_logps(engine, shard, tc, config["pad_id"], device,
                                           engine.module.disable_adapter() if tc.lora else nullcontext())
@@ -526,7 +538,10 @@ def _load_model(path: str, tc: TrainConfig, ds_config: dict):
     if tc.lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(tc))
+        # Adapters in the base weights' type, not PEFT's default float32: DeepSpeed casts a model to bf16 at
+        # initialize, but not one zero.Init built (ZeRO-3), whose fp32 adapters then sat beside bf16 weights.
+        # Under bf16 the optimizer keeps float32 master copies of the adapters either way.
+        model = get_peft_model(model, lora_config(tc), autocast_adapter_dtype=False)
     return model, keep
 
 
@@ -542,13 +557,53 @@ def _chosen_only(e: Example) -> Example:
     return Example(e.prompt, e.chosen, None)
 
 
-def _load_reference(path: str, tc: TrainConfig, device):
-    """A separate reference model, whole on this worker, in the type training computes in."""
+def _load_reference(path: str, tc: TrainConfig, device, ds_config: dict):
+    """A separate reference model in the type training computes in: whole on this worker, or, when ZeRO-3 shards
+    the policy, sharded as it is (loaded under zero.Init, in a DeepSpeed engine without optimizer whose forward
+    gathers each layer's weights in turn), so a reference too big for one device never sits whole on one."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if tc.zero_stage != 3:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    loading = HfDeepSpeedConfig(ds_config)  # noqa: F841 (from_pretrained shards while it lives)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    finally:
+        unset_hf_deepspeed_config()
+    engine, *_ = deepspeed.initialize(model=model, config=inference_config(ds_config))
+    return engine
+
+
+def inference_config(ds_config: dict) -> dict:
+    """The training config without what an engine that only runs forward passes has no use for: the optimizer,
+    its schedule and its offload."""
+    zero = {k: v for k, v in ds_config["zero_optimization"].items() if k != "offload_optimizer"}
+    return {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")} | {"zero_optimization": zero}
+
+
+def _separate_reference_logps(path: str, shard: list[Example], tc: TrainConfig, pad_id: int, device, ds_config: dict):
+    """`_reference_logps` by the separate reference model at `path`, whose memory is freed before training takes
+    it (a ZeRO-3 engine's hooks removed, the CUDA cache emptied)."""
+    import gc
+
+    import torch
+
+    model = _load_reference(path, tc, device, ds_config)
+    try:
+        return _reference_logps(model, shard, tc, pad_id, device)
+    finally:
+        if hasattr(model, "destroy"):
+            model.destroy()
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _reference_logps(model, shard: list[Example], tc: TrainConfig, pad_id: int, device, adapter_off=nullcontext()):
@@ -657,9 +712,16 @@ def whole_steps(examples: list, batch_size: int, seed: int) -> list:
     return [examples[i] for i in order[:usable]]
 
 
-def fingerprint(model_path: str, settings: dict, data) -> str:
-    """Same model, settings and data -> same Ray Train run name, so a restarted run resumes its checkpoints."""
-    h = hashlib.sha256(json.dumps([model_path, settings], sort_keys=True).encode())
+def fingerprint(model: str, settings: dict, data, reference: str | None = None) -> str:
+    """Same model (and reference), settings and data -> same Ray Train run name, so a restarted run resumes its
+    checkpoints.
+
+    A model counts by its files' bytes, not its path (`io.model_digest`): a model rewritten at the same path (a
+    redone train stage) is another model, whose training must not resume the old one's checkpoints; the same files
+    at another path (a moved run dir, a copy in another node's cache) are the same model, whose checkpoints fit it.
+    """
+    models = [model_digest(model), reference and model_digest(reference)]
+    h = hashlib.sha256(json.dumps([models, settings], sort_keys=True).encode())
     h.update(pickle.dumps(data))
     return h.hexdigest()[:12]
 

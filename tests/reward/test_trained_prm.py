@@ -156,6 +156,20 @@ def test_no_query_no_call():
     assert predict.calls == [] and [r["value"] for r in rows] == [1.0] and stats["predicted"] == 0
 
 
+@pytest.mark.parametrize("use_gpu, cores, gpus", [(True, 1, 1), (False, 2, 0)])
+def test_scoring_runs_in_a_worker_that_exits_after_its_one_call(use_gpu, cores, gpus):
+    """max_calls=1 set on the function itself. Scoring was `ray.remote(predict).options(num_gpus=1)`: Ray takes
+    max_calls from `ray.remote` alone, 0 there (no limit: the worker is reused), and it kept the PRM's CUDA memory on
+    a GPU Ray counted free."""
+    import ray
+
+    from selfimprove.reward.trained_prm import predict, scoring_task
+
+    task = scoring_task(use_gpu, cores)
+    assert (task._function, task._max_calls, task._num_gpus, task._num_cpus) == (predict, 1, gpus, cores)
+    assert ray.remote(predict)._max_calls == 0
+
+
 def test_a_checkpoint_with_another_tokenizer_is_refused_in_one_line(bundled_model, tmp_path):
     from transformers import AutoTokenizer
 

@@ -29,6 +29,7 @@ from selfimprove.train.trainer import (
     check_lora_targets,
     checkpoint_storage,
     deepspeed_config,
+    fingerprint,
     learning_rate,
     loss_kwargs,
     sequence_logps,
@@ -99,6 +100,35 @@ def test_bad_input_fails_before_ray(tmp_path, bundled_model, monkeypatch):
     assert not (tmp_path / "model").exists()
 
 
+def test_the_resume_fingerprint_is_the_models_content_not_its_path(tmp_path):
+    """A training resumes the checkpoints of the run with its fingerprint. A model rewritten at the same path (a
+    redone train stage) must not resume the old model's checkpoints; the same files copied elsewhere (a moved run
+    dir, another node's cache) are the same model, whose checkpoints fit it: they resume."""
+    import shutil
+
+    def model(folder, weights: bytes):
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(weights)
+        return str(folder)
+
+    settings, data = {"loss": "sft"}, [Example([1, 2], [3], None)]
+    a = model(tmp_path / "a", b"weights one")
+    first = fingerprint(a, settings, data)
+    assert fingerprint(shutil.copytree(a, tmp_path / "elsewhere"), settings, data) == first
+    same_path = model(tmp_path / "a", b"weights two")  # same size; its new mtime tells the cache to read it again
+    os.utime(tmp_path / "a" / "model.safetensors", ns=(1, 1))
+    assert fingerprint(same_path, settings, data) != first
+    model(tmp_path / "a", b"weights one")
+    os.utime(tmp_path / "a" / "model.safetensors", ns=(2, 2))
+    assert fingerprint(a, settings, data) == first
+    # A separate reference counts by its content too; a hub id by its name.
+    b, c = model(tmp_path / "b", b"reference"), model(tmp_path / "c", b"reference")
+    assert fingerprint(a, settings, data, reference=b) == fingerprint(a, settings, data, reference=c) != first
+    assert fingerprint("org/model", settings, data) != fingerprint("org/other", settings, data)
+    assert fingerprint(a, {"loss": "rpo"}, data) != first != fingerprint(a, settings, data * 2)
+
+
 def test_deepspeed_config_from_knobs():
     tc = TrainConfig(batch_size=8, micro_batch_size=2, num_workers=2, zero_stage=3, offload_optimizer=True,
                      precision="fp32", warmup_steps=5, grad_clip=0.5)
@@ -113,6 +143,57 @@ def test_deepspeed_config_from_knobs():
     assert "scheduler" not in ds
     assert ds["bf16"] == {"enabled": True} and learning_rate(TrainConfig(lora=True)) == 2e-4
     assert learning_rate(TrainConfig(lora=True, lr=1e-3)) == 1e-3
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_adamw_is_torchs_fused_one_unless_offloaded_on_cpu_and_gpu(stage, use_gpu):
+    """No DeepSpeed op to compile on a GPU node (its FusedAdam needs nvcc): torch's fused AdamW for every ZeRO
+    stage; with optimizer offload, DeepSpeed's CPU Adam (the plain AdamW config), built with g++ alone."""
+    adamw = {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    ds = deepspeed_config(TrainConfig(zero_stage=stage), world=1, use_gpu=use_gpu)
+    assert ds["optimizer"] == {"type": "AdamW", "params": adamw | {"torch_adam": True, "fused": True}}
+    if stage:
+        ds = deepspeed_config(TrainConfig(zero_stage=stage, offload_optimizer=True), world=1, use_gpu=use_gpu)
+        assert ds["optimizer"] == {"type": "AdamW", "params": adamw}
+        assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": use_gpu}
+
+
+def test_a_reference_engine_gets_the_training_config_without_optimizer_schedule_or_their_offload():
+    from selfimprove.train.trainer import inference_config
+
+    tc = TrainConfig(zero_stage=3, offload_optimizer=True, warmup_steps=5, batch_size=4, micro_batch_size=1)
+    ds = deepspeed_config(tc, world=2, use_gpu=True)
+    assert inference_config(ds) == {
+        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": 3},
+        "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    assert ds["zero_optimization"]["offload_optimizer"] and "optimizer" in ds  # the training config is untouched
+
+
+def test_deepspeed_builds_torchs_fused_adamw_and_one_dtype_of_lora_for_every_zero_stage(tmp_path):
+    """Two gloo ranks (tests/train/deepspeed_ranks.py), bf16 + LoRA, ZeRO 0-3, one step each: DeepSpeed made
+    torch's fused AdamW and JIT-built nothing; adapters are bf16 like their base weights at every stage (PEFT
+    made them float32, which DeepSpeed casts back at stages 0-2 but not on a zero.Init model); and under ZeRO-3
+    the separate reference is a sharded engine whose log-probs equal the whole model's, bit for bit."""
+    from processes import free_ports
+
+    out = tmp_path / "found.json"
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]),
+                        "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    (tmp_path / "extensions").mkdir()
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("deepspeed_ranks.py")), str(tmp_path / "tiny"),
+                           str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(out.read_text())
+    for stage in "0123":
+        assert {k: found[stage][k] for k in ("optimizer", "fused", "trainable", "sharded")} == {
+            "optimizer": "torch.optim.adamw.AdamW", "fused": True, "trainable": ["torch.bfloat16"],
+            "sharded": stage == "3"}
+    assert {k: v for k, v in found["3"].items() if k.startswith(("reference", "policy"))} == {
+        "reference": "DeepSpeedEngine", "reference_sharded": True, "reference_equals_whole": True,
+        "policy_before_training_equals_whole": True}
+    assert found["built"] == []
 
 
 def test_loss_kwargs_only_what_the_loss_takes():
@@ -229,6 +310,20 @@ def test_a_separate_reference_is_what_the_first_step_measures_against(trained, b
     first = json.loads((tmp_path / "model" / "train_metrics.json").read_text())["steps"][0]
     trained_margin = json.loads((folder / "train_metrics.json").read_text())["steps"][-1]["rewards/margins"]
     assert first["rewards/margins"] < -trained_margin / 2 < 0
+
+
+@pytest.mark.slow
+def test_zero3_lora_with_a_separate_reference_trains_and_saves(extensions_dir, ray_local, bundled_model, tmp_path):
+    """ZeRO-3 + LoRA in bf16 on 2 Ray Train workers, the base model given as a separate reference (loaded sharded):
+    step 1 measures the policy against itself (LoRA's B starts at 0: margin 0), the loss falls, and the saved
+    folder is a whole bf16 model."""
+    data = write_pairs(tmp_path / "pairs.parquet", [GOOD] * 8)
+    tc = TrainConfig(**(ACCEPTANCE | dict(zero_stage=3, precision="bf16", checkpoint_every=2)))
+    summary = train(Config(model=bundled_model, train=tc), data, tmp_path / "model", reference=bundled_model)
+    steps = json.loads((tmp_path / "model" / "train_metrics.json").read_text())["steps"]
+    assert summary["zero_stage"] == 3 and summary["steps"] == 6
+    assert abs(steps[0]["rewards/margins"]) < 0.05 and steps[-1]["loss"] < steps[0]["loss"] - 0.1
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_a_reference_with_another_tokenizer_is_refused_in_one_line(bundled_model, tmp_path):
