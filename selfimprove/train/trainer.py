@@ -58,7 +58,7 @@ from pathlib import Path
 from selfimprove.config import Config, TrainConfig, check_knobs, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import check_replaceable, claim_folder, model_digest, remove_ours, stage_output
-from selfimprove.runtime import check_resources
+from selfimprove.resources import check_resources
 from selfimprove.storage import shared
 from selfimprove.train.data import Example, collate, padding_id, read_rows, row_length, tokenize, training_order
 from selfimprove.train.loss_names import needs_reference, needs_rejected

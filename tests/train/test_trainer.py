@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from selfimprove.config import Config, TrainConfig, load_config
+from selfimprove.config import Config, TrainConfig
 from selfimprove.errors import UserError
 from selfimprove.io import is_done
+from selfimprove.recipes import load_config
 from selfimprove.train.data import Example, collate
 from selfimprove.train.loss_names import LOSS_NAMES
 from selfimprove.train.losses import LOSSES
