@@ -106,7 +106,7 @@ def _prepare(cfg: Config, recipe: Recipe) -> Run:
     engines and trainers compute in on this machine. The saved config keeps `auto`, so that a run resumed on
     another kind of machine computes in that machine's type."""
     from selfimprove.evaluate import extra_sets
-    from selfimprove.models import check_tokenizer, resolve_model
+    from selfimprove.models import check_lora_targets, check_reference, check_tokenizer, resolve_model
     from selfimprove.tasks import build_task
 
     task = build_task(cfg.task)
@@ -118,8 +118,6 @@ def _prepare(cfg: Config, recipe: Recipe) -> Run:
     solver = resolve_model(cfg.models.solver) if cfg.models.solver else None
     reference = None
     if cfg.models.reference:
-        from selfimprove.train.trainer import check_reference
-
         reference = check_reference(cfg.models.reference, policy)
     backbone = None
     if cfg.process.scorer == "trained":
@@ -127,8 +125,6 @@ def _prepare(cfg: Config, recipe: Recipe) -> Run:
         if backbone != policy:
             check_tokenizer(backbone, policy, "(process.prm_backbone) has")
     if cfg.train.lora:
-        from selfimprove.train.trainer import check_lora_targets
-
         check_lora_targets(policy, cfg.train.lora_targets)
     concrete, (generate, train) = resolve(cfg)
     return Run(concrete, Path(cfg.run_dir), task, train_problems, test_problems, _model(policy), generate, train,
