@@ -162,168 +162,221 @@ def init_distributed(use_gpu: bool) -> None:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: DeepSpeed set-up, reference pass, training loop, save."""
-    import deepspeed
-    import ray
+    """Ray Train's train_loop_per_worker: set up, then optimizer steps in the data's order, epoch by epoch, with
+    metrics reported and checkpoints taken on the way, then the model saved."""
     import ray.train
-    import torch
-    import torch.distributed as dist
-    from ray.train.torch import get_device
 
-    from selfimprove.models import home
-    from selfimprove.precision import concrete
-    from selfimprove.storage import local
-
-    tc: TrainConfig = config["train"]
-    tc = dataclasses.replace(tc, precision=concrete("train.precision", tc.precision))
-    # Models fetched into this node's cache, if they came from storage_path.
-    config = dict(config, model=local(config["model"]), reference=config["reference"] and local(config["reference"]))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Ops DeepSpeed JIT-builds (its CPU Adam, with offload) are built once per machine and venv.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / "torch_extensions"))
-    if not config["use_gpu"]:
-        torch.set_num_threads(config["cores"])
-    torch.manual_seed(tc.seed)
-    device = get_device()
-    init_distributed(config["use_gpu"])
-    ds_config = deepspeed_config(tc, world, config["use_gpu"])
-    model, zero3_loading = _load_model(config["model"], tc, ds_config)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
-                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
-    if zero3_loading is not None:
-        # Rank 0 loads the base model again to save: a whole one, not a zero.Init collective
-        # the other ranks would never join.
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        del zero3_loading
-
-    shard: list[Example] = ray.get(config["examples"])[rank::world]
-    micro, accumulation = tc.micro_batch_size, ds_config["gradient_accumulation_steps"]
-    micro_per_epoch = len(shard) // micro  # a multiple of `accumulation`: the driver kept whole steps
-    total_steps = min(tc.max_steps or math.inf, micro_per_epoch // accumulation * tc.epochs)
-    step, epoch, start_micro, references, reference_seconds = 0, 0, 0, None, 0.0
-    checkpoint_step = 0  # the step of the newest checkpoint: a NaN names it
-    history = []  # every optimizer step's metrics, for train_metrics.json; checkpoints carry it
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            if (Path(folder) / METRICS_FILE).is_file():
-                return  # a previous attempt finished and saved the model: nothing left to do
-            _, state = engine.load_checkpoint(folder, tag="ds", load_module_strict=not tc.lora)
-            # Saved only by a loss that reads them; the run's fingerprint holds the loss, so this is that loss.
-            if needs_reference(tc.loss):
-                references = torch.load(Path(folder) / f"reference-{rank}.pt")
-        step, epoch, start_micro, history = state["step"], state["epoch"], state["micro"], state.get("history", [])
-        checkpoint_step = step
-        if rank == 0:
-            worker_print(f"resuming from the checkpoint of step {step}")
-    elif needs_reference(tc.loss):
-        t0 = time.perf_counter()
-        if config.get("reference"):
-            references = _separate_reference_logps(config["reference"], shard, tc, config["pad_id"], device, ds_config)
-        else:
-            references = _reference_logps(engine, shard, tc, config["pad_id"], device,
-                                          engine.module.disable_adapter() if tc.lora else nullcontext())
-        reference_seconds = time.perf_counter() - t0
-        if rank == 0:
-            worker_print(f"reference log-probs of {len(shard)} examples per worker in {reference_seconds:.1f} s")
-
-    loss_fn, hyper = LOSSES[tc.loss], loss_kwargs(tc)
-    use_rejected = needs_rejected(tc.loss) and shard[0].rejected is not None
-    window, report = _Window(), _Window()  # this optimizer step's micro-steps; since the last report
-    train_seconds, train_tokens, padded_tokens = 0.0, 0.0, 0
-    engine.train()
-    while epoch < tc.epochs and step < total_steps:
-        order = training_order(shard, micro, tc.seed * 100_003 + epoch, tc.group_by_length)
-        for m in range(start_micro, micro_per_epoch):
-            t0 = time.perf_counter()
-            idx = order[m * micro:(m + 1) * micro]
-            batch = collate([shard[i] if use_rejected else _chosen_only(shard[i]) for i in idx], config["pad_id"])
-            padded_tokens += batch.input_ids.numel()
-            logps, lengths = sequence_logps(engine, batch, device)
-            n = batch.pairs
-            fields = dict(policy_chosen=logps[:n], chosen_lengths=lengths[:n])
-            if use_rejected:
-                fields.update(policy_rejected=logps[n:], rejected_lengths=lengths[n:])
-            if references is not None:
-                ref = references[idx].to(device)
-                fields.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
-            out = loss_fn(SequenceLogps(**fields), **hyper)
-            loss = out.losses.mean()
-            stats = torch.tensor([loss.item(), *reward_metrics(out).values(), batch.tokens], device=device)
-            dist.all_reduce(stats)  # one collective: global metrics, and every worker sees a NaN
-            stats[:-1] /= world
-            if not math.isfinite(stats[0].item()):
-                raise NonFiniteLoss(step + 1, stats[0].item(), checkpoint_step)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            engine.step()
-            train_seconds += time.perf_counter() - t0
-            train_tokens += stats[-1].item()
-            for w in (window, report):
-                w.add(stats, time.perf_counter() - t0)
-            if not boundary:
-                continue
-            step += 1
-            history.append({"step": step, "epoch": epoch, "lr": engine.get_lr()[0], **window.means(),
-                             "tokens_per_s": window.tokens_per_s()})
-            window = _Window()
-            if step % tc.report_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": epoch, **report.means(), "tokens_per_s": report.tokens_per_s()}
+    worker = PolicyWorker(config)
+    if not worker.setup():
+        return  # a previous attempt finished and saved the model: nothing left to do
+    tc, micro = worker.tc, worker.tc.micro_batch_size
+    report = _Window()  # the steps since the last report
+    while worker.epoch < tc.epochs and worker.steps < worker.total_steps:
+        order = training_order(worker.shard, micro, tc.seed * 100_003 + worker.epoch, tc.group_by_length)
+        for m in range(worker.start_micro, worker.micro_per_epoch, worker.accumulation):
+            metrics = worker.step([order[i * micro:(i + 1) * micro] for i in range(m, m + worker.accumulation)])
+            report.add(metrics)
+            step = worker.steps
+            if step % tc.report_every == 0 or step == worker.total_steps:
+                row = {"step": step, "epoch": worker.epoch, **report.means()}
                 ray.train.report(row)
-                if rank == 0:
-                    _print_row(row, total_steps, use_rejected)
+                if worker.rank == 0:
+                    _print_row(row, worker.total_steps, worker.use_rejected)
                 report = _Window()
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, references, rank,
-                                 {"step": step, "epoch": epoch, "micro": m + 1, "history": history}, history[-1])
-                checkpoint_step = step
-            if step >= total_steps:
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < worker.total_steps:
+                worker.checkpoint(micro=m + worker.accumulation)
+            if step >= worker.total_steps:
                 break
         else:
-            epoch, start_micro = epoch + 1, 0
+            worker.epoch, worker.start_micro = worker.epoch + 1, 0
+    worker.save()
 
-    peaks = [None] * world
-    dist.all_gather_object(peaks, _peak_memory_gib(device))
-    padded = torch.tensor([padded_tokens], dtype=torch.float64, device=device)
-    dist.all_reduce(padded)
-    summary = {
-        "steps": step, "epochs": tc.epochs, "workers": world, "tokens": int(train_tokens),
-        "train_seconds": round(train_seconds, 2), "reference_seconds": round(reference_seconds, 2),
-        "seconds_per_step": round(train_seconds / max(step, 1), 3),
-        "tokens_per_s": round(train_tokens / max(train_seconds, 1e-9), 1),
-        "padding_share": round(1 - train_tokens / padded.item(), 4) if padded.item() else 0.0,
-        "peak_memory_gib": peaks, "lr": learning_rate(tc), "loss": tc.loss, "lora": tc.lora,
-        "zero_stage": tc.zero_stage, "precision": tc.precision, **config["counts"],
-        "final": history[-1] if history else {},
-    }
-    with tempfile.TemporaryDirectory() as folder:
-        _save_model(engine, tc, config["model"], Path(folder), rank, {"summary": summary, "steps": history})
-        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
-                         checkpoint_dir_name="model")
+
+class PolicyWorker:
+    """The policy's training on one Ray Train worker, in the parts torchtune's recipe classes have: `setup` (the
+    DeepSpeed engine, this worker's shard, the checkpoint it resumes or the reference pass), `step` (one optimizer
+    step), `checkpoint` and `save`. `train_worker` runs them in order."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def setup(self) -> bool:
+        """Everything before the first step; False if a previous attempt of this training saved the model."""
+        import deepspeed
+        import ray
+        import ray.train
+        import torch
+        from ray.train.torch import get_device
+
+        from selfimprove.models import home
+        from selfimprove.precision import concrete
+        from selfimprove.storage import local
+
+        config = self.config
+        tc: TrainConfig = config["train"]
+        self.tc = tc = dataclasses.replace(tc, precision=concrete("train.precision", tc.precision))
+        # Models fetched into this node's cache, if they came from storage_path.
+        self.config = config = dict(config, model=local(config["model"]),
+                                    reference=config["reference"] and local(config["reference"]))
+        ctx = ray.train.get_context()
+        self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        # Ops DeepSpeed JIT-builds (its CPU Adam, with offload) are built once per machine and venv.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / "torch_extensions"))
+        if not config["use_gpu"]:
+            torch.set_num_threads(config["cores"])
+        torch.manual_seed(tc.seed)
+        self.device = device = get_device()
+        init_distributed(config["use_gpu"])
+        self.ds_config = ds_config = deepspeed_config(tc, world, config["use_gpu"])
+        model, zero3_loading = _load_model(config["model"], tc, ds_config)
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
+        if zero3_loading is not None:
+            # Rank 0 loads the base model again to save: a whole one, not a zero.Init collective
+            # the other ranks would never join.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            del zero3_loading
+
+        self.shard = shard = ray.get(config["examples"])[rank::world]
+        self.accumulation = ds_config["gradient_accumulation_steps"]
+        self.micro_per_epoch = len(shard) // tc.micro_batch_size  # a multiple of `accumulation`: whole steps
+        self.total_steps = min(tc.max_steps or math.inf, self.micro_per_epoch // self.accumulation * tc.epochs)
+        self.steps, self.epoch, self.start_micro, self.references, self.reference_seconds = 0, 0, 0, None, 0.0
+        self.checkpoint_step = 0  # the step of the newest checkpoint: a NaN names it
+        self.history = []  # every optimizer step's metrics, for train_metrics.json; checkpoints carry it
+        self.train_seconds, self.train_tokens, self.padded_tokens = 0.0, 0.0, 0
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                if (Path(folder) / METRICS_FILE).is_file():
+                    return False
+                _, state = self.engine.load_checkpoint(folder, tag="ds", load_module_strict=not tc.lora)
+                # Saved only by a loss that reads them; the run's fingerprint holds the loss, so this is that loss.
+                if needs_reference(tc.loss):
+                    self.references = torch.load(Path(folder) / f"reference-{rank}.pt")
+            self.steps, self.epoch, self.start_micro = state["step"], state["epoch"], state["micro"]
+            self.history = state.get("history", [])
+            self.checkpoint_step = self.steps
+            if rank == 0:
+                worker_print(f"resuming from the checkpoint of step {self.steps}")
+        elif needs_reference(tc.loss):
+            t0 = time.perf_counter()
+            if config.get("reference"):
+                self.references = _separate_reference_logps(config["reference"], shard, tc, config["pad_id"], device,
+                                                            ds_config)
+            else:
+                self.references = _reference_logps(self.engine, shard, tc, config["pad_id"], device,
+                                                   self.engine.module.disable_adapter() if tc.lora else nullcontext())
+            self.reference_seconds = time.perf_counter() - t0
+            if rank == 0:
+                worker_print(f"reference log-probs of {len(shard)} examples per worker in "
+                             f"{self.reference_seconds:.1f} s")
+
+        self.loss_fn, self.hyper = LOSSES[tc.loss], loss_kwargs(tc)
+        self.use_rejected = needs_rejected(tc.loss) and shard[0].rejected is not None
+        self.engine.train()
+        return True
+
+    def step(self, batch: list[list[int]]) -> dict:
+        """One optimizer step over `batch`, its micro-batches (positions in the shard), each a forward pass, its
+        loss's metrics all-reduced over the workers, and a backward pass. Returns the step's global metrics (their
+        means over its micro-batches), tokens and seconds; kept in the history too.
+
+        A NaN or inf loss on any worker stops every worker at the same micro-batch, before its backward pass
+        (`NonFiniteLoss`)."""
+        import torch
+        import torch.distributed as dist
+
+        engine, device, window = self.engine, self.device, _Window()
+        for idx in batch:
+            t0 = time.perf_counter()
+            rows = collate([self.shard[i] if self.use_rejected else _chosen_only(self.shard[i]) for i in idx],
+                           self.config["pad_id"])
+            self.padded_tokens += rows.input_ids.numel()
+            logps, lengths = sequence_logps(engine, rows, device)
+            n = rows.pairs
+            fields = dict(policy_chosen=logps[:n], chosen_lengths=lengths[:n])
+            if self.use_rejected:
+                fields.update(policy_rejected=logps[n:], rejected_lengths=lengths[n:])
+            if self.references is not None:
+                ref = self.references[idx].to(device)
+                fields.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
+            out = self.loss_fn(SequenceLogps(**fields), **self.hyper)
+            loss = out.losses.mean()
+            stats = torch.tensor([loss.item(), *reward_metrics(out).values(), rows.tokens], device=device)
+            dist.all_reduce(stats)  # one collective: global metrics, and every worker sees a NaN
+            stats[:-1] /= self.world
+            if not math.isfinite(stats[0].item()):
+                raise NonFiniteLoss(self.steps + 1, stats[0].item(), self.checkpoint_step)
+            engine.backward(loss)
+            engine.step()
+            seconds = time.perf_counter() - t0
+            window.add(dict(zip(STAT_KEYS, stats[:-1].tolist())) | {"tokens": stats[-1].item(), "seconds": seconds})
+        metrics = window.summary()
+        self.steps += 1
+        self.train_seconds += metrics["seconds"]
+        self.train_tokens += metrics["tokens"]
+        self.history.append({"step": self.steps, "epoch": self.epoch, "lr": engine.get_lr()[0], **window.means()})
+        return metrics
+
+    def checkpoint(self, micro: int) -> None:
+        """A DeepSpeed checkpoint at this step, the next micro-batch of the epoch `micro`, with this worker's
+        reference log-probs, persisted by Ray Train."""
+        position = {"step": self.steps, "epoch": self.epoch, "micro": micro, "history": self.history}
+        _save_checkpoint(self.engine, self.references, self.rank, position, self.history[-1])
+        self.checkpoint_step = self.steps
+
+    def save(self) -> None:
+        """The summary of the training, and the trained model (rank 0 writes it) as the final checkpoint."""
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        tc, world, step = self.tc, self.world, self.steps
+        peaks = [None] * world
+        dist.all_gather_object(peaks, _peak_memory_gib(self.device))
+        padded = torch.tensor([self.padded_tokens], dtype=torch.float64, device=self.device)
+        dist.all_reduce(padded)
+        summary = {
+            "steps": step, "epochs": tc.epochs, "workers": world, "tokens": int(self.train_tokens),
+            "train_seconds": round(self.train_seconds, 2), "reference_seconds": round(self.reference_seconds, 2),
+            "seconds_per_step": round(self.train_seconds / max(step, 1), 3),
+            "tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9), 1),
+            "padding_share": round(1 - self.train_tokens / padded.item(), 4) if padded.item() else 0.0,
+            "peak_memory_gib": peaks, "lr": learning_rate(tc), "loss": tc.loss, "lora": tc.lora,
+            "zero_stage": tc.zero_stage, "precision": tc.precision, **self.config["counts"],
+            "final": self.history[-1] if self.history else {},
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            _save_model(self.engine, tc, self.config["model"], Path(folder), self.rank,
+                        {"summary": summary, "steps": self.history})
+            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None,
+                             checkpoint_dir_name="model")
 
 
 class _Window:
-    """Sums of the global metrics over some micro-steps, and their tokens and seconds."""
+    """Sums of global metrics over some micro-batches or steps, with their tokens and seconds."""
 
     def __init__(self):
-        self.sums, self.count, self.tokens, self.seconds = None, 0, 0.0, 0.0
+        self._sums, self.count = dict.fromkeys((*STAT_KEYS, "tokens", "seconds"), 0.0), 0
 
-    def add(self, stats, seconds: float) -> None:
-        values = stats[:-1].tolist()
-        self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
+    def add(self, metrics: dict) -> None:
+        for k in self._sums:
+            self._sums[k] += metrics[k]
         self.count += 1
-        self.tokens += stats[-1].item()
-        self.seconds += seconds
+
+    def summary(self) -> dict:
+        """The means of the metrics, and the tokens and seconds in all: what a step returns, and adds to a report's
+        window of steps (each of as many micro-batches, so the means of its steps' means are its micro-batches')."""
+        return {k: v / self.count if k in STAT_KEYS else v for k, v in self._sums.items()}
 
     def means(self) -> dict:
-        return {k: v / self.count for k, v in zip(STAT_KEYS, self.sums)}
-
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+        """The means of the metrics, and tokens per second."""
+        return {k: self._sums[k] / self.count for k in STAT_KEYS} | {
+            "tokens_per_s": self._sums["tokens"] / max(self._sums["seconds"], 1e-9)}
 
 
 def _load_model(path: str, tc: TrainConfig, ds_config: dict):
