@@ -9,9 +9,10 @@ Choices:
 1. One call shape. Every loss takes a `SequenceLogps` (policy and reference sums for
    chosen and rejected, plus response token counts) and keyword-only hyperparameters.
    Fields a loss does not use may be None; a missing field it does use raises a
-   ValueError that names it. `loss_names.needs_reference(name)` tells the trainer
-   whether to compute reference log-probs at all; `needs_rejected(name)` whether to
-   run the rejected responses.
+   ValueError that names it. Each loss declares the fields it reads in
+   `loss_names.INPUTS` (torch-free, for the recipes' checks at load); the worker computes
+   those and no others: reference log-probs and rejected responses only for a loss that
+   reads them.
 2. Per-example output. A loss returns `LossOutput(losses, chosen_rewards,
    rejected_rewards)`, all shape [batch]; the trainer takes `losses.mean()`. Rewards
    are detached and only logged (`reward_metrics`).

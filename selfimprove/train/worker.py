@@ -9,7 +9,9 @@
    model before it moves; with LoRA they come from the same model inside `disable_adapter()`,
    so no second copy of the model exists either way. A separate reference model (`reference`)
    is loaded for that pass only, then dropped: whole on each worker, or sharded under ZeRO-3 as
-   the policy is. Losses that need none (sft, orpo) skip it.
+   the policy is. The worker computes what the loss declares it reads (`loss_names.INPUTS`): the
+   reference pass only for a loss that reads it (not sft, orpo), the rejected responses only for a
+   pairwise loss (not sft).
 4. One forward pass per micro-batch, a row per pair holding its prompt once, then chosen and
    rejected, padded to the batch's longest (data.py, point 6). Logits are computed only from
    the first response position on (`logits_to_keep`): prompt positions need none, and a
@@ -45,7 +47,7 @@ from pathlib import Path
 from selfimprove.config import TrainConfig
 from selfimprove.train.data import Example, collate, row_length, training_order
 from selfimprove.train.launch import worker_print
-from selfimprove.train.loss_names import needs_reference, needs_rejected
+from selfimprove.train.loss_names import Inputs, inputs
 from selfimprove.train.losses import LOSSES, SequenceLogps, reward_metrics
 
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4}
@@ -143,6 +145,18 @@ def sequence_logps(model, batch, device):
             torch.cat([m.sum(-1) for m in masks]))
 
 
+def loss_inputs(reads: Inputs, logps, lengths, references) -> SequenceLogps:
+    """What the loss declares it reads (`reads`) of a micro-batch's summed log-probs and lengths (`sequence_logps`:
+    chosen responses first, then the rejected ones if read) and its reference log-probs ([pairs, 2]: chosen,
+    rejected; None unless read)."""
+    n = len(logps) // 2 if reads.rejected else len(logps)
+    values = dict(policy_chosen=logps[:n], chosen_lengths=lengths[:n], policy_rejected=logps[n:],
+                  rejected_lengths=lengths[n:])
+    if references is not None:
+        values.update(ref_chosen=references[:, 0], ref_rejected=references[:, 1])
+    return SequenceLogps(**{name: values[name] for name in reads.fields()})
+
+
 def init_distributed(use_gpu: bool) -> None:
     """DeepSpeed's communication on the process group Ray Train set up.
 
@@ -181,7 +195,7 @@ def train_worker(config: dict) -> None:
                 row = {"step": step, "epoch": worker.epoch, **report.means()}
                 ray.train.report(row)
                 if worker.rank == 0:
-                    _print_row(row, worker.total_steps, worker.use_rejected)
+                    _print_row(row, worker.total_steps, worker.reads.rejected)
                 report = _Window()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < worker.total_steps:
                 worker.checkpoint(micro=m + worker.accumulation)
@@ -245,6 +259,7 @@ class PolicyWorker:
         self.total_steps = min(tc.max_steps or math.inf, self.micro_per_epoch // self.accumulation * tc.epochs)
         self.steps, self.epoch, self.start_micro, self.references, self.reference_seconds = 0, 0, 0, None, 0.0
         self.checkpoint_step = 0  # the step of the newest checkpoint: a NaN names it
+        self.reads = inputs(tc.loss)
         self.history = []  # every optimizer step's metrics, for train_metrics.json; checkpoints carry it
         self.train_seconds, self.train_tokens, self.padded_tokens = 0.0, 0.0, 0
 
@@ -255,14 +270,14 @@ class PolicyWorker:
                     return False
                 _, state = self.engine.load_checkpoint(folder, tag="ds", load_module_strict=not tc.lora)
                 # Saved only by a loss that reads them; the run's fingerprint holds the loss, so this is that loss.
-                if needs_reference(tc.loss):
+                if self.reads.reference:
                     self.references = torch.load(Path(folder) / f"reference-{rank}.pt")
             self.steps, self.epoch, self.start_micro = state["step"], state["epoch"], state["micro"]
             self.history = state.get("history", [])
             self.checkpoint_step = self.steps
             if rank == 0:
                 worker_print(f"resuming from the checkpoint of step {self.steps}")
-        elif needs_reference(tc.loss):
+        elif self.reads.reference:
             t0 = time.perf_counter()
             if config.get("reference"):
                 self.references = _separate_reference_logps(config["reference"], shard, tc, config["pad_id"], device,
@@ -276,7 +291,6 @@ class PolicyWorker:
                              f"{self.reference_seconds:.1f} s")
 
         self.loss_fn, self.hyper = LOSSES[tc.loss], loss_kwargs(tc)
-        self.use_rejected = needs_rejected(tc.loss) and shard[0].rejected is not None
         self.engine.train()
         return True
 
@@ -293,18 +307,12 @@ class PolicyWorker:
         engine, device, window = self.engine, self.device, _Window()
         for idx in batch:
             t0 = time.perf_counter()
-            rows = collate([self.shard[i] if self.use_rejected else _chosen_only(self.shard[i]) for i in idx],
+            rows = collate([self.shard[i] if self.reads.rejected else _chosen_only(self.shard[i]) for i in idx],
                            self.config["pad_id"])
             self.padded_tokens += rows.input_ids.numel()
             logps, lengths = sequence_logps(engine, rows, device)
-            n = rows.pairs
-            fields = dict(policy_chosen=logps[:n], chosen_lengths=lengths[:n])
-            if self.use_rejected:
-                fields.update(policy_rejected=logps[n:], rejected_lengths=lengths[n:])
-            if self.references is not None:
-                ref = self.references[idx].to(device)
-                fields.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
-            out = self.loss_fn(SequenceLogps(**fields), **self.hyper)
+            references = self.references[idx].to(device) if self.reads.reference else None
+            out = self.loss_fn(loss_inputs(self.reads, logps, lengths, references), **self.hyper)
             loss = out.losses.mean()
             stats = torch.tensor([loss.item(), *reward_metrics(out).values(), rows.tokens], device=device)
             dist.all_reduce(stats)  # one collective: global metrics, and every worker sees a NaN

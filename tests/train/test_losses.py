@@ -1,5 +1,6 @@
 """Losses against values worked out by hand, and against TRL's own code where it is reachable without a model."""
 
+import dataclasses
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from selfimprove.train.loss_names import needs_reference, needs_rejected
+from selfimprove.train.loss_names import INPUTS, Inputs, needs_reference, needs_rejected
 from selfimprove.train.losses import (
     LOSSES,
     LossOutput,
@@ -222,6 +223,31 @@ def test_registry():
     assert {n for n in LOSSES if needs_rejected(n)} == {"dpo", "rpo", "orpo", "ipo"}
     with pytest.raises(ValueError, match="unknown loss 'kto'"):
         needs_reference("kto")
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_each_loss_declares_exactly_the_inputs_it_reads(name):
+    """Given only the fields of its declared inputs (default hyperparameters) a loss works; with any one input
+    declared off it fails, naming a field. So the worker, which computes only what is declared, never starves a
+    loss, and never runs a forward pass (rejected responses, the reference) for nothing."""
+    full, _, _ = _full_batch()
+
+    def given(reads):
+        return SequenceLogps(**{f: getattr(full, f) for f in reads.fields()})
+
+    reads = INPUTS[name]
+    LOSSES[name](given(reads))
+    for flag in (f.name for f in dataclasses.fields(Inputs) if getattr(reads, f.name)):
+        with pytest.raises(ValueError, match=rf"'{name}' needs SequenceLogps\."):
+            LOSSES[name](given(dataclasses.replace(reads, **{flag: False})))
+
+
+def test_declared_inputs_name_sequence_logps_fields():
+    """Pairs read both responses' fields; the chosen response alone its own."""
+    assert Inputs().fields() == ("policy_chosen",)
+    assert Inputs(lengths=True).fields() == ("policy_chosen", "chosen_lengths")
+    assert Inputs(rejected=True, reference=True, lengths=True).fields() == (
+        "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_lengths", "rejected_lengths")
 
 
 def test_missing_field_is_named():

@@ -25,10 +25,17 @@ from selfimprove.models import check_lora_targets
 from selfimprove.recipes import load_config
 from selfimprove.train.data import Example, collate
 from selfimprove.train.launch import checkpoint_storage, fingerprint
-from selfimprove.train.loss_names import LOSS_NAMES
+from selfimprove.train.loss_names import INPUTS, LOSS_NAMES
 from selfimprove.train.losses import LOSSES
 from selfimprove.train.trainer import train
-from selfimprove.train.worker import _print_row, deepspeed_config, learning_rate, loss_kwargs, sequence_logps
+from selfimprove.train.worker import (
+    _print_row,
+    deepspeed_config,
+    learning_rate,
+    loss_inputs,
+    loss_kwargs,
+    sequence_logps,
+)
 
 PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -196,6 +203,23 @@ def test_loss_kwargs_only_what_the_loss_takes():
     assert loss_kwargs(TrainConfig(loss="orpo", orpo_lambda=0.3)) == {"lam": 0.3, "nll_norm": "sequence"}
     assert loss_kwargs(TrainConfig(loss="ipo")) == {"beta": 0.1}
     assert loss_kwargs(TrainConfig(loss="sft")) == {"nll_norm": "sequence"}
+
+
+def test_the_worker_hands_each_loss_its_declared_inputs_and_no_others():
+    """Two pairs: summed log-probs (chosen -1, -2; rejected -3, -4), lengths (5, 6; 7, 8), references [[-10, -30],
+    [-20, -40]]. dpo reads no lengths; sft only the chosen responses (a forward pass without the rejected ones)."""
+    logps, lengths, refs = torch.tensor([-1.0, -2, -3, -4]), torch.tensor([5, 6, 7, 8]), torch.tensor(
+        [[-10.0, -30], [-20, -40]])
+    dpo = loss_inputs(INPUTS["dpo"], logps, lengths, refs)
+    assert [dpo.policy_chosen.tolist(), dpo.policy_rejected.tolist(), dpo.ref_chosen.tolist(),
+            dpo.ref_rejected.tolist()] == [[-1, -2], [-3, -4], [-10, -20], [-30, -40]]
+    assert dpo.chosen_lengths is None and dpo.rejected_lengths is None
+    orpo = loss_inputs(INPUTS["orpo"], logps, lengths, None)
+    assert orpo.chosen_lengths.tolist() == [5, 6] and orpo.rejected_lengths.tolist() == [7, 8]
+    assert orpo.ref_chosen is None
+    sft = loss_inputs(INPUTS["sft"], logps[:2], lengths[:2], None)
+    assert sft.policy_chosen.tolist() == [-1, -2] and sft.chosen_lengths.tolist() == [5, 6]
+    assert sft.policy_rejected is None and sft.rejected_lengths is None
 
 
 def test_sequence_logps_equal_each_sequence_on_its_own():
