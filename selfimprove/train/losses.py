@@ -1,9 +1,11 @@
-"""Training losses as pure functions of per-sequence log-probabilities.
+"""Training losses as pure functions of log-probabilities: per sequence, and per token for GRPO.
 
 No model lives here: the trainer runs the forward passes, sums the response tokens'
 log-probabilities (prompt tokens masked) and hands the sums over in a `SequenceLogps`.
 Every loss is `LOSSES[name](logps, **hyperparameters) -> LossOutput`, so the trainer
-never branches on the loss.
+never branches on the loss. GRPO's loss (`grpo`) reads per-token log-probs in a `TokenLogps`
+instead, and the group-relative advantages it weighs them with (`group_advantages`); the
+worker cannot feed it yet (it hands over sums, and rows carry no advantage), so it is not in `LOSSES`.
 
 Choices:
 1. One call shape. Every loss takes a `SequenceLogps` (policy and reference sums for
@@ -46,6 +48,24 @@ Choices:
    `(pc − rc)/|c| − (pr − rr)/|r|`, exactly TRL 1.16's "ipo" (the normalisation the IPO
    authors used). `length_normalize=False` uses the summed log-ratios instead.
    Rewards are `β·(policy − ref)` on the sums, as TRL logs them.
+9. group_advantages: GRPO's baseline is the group (the samples of one prompt), not a value
+   model (Shao et al., 2024, DeepSeekMath §4.1): `A = r − mean(group)`, divided by the group's
+   standard deviation plus ε when `scale` (Bessel-corrected, ε = 1e-4: TRL 1.16's GRPOTrainer,
+   `scale_rewards="group"`, in `_generate_and_score_completions`). A group whose rewards are
+   all equal gets zeros, with or without scaling: it says nothing about which sample is better.
+   A group of one sample likewise.
+10. grpo: the clipped surrogate per token, as TRL 1.16's `GRPOTrainer._compute_loss` (token-level
+   importance sampling): ratio `ρ = exp(logp − old_logp)`, token loss
+   `−min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·KL`, with the k3 estimator
+   `KL = e^(ref − logp) − (ref − logp) − 1` (Schulman 2020; unbiased, always >= 0). `old`
+   absent means one optimizer step per sampled batch (TRL's num_iterations = 1): old_logp is
+   logp detached, ρ = 1, and the gradient of a token's loss is `−A + β·(1 − e^(ref − logp))`
+   per unit of its logp. `token_norm="sequence"` is TRL's loss_type "grpo" (the paper's):
+   each sequence's token mean, then the mean over sequences; `"batch_tokens"` is TRL's "bnpo":
+   one mean over all response tokens of the micro-batch, as a per-sequence share (as nll_norm,
+   point 6). Padding (mask 0) may hold any value, NaN included: it is zeroed before any
+   arithmetic, so it reaches neither the loss nor the gradient. Rewards: the advantages
+   (rejected ones zero: GRPO has no rejected response).
 """
 
 from __future__ import annotations
@@ -62,6 +82,21 @@ from torch import Tensor
 # token log-prob closer to 0 is noise, and log(1 - e^m) would run to -inf at m = 0.
 MAX_MEAN_LOGP = -1e-7
 NLL_NORMS = ("sequence", "batch_tokens")
+
+
+@dataclass(frozen=True)
+class TokenLogps:
+    """Per-token log-probs of sampled responses, [batch, tokens] each, for `grpo`.
+
+    Entry [i, j] is sequence i's j-th response token where `mask` is 1; padding (mask 0) may sit anywhere and
+    hold anything. `advantages` is [batch], one per sequence (`group_advantages`, flattened).
+    """
+
+    policy: Tensor  # the policy's log-probs, with grad
+    mask: Tensor  # 1 (or True) at response tokens, 0 at padding
+    advantages: Tensor
+    old: Tensor | None = None  # the sampling policy's log-probs; None: one optimizer step per batch (ρ = 1)
+    ref: Tensor | None = None  # the reference model's log-probs, read when beta > 0
 
 
 @dataclass(frozen=True)
@@ -99,13 +134,20 @@ def _lengths(lengths: Tensor) -> Tensor:
     return lengths.float().clamp(min=1.0)
 
 
+def _token_mean(total: Tensor, lengths: Tensor, norm: str, knob: str = "nll_norm") -> Tensor:
+    """Per-example token means of the per-sequence sums `total`: each over its own tokens ("sequence"), or its
+    share of one mean over all tokens of the batch ("batch_tokens"), so that the batch mean of the shares is that
+    mean. A count of 0 (a sequence's, or the batch's) divides as 1, as TRL's `clamp(min=1)`."""
+    if norm == "sequence":
+        return total / lengths.clamp(min=1.0)
+    if norm == "batch_tokens":
+        return total * (total.numel() / lengths.sum().clamp(min=1.0))
+    raise ValueError(f"{knob} must be one of {NLL_NORMS}, got {norm!r}")
+
+
 def _nll(logp: Tensor, lengths: Tensor, nll_norm: str) -> Tensor:
     """Per-example NLL of the winner: per sequence (paper) or its share of a batch token mean (TRL)."""
-    if nll_norm == "sequence":
-        return -logp / lengths
-    if nll_norm == "batch_tokens":
-        return -logp * (logp.numel() / lengths.sum())
-    raise ValueError(f"nll_norm must be one of {NLL_NORMS}, got {nll_norm!r}")
+    return _token_mean(-logp, lengths, nll_norm)
 
 
 def _dpo_losses(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, label_smoothing: float) -> Tensor:
@@ -186,6 +228,57 @@ def ipo(logps: SequenceLogps, *, beta: float = 0.1, length_normalize: bool = Tru
         delta = chosen_ratio - rejected_ratio
     losses = (delta - 1 / (2 * beta)) ** 2
     return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def group_advantages(rewards: Tensor, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantages of `rewards` [groups, samples] (a row per prompt), same shape, float32:
+    reward minus its group's mean, over the group's standard deviation + eps when `scale` (see point 9)."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [groups, samples], got shape {tuple(rewards.shape)}")
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale or rewards.shape[1] == 1:  # one sample: no spread, and its advantage is 0 already
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def grpo(
+    logps: TokenLogps,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    token_norm: str = "sequence",
+) -> LossOutput:
+    """GRPO's clipped policy-gradient loss with an optional k3 KL to the reference, per token (see point 10).
+
+    epsilon_high defaults to epsilon (DAPO's asymmetric clip sets it higher); beta = 0 (TRL's default) reads no
+    reference.
+    """
+    mask = logps.mask.bool()
+    if logps.policy.dim() != 2 or logps.policy.shape != mask.shape:
+        raise ValueError(f"grpo needs TokenLogps.policy and mask of one shape [batch, tokens]; got "
+                         f"{tuple(logps.policy.shape)} and {tuple(mask.shape)}")
+    if logps.advantages.shape != mask.shape[:1]:
+        raise ValueError(f"grpo needs TokenLogps.advantages of shape [batch] = {tuple(mask.shape[:1])}, got "
+                         f"{tuple(logps.advantages.shape)}")
+    if beta and logps.ref is None:
+        raise ValueError("grpo with beta > 0 needs TokenLogps.ref")
+
+    def tokens(x: Tensor) -> Tensor:  # float32, padding zeroed before any arithmetic touches it
+        return x.float().masked_fill(~mask, 0.0)
+
+    logp = tokens(logps.policy)
+    old = logp.detach() if logps.old is None else tokens(logps.old)
+    advantages = logps.advantages.float().unsqueeze(1)
+    ratio = torch.exp(logp - old)
+    high = epsilon if epsilon_high is None else epsilon_high
+    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + high) * advantages)
+    if beta:
+        log_ratio = tokens(logps.ref) - logp
+        per_token = per_token + beta * (torch.exp(log_ratio) - log_ratio - 1)
+    losses = _token_mean((per_token * mask).sum(-1), mask.sum(-1).float(), token_norm, "token_norm")
+    return LossOutput(losses, advantages.squeeze(1).detach(), torch.zeros_like(losses))
 
 
 LOSSES = {"sft": sft, "dpo": dpo, "rpo": rpo, "orpo": orpo, "ipo": ipo}

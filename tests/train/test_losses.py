@@ -14,7 +14,10 @@ from selfimprove.train.losses import (
     LOSSES,
     LossOutput,
     SequenceLogps,
+    TokenLogps,
     dpo,
+    group_advantages,
+    grpo,
     ipo,
     log1mexp,
     orpo,
@@ -200,6 +203,117 @@ def test_ipo_hand_values():
     assert_near(out.rejected_rewards, [-0.1])
     assert_near(ipo(PAIR, beta=0.1, length_normalize=False).losses, [9.0])
     assert_near(ipo(PAIR, beta=0.5, length_normalize=False).losses, [1.0])  # (2 − 1)²
+
+
+# --- grpo --------------------------------------------------------------------------------------
+
+
+def test_group_advantages_hand_values():
+    """Group [1, 0, 0, 0]: mean 0.25, deviations (0.75, −0.25, −0.25, −0.25); Bessel variance
+    (0.5625 + 3·0.0625)/3 = 0.25, std 0.5; over 0.5 + 1e-4: 0.75/0.5001 = 1.499700, −0.25/0.5001 = −0.499900.
+    Group [0, 1, 0, 1]: mean 0.5, deviations ±0.5, variance 4·0.25/3 = 1/3, std 0.577350; 0.5/0.577450 = 0.865875.
+    Group [1, 1, 1, 1]: all equal, zeros. Unscaled: the deviations themselves.
+    """
+    rewards = t(1, 0, 0, 0, 0, 1, 0, 1, 1, 1, 1, 1).view(3, 4)
+    a = 0.865875
+    assert_near(group_advantages(rewards), [[1.499700, -0.499900, -0.499900, -0.499900], [-a, a, -a, a], [0, 0, 0, 0]])
+    assert_near(group_advantages(rewards, scale=False),
+                [[0.75, -0.25, -0.25, -0.25], [-0.5, 0.5, -0.5, 0.5], [0, 0, 0, 0]])
+
+
+def test_group_advantages_zero_variance_and_single_samples_are_zero():
+    """Equal rewards, whatever their value (and bools), and groups of one sample: exactly 0, never NaN."""
+    assert group_advantages(t(0.7, 0.7, 0.7).view(1, 3)).tolist() == [[0.0, 0.0, 0.0]]
+    assert group_advantages(torch.tensor([[True, True], [False, False]])).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert group_advantages(t(3.0, -2.0).view(2, 1)).tolist() == [[0.0], [0.0]]
+    with pytest.raises(ValueError, match=r"\[groups, samples\]"):
+        group_advantages(t(1.0, 0.0))
+
+
+# Two responses: 2 tokens (logp −1, −2) then a pad holding NaN; 3 tokens (−0.5, −1, −1.5). Advantages 1 and −0.5.
+GRPO_POLICY = [[-1.0, -2.0, math.nan], [-0.5, -1.0, -1.5]]
+GRPO_MASK = [[1, 1, 0], [1, 1, 1]]
+
+
+def _grpo_batch(**fields):
+    policy = t(*sum(GRPO_POLICY, [])).view(2, 3).requires_grad_()
+    return TokenLogps(policy, torch.tensor(GRPO_MASK), t(1.0, -0.5), **fields), policy
+
+
+def test_grpo_on_policy_is_minus_the_advantage_per_token():
+    """old = logp (detached): ρ = 1 within the clip, every token's loss is −A.
+    sequence: each sequence's token mean −A_i -> (−1, 0.5), mean −0.25.
+    batch_tokens: one mean over 5 tokens, −(2·1 + 3·(−0.5))/5 = −0.1; shares −2·2/5 = −0.8 and 1.5·2/5 = 0.6.
+    The NaN pad reaches neither. Rewards: the advantages, and zeros.
+    """
+    logps, _ = _grpo_batch()
+    out = grpo(logps)
+    assert_near(out.losses, [-1.0, 0.5])
+    assert_near(out.chosen_rewards, [1.0, -0.5])
+    assert_near(out.rejected_rewards, [0.0, 0.0])
+    batch = grpo(logps, token_norm="batch_tokens").losses
+    assert_near(batch, [-0.8, 0.6])
+    assert_near(batch.mean(), -0.1)
+
+
+def test_grpo_gradient_is_the_advantage_per_token_over_length():
+    """d(mean loss)/d logp_ij = −A_i / (|y_i| · B) on policy: −1/(2·2) = −0.25 on sequence 1's tokens,
+    0.5/(3·2) = 0.083333 on sequence 2's; 0 on the pad (its NaN does not leak).
+    batch_tokens: −A_i / (all tokens) = −1/5 = −0.2 and 0.5/5 = 0.1.
+    """
+    logps, policy = _grpo_batch()
+    grpo(logps).losses.mean().backward()
+    assert_near(policy.grad, [[-0.25, -0.25, 0.0], [1 / 12, 1 / 12, 1 / 12]])
+    logps, policy = _grpo_batch()
+    grpo(logps, token_norm="batch_tokens").losses.mean().backward()
+    assert_near(policy.grad, [[-0.2, -0.2, 0.0], [0.1, 0.1, 0.1]])
+
+
+def test_grpo_k3_kl_to_the_reference():
+    """β = 0.1; ref − logp = d per token: sequence 1 (ln 2, 0), sequence 2 (0, −ln 2, 0).
+    k3 = e^d − d − 1: ln 2 -> 2 − 0.693147 − 1 = 0.306853; 0 -> 0; −ln 2 -> 0.5 + 0.693147 − 1 = 0.193147.
+    Losses: −1 + 0.1·0.306853/2 = −0.984657; 0.5 + 0.1·0.193147/3 = 0.506438.
+    Gradient of the mean, (−A_i + β·(1 − e^d)) / (|y_i|·B): sequence 1 (−1 − 0.1)/4 = −0.275 and −1/4 = −0.25;
+    sequence 2 0.5/6 = 0.083333, (0.5 + 0.1·0.5)/6 = 0.091667, 0.083333.
+    """
+    d = t(math.log(2), 0.0, 0.0, 0.0, -math.log(2), 0.0).view(2, 3)
+    ref = torch.tensor(GRPO_POLICY).nan_to_num(-7.0) + d
+    ref[0, 2] = math.inf  # padding, as the policy's
+    logps, policy = _grpo_batch(ref=ref)
+    out = grpo(logps, beta=0.1)
+    assert_near(out.losses, [-0.984657, 0.506438])
+    out.losses.mean().backward()
+    assert_near(policy.grad, [[-0.275, -0.25, 0.0], [0.5 / 6, 0.55 / 6, 0.5 / 6]])
+    with pytest.raises(ValueError, match="beta > 0 needs TokenLogps.ref"):
+        grpo(_grpo_batch()[0], beta=0.1)
+
+
+def test_grpo_clips_the_ratio_as_ppo():
+    """Length-1 responses, logp −1 each, old = logp − ln 1.5 or logp + ln 2: ρ = 1.5 or 0.5; ε = 0.2.
+    ρ = 1.5, A = 1: min(1.5, 1.2) = 1.2 -> loss −1.2, clipped: no gradient.
+    ρ = 1.5, A = −1: min(−1.5, −1.2) = −1.5 -> loss 1.5, gradient −A·ρ = 1.5, over B = 4: 0.375.
+    ρ = 0.5, A = 1: min(0.5, 0.8) = 0.5 -> loss −0.5, gradient −0.5/4 = −0.125.
+    ρ = 0.5, A = −1: min(−0.5, −0.8) = −0.8 -> loss 0.8, clipped: no gradient.
+    epsilon_high = 0.6 lifts the upper bound to 1.6: ρ = 1.5, A = 1 -> loss −1.5.
+    """
+    policy = t(-1.0, -1.0, -1.0, -1.0).view(4, 1).requires_grad_()
+    old = policy.detach() - t(math.log(1.5), math.log(1.5), -math.log(2), -math.log(2)).view(4, 1)
+    logps = TokenLogps(policy, torch.ones(4, 1), t(1.0, -1.0, 1.0, -1.0), old=old)
+    out = grpo(logps)
+    assert_near(out.losses, [-1.2, 1.5, -0.5, 0.8])
+    out.losses.mean().backward()
+    assert_near(policy.grad, [[0.0], [0.375], [-0.125], [0.0]])
+    assert_near(grpo(logps, epsilon_high=0.6).losses, [-1.5, 1.5, -0.5, 0.8])
+
+
+def test_grpo_shapes_are_checked():
+    policy, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"policy and mask of one shape \[batch, tokens\]; got \(2, 3\) and \(2, 2\)"):
+        grpo(TokenLogps(policy, torch.ones(2, 2), t(1.0, 0.0)))
+    with pytest.raises(ValueError, match=r"advantages of shape \[batch\] = \(2,\), got \(3,\)"):
+        grpo(TokenLogps(policy, mask, t(1.0, 0.0, 0.0)))
+    with pytest.raises(ValueError, match="token_norm must be one of"):
+        grpo(TokenLogps(policy, mask, t(1.0, 0.0)), token_norm="tokens")
 
 
 # --- metrics, registry, interface --------------------------------------------------------------
@@ -415,3 +529,72 @@ def test_orpo_matches_trl(trl_orpo):
     assert_near(ours.rejected_rewards, rejected_rewards)
     x = -torch.logspace(-7, math.log10(50), 200)
     assert_near(log1mexp(x), trl_orpo.log1mexp(x))
+
+
+@pytest.fixture(scope="module")
+def trl_grpo():
+    return pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
+
+
+def _trl_grpo_loss(trainer_cls, per_token, mask, advantages, old, ref, loss_type, beta, eps_low, eps_high):
+    """Run GRPOTrainer._compute_loss on given per-token log-probs, with stand-ins for the model and trainer (token
+    importance sampling, no vLLM, no entropy mask or bonus, one accumulation step). Skips if TRL's internals moved."""
+    rows, width = per_token.shape
+    one = lambda x, **kwargs: x  # noqa: E731 (one process: gather and reduce are the identity)
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (per_token, torch.zeros(rows, width), None),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        accelerator=SimpleNamespace(gather=one, reduce=one),
+        _metrics={"train": defaultdict(list)},
+    )
+    inputs = {
+        "prompt_ids": torch.ones(rows, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+        "completion_ids": torch.ones(rows, width, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+    }
+    try:
+        return trainer_cls._compute_loss(trainer, None, inputs)
+    except (AttributeError, TypeError, KeyError) as e:
+        pytest.skip(f"TRL's GRPOTrainer._compute_loss internals changed: {e!r}")
+
+
+@pytest.mark.parametrize("loss_type, token_norm", [("grpo", "sequence"), ("bnpo", "batch_tokens")])
+def test_grpo_matches_trl_value_and_gradient(trl_grpo, loss_type, token_norm):
+    """Four responses of 1 to 5 tokens, an old policy 0.4 nats away (so some ratios clip, asymmetrically with
+    ε_high = 0.28), a reference, β = 0.04: TRL's "grpo" is token_norm="sequence", its "bnpo" "batch_tokens",
+    in value and in gradient."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([3, 5, 1, 4])
+    mask = (torch.arange(5) < lengths[:, None]).long()
+    policy = -3 * torch.rand(4, 5, generator=g)
+    old = policy + 0.4 * torch.randn(4, 5, generator=g)
+    ref = policy + 0.3 * torch.randn(4, 5, generator=g)
+    advantages = group_advantages(t(1, 0, 0, 1).view(2, 2)).flatten() + t(0.3, 0.0, -0.2, 0.1)
+    theirs_in = policy.clone().requires_grad_()
+    theirs = _trl_grpo_loss(trl_grpo, theirs_in, mask, advantages, old, ref, loss_type, 0.04, 0.2, 0.28)
+    theirs.backward()
+    ours_in = policy.clone().requires_grad_()
+    logps = TokenLogps(ours_in, mask, advantages, old=old, ref=ref)
+    ours = grpo(logps, epsilon=0.2, epsilon_high=0.28, beta=0.04, token_norm=token_norm).losses.mean()
+    ours.backward()
+    assert_near(ours, theirs)
+    assert_near(ours_in.grad, theirs_in.grad)
+    ratio = torch.exp(policy - old)[mask.bool()]
+    assert ((ratio < 0.8) | (ratio > 1.28)).any() and ((ratio > 0.8) & (ratio < 1.28)).any()
