@@ -120,7 +120,18 @@ def loss_kwargs(tc: TrainConfig) -> dict:
 
 def sequence_logps(model, batch, device):
     """Summed response-token log-probs (float32) and response lengths of a `Batch`: [pairs] each for SFT rows,
-    [2 x pairs] for pairs (chosen ones first, then rejected).
+    [2 x pairs] for pairs (chosen ones first, then rejected)."""
+    import torch
+
+    per_token, segments = token_logps(model, batch, device), batch.segments.to(device)
+    masks = [segments == s for s in range(batch.completions)]
+    return (torch.cat([(per_token * m).sum(-1) for m in masks]),
+            torch.cat([m.sum(-1) for m in masks]))
+
+
+def token_logps(model, batch, device):
+    """The log-prob (float32) of every response token of a `Batch`, [pairs, responses' length], placed as
+    `batch.targets` (`batch.segments` tells the chosen response's tokens, the rejected one's and padding apart).
 
     Logits are kept from position `start - 1` on: the one predicting the first response token.
     """
@@ -138,11 +149,7 @@ def sequence_logps(model, batch, device):
     logits = out.logits.float()
     at = (batch.predictors - (batch.start - 1)).to(device)
     rows = torch.arange(batch.pairs, device=device).unsqueeze(1)
-    token_logps = logits[rows, at, batch.targets.to(device)] - torch.logsumexp(logits, dim=-1).gather(1, at)
-    segments = batch.segments.to(device)
-    masks = [segments == s for s in range(batch.completions)]
-    return (torch.cat([(token_logps * m).sum(-1) for m in masks]),
-            torch.cat([m.sum(-1) for m in masks]))
+    return logits[rows, at, batch.targets.to(device)] - torch.logsumexp(logits, dim=-1).gather(1, at)
 
 
 def loss_inputs(reads: Inputs, logps, lengths, references) -> SequenceLogps:

@@ -35,6 +35,7 @@ from selfimprove.train.worker import (
     loss_inputs,
     loss_kwargs,
     sequence_logps,
+    token_logps,
 )
 
 PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
@@ -224,7 +225,8 @@ def test_the_worker_hands_each_loss_its_declared_inputs_and_no_others():
 
 def test_sequence_logps_equal_each_sequence_on_its_own():
     """A batch's prompt-sharing rows against each prompt + response run alone through a tiny random Llama,
-    log_softmax over the full logits, position by position: the same sums, for pairs and for SFT rows."""
+    log_softmax over the full logits, position by position: the same sums, for pairs and for SFT rows; and, per
+    token, the same log-probs where `segments` marks a response token (SFT rows: chosen 3 and 2 tokens, padded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -232,18 +234,22 @@ def test_sequence_logps_equal_each_sequence_on_its_own():
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     examples = [Example([5, 6, 7], [8, 9, 2], [10, 2]), Example([5, 11], [12, 2], [13, 14, 15, 2])]
 
-    def alone(prompt, response):
+    def per_token(prompt, response):
         tokens = prompt + response
         with torch.no_grad():
             full = model(input_ids=torch.tensor([tokens])).logits[0].log_softmax(-1)
-        return sum(full[t - 1, tokens[t]].item() for t in range(len(prompt), len(tokens)))
+        return [full[t - 1, tokens[t]].item() for t in range(len(prompt), len(tokens))]
 
+    sft_rows = collate([Example(e.prompt, e.chosen) for e in examples], 0)
     with torch.no_grad():
         logps, lengths = sequence_logps(model, collate(examples, pad_id=0), torch.device("cpu"))
-        sft_logps, sft_lengths = sequence_logps(model, collate([Example(e.prompt, e.chosen) for e in examples], 0),
-                                                torch.device("cpu"))
-    chosen = [alone(e.prompt, e.chosen) for e in examples]
-    rejected = [alone(e.prompt, e.rejected) for e in examples]
+        sft_logps, sft_lengths = sequence_logps(model, sft_rows, torch.device("cpu"))
+        tokens = token_logps(model, sft_rows, torch.device("cpu"))
+    chosen = [sum(per_token(e.prompt, e.chosen)) for e in examples]
+    rejected = [sum(per_token(e.prompt, e.rejected)) for e in examples]
+    assert sft_rows.segments.tolist() == [[0, 0, 0], [0, 0, -1]]
+    torch.testing.assert_close(tokens[sft_rows.segments == 0], torch.tensor(sum(
+        (per_token(e.prompt, e.chosen) for e in examples), [])), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logps, torch.tensor(chosen + rejected), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sft_logps, torch.tensor(chosen), atol=1e-5, rtol=1e-5)
     assert lengths.tolist() == [3, 2, 2, 4] and sft_lengths.tolist() == [3, 2] and logps.dtype == torch.float32
