@@ -543,22 +543,13 @@ def _trl_grpo_loss(trainer_cls, per_token, mask, advantages, old, ref, loss_type
     one = lambda x, **kwargs: x  # noqa: E731 (one process: gather and reduce are the identity)
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (per_token, torch.zeros(rows, width), None),
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
-        importance_sampling_level="token",
-        beta=beta,
-        loss_type=loss_type,
-        epsilon_low=eps_low,
-        epsilon_high=eps_high,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
-        model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False,
-        aux_loss_enabled=False,
-        accelerator=SimpleNamespace(gather=one, reduce=one),
-        _metrics={"train": defaultdict(list)},
+        # The loss and its knobs; every other feature off.
+        loss_type=loss_type, beta=beta, epsilon_low=eps_low, epsilon_high=eps_high, importance_sampling_level="token",
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        accelerator=SimpleNamespace(gather=one, reduce=one), _metrics={"train": defaultdict(list)},
     )
     inputs = {
         "prompt_ids": torch.ones(rows, 1, dtype=torch.long),
