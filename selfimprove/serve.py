@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import re
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ import yaml
 from selfimprove.config import Config
 from selfimprove.errors import UserError
 
-KEY_ENV = "SELFIMPROVE_API_KEY"
 # Serve logs each replica's start and each request at INFO: what went wrong is enough on a terminal.
 QUIET = {"log_level": "WARNING"}
 FOLLOW_SECONDS = 5.0  # how often a followed run folder is looked at
@@ -90,11 +88,6 @@ def safe(name: str) -> str:
 
 def prefix(served: Served, role: str) -> str:
     return f"{safe(served.name)}-{role}"
-
-
-def key_digest(key: str) -> str:
-    """What a server keeps of its API key: requests' tokens are compared by this digest."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def model_args(model: str, model_id: str, cfg: Config, cpu: bool) -> dict:

@@ -11,8 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from serving import fake_run
 
-from selfimprove.config import load_config
 from selfimprove.errors import UserError
+from selfimprove.recipes import load_config
 from selfimprove.serve import Served, from_run, serve_config
 
 ROOT_MODEL = "smollm2-135m-instruct"
