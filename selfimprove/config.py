@@ -357,6 +357,8 @@ def read_config(path: str | Path | None = None, overrides: list[str] = ()) -> tu
             parsed = yaml.safe_load(value) if value else None
         except yaml.YAMLError:
             parsed = value
+        if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
+            parsed = value  # block YAML read from one word (`serve.host=::` is a mapping): the text was meant
         _set_dotted(raw, key.strip(), parsed)
     return raw, where
 
