@@ -32,6 +32,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.llm.ingress import make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from vllm.exceptions import VLLMClientError
 
 from selfimprove.errors import UserError
 from selfimprove.guidance import guide_prompt, with_hint
@@ -68,6 +69,8 @@ def refusal(e: Exception, timed_out: bool, timeout_s: float | None) -> RequestEr
     if timed_out:
         return RequestError(504, f"the request was not answered within this server's limit of {timeout_s:g} s",
                             code="timeout")
+    if isinstance(e, VLLMClientError):  # vLLM's request models refuse some bodies so, not as validation errors
+        return RequestError(400, f"invalid request: {e.args[0]}", param=getattr(e, "parameter", None))
     if isinstance(e, BackPressureError):  # the model's queue (serve.max_queued_requests) is full
         return RequestError(503, "the server is busy: its queue of requests is full; retry shortly", code="queue_full")
     if isinstance(e, DeploymentUnavailableError):
