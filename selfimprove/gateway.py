@@ -234,7 +234,7 @@ class Gateway:
         handle = await self._app(prefix)
         body = body.model_copy(update={"model": None})  # the engine's own name: the response says which snapshot
         stream = getattr(handle, method).remote(body, None)
-        first = await anext(stream)
+        first = await first_of(stream)
         chunk = first[0] if isinstance(first, list) else first
         if (error := getattr(chunk, "error", None)) is not None:  # vLLM's ErrorResponse (Ray's is a subclass)
             return JSONResponse({"error": error.model_dump(include={"message", "type", "param", "code"})},
@@ -260,7 +260,7 @@ class Gateway:
         question = _text(next((m for m in reversed(body.messages) if m.get("role") == "user"),
                               body.messages[-1]).get("content"))
         ask = ChatCompletionRequest(messages=guide_prompt(question), temperature=0.0, max_tokens=self.guide_max_tokens)
-        answer = await anext(guide.chat.remote(ask, None))  # not streamed: one response
+        answer = await first_of(guide.chat.remote(ask, None))  # not streamed: one response
         if not hasattr(answer, "choices"):
             raise RequestError(503, f"the guide could not write guidance: {getattr(answer, 'error', answer)}")
         guidance = answer.choices[0].message.content or ""
@@ -275,6 +275,15 @@ class Gateway:
         if response.status_code != status.HTTP_200_OK:
             return response
         return JSONResponse({**json.loads(response.body), "guidance": guidance})
+
+
+async def first_of(stream):
+    """The first item of a handle's stream. Serve's refusals (a full queue, no replica) are raised as ours: Serve
+    gives an ingress's FastAPI app handlers of its own for them, which would answer in plain text."""
+    try:
+        return await anext(stream)
+    except (BackPressureError, DeploymentUnavailableError) as e:
+        raise refusal(e, False, None) from None
 
 
 def prompt_list(prompt) -> list:

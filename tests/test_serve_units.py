@@ -12,7 +12,7 @@ import pytest
 import yaml
 from cli_helpers import assert_one_line_error, run
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from serving import fake_run
 
@@ -81,7 +81,7 @@ def guarded():
     it read, and routes that never answer, stop answering mid-stream, fail, or find the model's queue full."""
     from ray.serve.exceptions import BackPressureError
 
-    from selfimprove.gateway import Guard
+    from selfimprove.gateway import Guard, first_of
 
     app = FastAPI()
     app.add_middleware(Guard, key_sha256=hashlib.sha256(b"k").hexdigest(), max_body=100, timeout_s=0.2)
@@ -106,9 +106,16 @@ def guarded():
     async def fails():
         raise RuntimeError("a bug of ours")
 
+    async def full_queue():  # a handle's stream when the model's queue is full
+        raise BackPressureError(num_queued_requests=16, max_queued_requests=16)
+        yield
+
     @app.post("/busy")
     async def busy():
-        raise BackPressureError(num_queued_requests=16, max_queued_requests=16)
+        await first_of(full_queue())
+
+    # What Serve gives an ingress's app (selfimprove.gateway.first_of's reason): a full queue in plain text.
+    app.add_exception_handler(BackPressureError, lambda request, e: PlainTextResponse(str(e), status_code=503))
 
     return TestClient(app)
 
