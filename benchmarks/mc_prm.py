@@ -164,8 +164,8 @@ def main() -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from selfimprove.config import load_config
     from selfimprove.models import resolve_model
+    from selfimprove.recipes import load_config
     from selfimprove.reward.mc_prm import first_zero, pool_complete, prm_actors, score_samples
     from selfimprove.rollout.generator import VLLMGenerator
     from selfimprove.rollout.stage import engine_resources

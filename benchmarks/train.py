@@ -73,7 +73,7 @@ def first_batch_losses(model_path: str, pairs: list[dict]) -> tuple[float, float
 
     from selfimprove.train.data import collate, tokenize
     from selfimprove.train.losses import SequenceLogps, rpo
-    from selfimprove.train.trainer import sequence_logps
+    from selfimprove.train.worker import sequence_logps
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()

@@ -146,9 +146,9 @@ def _run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from selfimprove.config import load_config
     from selfimprove.driver import run
     from selfimprove.evaluate import trained_on, training_rows
+    from selfimprove.recipes import load_config
     from selfimprove.tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
@@ -171,7 +171,7 @@ def _run(args) -> int:
 
 
 def _eval(args) -> int:
-    from selfimprove.config import load_config
+    from selfimprove.recipes import load_config
 
     limit = f"task.{'train' if args.split == 'train' else 'test'}_size"
     flags = _flag_overrides(args, ("task", "task.name"), ("data", "task.data"), ("split", "eval.split"),
@@ -187,7 +187,8 @@ def _eval(args) -> int:
     from selfimprove.io import check_replaceable, claim_folder
     from selfimprove.models import resolve_model
     from selfimprove.precision import announce, resolve
-    from selfimprove.runtime import check_resources, init_ray
+    from selfimprove.resources import check_resources
+    from selfimprove.runtime import init_ray
     from selfimprove.tasks import build_task
 
     # Everything that can be wrong with the input fails here, before Ray starts and before `out` is written.
@@ -221,8 +222,8 @@ def _eval(args) -> int:
 def _train(args) -> int:
     import json
 
-    from selfimprove.config import load_config
     from selfimprove.precision import announce, resolve
+    from selfimprove.recipes import load_config
     from selfimprove.train.trainer import train
 
     cfg, choices = resolve(load_config(args.config, args.overrides))
@@ -236,18 +237,10 @@ def _train(args) -> int:
 
 
 def _serve(args) -> int:
-    from selfimprove.config import load_config
+    from selfimprove.api_key import KEY_ENV, key_digest
     from selfimprove.precision import resolve
-    from selfimprove.serve import (
-        KEY_ENV,
-        check_fits,
-        key_digest,
-        loopback,
-        run_server,
-        serve_config,
-        what_to_serve,
-        write_config,
-    )
+    from selfimprove.recipes import load_config
+    from selfimprove.serve import check_fits, loopback, run_server, serve_config, what_to_serve, write_config
 
     if args.target and "=" in args.target and not Path(args.target).exists():  # `--follow RUN a.b=1`: an override
         args.overrides, args.target = [args.target, *args.overrides], None
@@ -289,7 +282,7 @@ def _serve(args) -> int:
 
 def _api_key(args) -> str | None:
     """The serve API key: --api-key, the text of --api-key-file, or $SELFIMPROVE_API_KEY; None if none is given."""
-    from selfimprove.serve import KEY_ENV
+    from selfimprove.api_key import KEY_ENV
 
     if args.api_key_file is not None:
         source = f"--api-key-file {args.api_key_file}"
@@ -334,7 +327,8 @@ def _prepare_model(args) -> int:
 def _show_config(args) -> int:
     import yaml
 
-    from selfimprove.config import describe, load_config, to_dict
+    from selfimprove.config import describe, to_dict
+    from selfimprove.recipes import load_config
 
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None

@@ -5,6 +5,8 @@
    override values are parsed as YAML scalars, so `8` is an int and `[1, 2]` a list.
 3. Unknown keys, wrong types and values a field's check rejects raise `UserError`
    naming the key and the file, before any Ray or engine work starts.
+4. This module is the bottom of the package: it knows the knobs, not the recipes or the trainer that read
+   them. Loading a config under its recipe's defaults, and the recipe's checks, are `selfimprove.recipes`'.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 import yaml
 
 from selfimprove.errors import UserError
-from selfimprove.train.loss_names import LOSS_NAMES, needs_rejected
+
+# The losses of selfimprove/train/losses.py (`LOSSES`, a test holds them equal): the choices of train.loss.
+LOSS_NAMES = ("sft", "dpo", "rpo", "orpo", "ipo")
 
 
 def knob(default: Any, help: str, check: Callable[[Any], str | None] | None = None, path: bool = False):
@@ -348,8 +352,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Config from a YAML file (or defaults when path is None) plus `a.b=value` overrides."""
+def read_config(path: str | Path | None = None, overrides: list[str] = ()) -> tuple[dict, str]:
+    """The keys of a YAML file (none when path is None) with `a.b=value` overrides applied, and where they came
+    from, for errors. `selfimprove.recipes.load_config` puts them over the recipe's and builds the `Config`."""
     raw = _read_yaml(Path(path).expanduser()) if path is not None else {}
     where = str(path) if path is not None else "defaults"
     for item in overrides:
@@ -361,18 +366,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
-    if raw.get("recipe") in RECIPE_NAMES:  # the recipe's knob values, under the ones the config sets
-        from selfimprove.recipes import recipe
+    return raw, where
 
-        raw = _overlay(recipe(raw["recipe"]).DEFAULTS, raw)
+
+def build_config(raw: dict, where: str) -> Config:
+    """The `Config` of `raw`'s keys, each of the right type and passing its own check (`where` names their file);
+    combinations of knobs are checked by `check_knobs`, and the recipe's by `selfimprove.recipes.check`."""
     raw = _policy_as_model(raw, where)
     extra = (raw.get("eval") or {}).get("extra")
     if isinstance(extra, dict):  # an extra set is the run's task but for the keys it gives
-        raw["eval"]["extra"] = {name: _overlay(raw.get("task") or {}, keys) if isinstance(keys, dict) else keys
+        raw["eval"]["extra"] = {name: overlay(raw.get("task") or {}, keys) if isinstance(keys, dict) else keys
                                 for name, keys in extra.items()}
-    cfg = _build(Config, raw, "", where)
-    check(cfg, where)
-    return cfg
+    return _build(Config, raw, "", where)
 
 
 def _policy_as_model(raw: dict, where: str) -> dict:
@@ -393,19 +398,10 @@ def _policy_as_model(raw: dict, where: str) -> dict:
     return dict(raw, models={k: v for k, v in models.items() if k not in ("policy", "guide")}) if models else raw
 
 
-def check(cfg: Config, where: str = "config") -> None:
-    """Refuse a combination of knobs that each pass their own check, or that the recipe cannot run with (a config
-    built in code skips `load_config`)."""
-    from selfimprove.recipes import name_of, recipe, role_problem
-
-    check_knobs(cfg, where)
-    if problem := role_problem(cfg) or recipe(name_of(cfg)).check(cfg):
-        raise UserError(f"{where}: {problem}")
-
-
 def check_knobs(cfg: Config, where: str = "config") -> None:
-    """`check` without the recipe's part: what a trainer given one stage's settings checks (self_refine tunes with
-    SFT before its DPO rounds)."""
+    """Refuse a combination of knobs that each pass their own check: `selfimprove.recipes.check` without the
+    recipe's part, what a trainer given one stage's settings checks (self_refine tunes with SFT before its DPO
+    rounds)."""
     if problem := _cross_check(cfg):
         raise UserError(f"{where}: {problem}")
 
@@ -430,9 +426,6 @@ def _cross_check(cfg: Config) -> str | None:
             return f"{key}={tokens} leaves no room for a prompt in rollout.max_model_len={r.max_model_len}"
     if cfg.tracking.mlflow and importlib.util.find_spec("mlflow") is None:
         return "tracking.mlflow=true needs MLflow, which is not installed: pip install mlflow (or mlflow-skinny)"
-    if cfg.pairs.source == "process" and not needs_rejected(cfg.train.loss):
-        return (f"pairs.source=process builds preference pairs, which train.loss={cfg.train.loss} does not "
-                "read; use a preference loss such as train.loss=orpo")
     if p.scorer == "trained":
         if cfg.pairs.source != "process":
             return "process.scorer=trained scores steps for process pairs: it needs pairs.source=process"
@@ -484,13 +477,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("extends", None)
     if base is None:
         return raw
-    return _overlay(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
+    return overlay(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
 
 
-def _overlay(base: dict, top: dict) -> dict:
+def overlay(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys put over it, section by section."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

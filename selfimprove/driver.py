@@ -28,15 +28,15 @@ from typing import IO
 
 import yaml
 
-from selfimprove.config import Config, load_config, to_dict
+from selfimprove.config import Config, to_dict
 from selfimprove.errors import UserError
 from selfimprove.io import MARKER, digest, is_damaged, is_done, is_ours, stage_output, success_record, write_atomic
 from selfimprove.overhead import fixed_seconds
 from selfimprove.precision import Choice, announce, resolve
 from selfimprove.progress import RunProgress
-from selfimprove.recipes import name_of, needs_gold, recipe
+from selfimprove.recipes import Recipe, load_config, name_of, recipe_of
 from selfimprove.recipes.stages import Model, Run
-from selfimprove.runtime import check_resources
+from selfimprove.resources import check_resources
 from selfimprove.tracking import Tracker
 
 DTYPE_FILE = "dtype.json"
@@ -49,14 +49,15 @@ def run(cfg: Config, redo: tuple[str, ...] = ()) -> list[dict]:
 
     `redo` names stage kinds (e.g. "train") to run again although finished; the stages that read them follow.
     """
-    run_dir = Path(cfg.run_dir)
+    run_dir, recipe = Path(cfg.run_dir), recipe_of(cfg)
     # Everything a user can get wrong fails here, before the run dir is claimed or Ray starts.
-    plan = recipe(name_of(cfg)).plan(_prepare(cfg))
+    plan = recipe.plan(_prepare(cfg, recipe))
     unknown = sorted(set(redo) - {s.kind for s in plan})
     if unknown:
-        raise UserError(f"--redo {', '.join(unknown)}: recipe {name_of(cfg)} has no such stage (its stages: "
+        raise UserError(f"--redo {', '.join(unknown)}: recipe {recipe.name} has no such stage (its stages: "
                         f"{', '.join(dict.fromkeys(s.kind for s in plan))})")
-    check_resources(cfg)
+    # A guide's pool runs beside the solver's (rollout.num_actors) in one pipeline.
+    check_resources(cfg, guides=cfg.guide.num_actors if "solver" in recipe.roles else 0)
 
     with claim_run_dir(run_dir, cfg), contextlib.closing(Tracker(run_dir, cfg.tracking)) as tracker:
         announce({s.dtype.key: s.dtype for s in plan if s.dtype}.values())
@@ -88,7 +89,8 @@ def evaluated(run_dir: Path) -> list[Evaluated]:
     if not saved.is_file() or not (run_dir / MARKER).is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml and {MARKER} made by `selfimprove run`)")
     cfg = load_config(saved)
-    run_ = _prepare(dataclasses.replace(cfg, run_dir=str(run_dir)))
+    recipe = recipe_of(cfg)
+    run_ = _prepare(dataclasses.replace(cfg, run_dir=str(run_dir)), recipe)
     starting = {m.made_by: m.ref for m in (run_.policy, run_.solver, run_.teacher, run_.reference) if m}
 
     def ref(made_by: Path | str) -> str:  # a train stage's folder holds its model; a starting model is named
@@ -96,28 +98,26 @@ def evaluated(run_dir: Path) -> list[Evaluated]:
         return str(trained) if isinstance(made_by, Path) and trained.is_dir() else starting.get(made_by, str(made_by))
 
     return [Evaluated(s.iteration, ref(s.reads["model"]), s.reads.get("guide") and ref(s.reads["guide"]))
-            for s in recipe(name_of(cfg)).plan(run_) if s.kind == "eval" and is_done(s.folder)]
+            for s in recipe.plan(run_) if s.kind == "eval" and is_done(s.folder)]
 
 
-def _prepare(cfg: Config) -> Run:
+def _prepare(cfg: Config, recipe: Recipe) -> Run:
     """What a plan is built from: the task and its problems, the starting models (checked), and the types
     engines and trainers compute in on this machine. The saved config keeps `auto`, so that a run resumed on
     another kind of machine computes in that machine's type."""
     from selfimprove.evaluate import extra_sets
-    from selfimprove.models import check_tokenizer, resolve_model
+    from selfimprove.models import check_lora_targets, check_reference, check_tokenizer, resolve_model
     from selfimprove.tasks import build_task
 
     task = build_task(cfg.task)
     train_problems, test_problems = task.load("train"), task.load(cfg.eval.split)
-    _check_answers(cfg, train_problems, test_problems, f"task.data={cfg.task.data}")
+    _check_answers(recipe, train_problems, test_problems, f"task.data={cfg.task.data}")
     extra = extra_sets(cfg)
     policy = resolve_model(cfg.model)
     teacher = resolve_model(cfg.models.teacher) if cfg.models.teacher else None
     solver = resolve_model(cfg.models.solver) if cfg.models.solver else None
     reference = None
     if cfg.models.reference:
-        from selfimprove.train.trainer import check_reference
-
         reference = check_reference(cfg.models.reference, policy)
     backbone = None
     if cfg.process.scorer == "trained":
@@ -125,8 +125,6 @@ def _prepare(cfg: Config) -> Run:
         if backbone != policy:
             check_tokenizer(backbone, policy, "(process.prm_backbone) has")
     if cfg.train.lora:
-        from selfimprove.train.trainer import check_lora_targets
-
         check_lora_targets(policy, cfg.train.lora_targets)
     concrete, (generate, train) = resolve(cfg)
     return Run(concrete, Path(cfg.run_dir), task, train_problems, test_problems, _model(policy), generate, train,
@@ -138,15 +136,15 @@ def _model(ref: str) -> Model:
     return Model(ref, Path(ref) if Path(ref).is_dir() else ref)
 
 
-def _check_answers(cfg: Config, train: list[dict], test: list[dict], source: str) -> None:
+def _check_answers(recipe: Recipe, train: list[dict], test: list[dict], source: str) -> None:
     """Refuse problems without answers where they are needed: held-out problems always, training problems unless
     the recipe labels them itself. `source` names where they came from."""
     from selfimprove.evaluate import check_answered, unanswered
 
     check_answered(test, source)
-    if (missing := unanswered(train)) and needs_gold(name_of(cfg)):
+    if (missing := unanswered(train)) and recipe.needs_gold:
         raise UserError(f"{source}: {missing} of the {len(train)} training problems have no answer, and recipe "
-                        f"{name_of(cfg)} learns from gold answers; recipe self_refine labels questions by its teacher")
+                        f"{recipe.name} learns from gold answers; recipe self_refine labels questions by its teacher")
 
 
 def claim_run_dir(run_dir: Path, cfg: Config) -> IO[str]:

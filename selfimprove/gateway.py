@@ -34,9 +34,9 @@ from ray.serve.llm.ingress import make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from vllm.exceptions import VLLMClientError
 
+from selfimprove.api_key import KEY_ENV, key_digest
 from selfimprove.errors import UserError
 from selfimprove.guidance import guide_prompt, with_hint
-from selfimprove.serve import KEY_ENV, key_digest
 
 POLL_SECONDS = 1.0
 logger = logging.getLogger(__name__)

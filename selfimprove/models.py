@@ -9,7 +9,8 @@ A reference is one of:
      it itself; checked up front against the hub or the local HF cache.
 Converted folders live under `$SELFIMPROVE_HOME/models/` (default `~/.cache/selfimprove`) and
 are written to a temporary folder first, then renamed, so a killed conversion leaves nothing
-that looks finished.
+that looks finished. A model's checks against a run sit beside its loading: a tokenizer against
+the policy's, LoRA targets among its modules (read on the meta device: no weights).
 """
 
 from __future__ import annotations
@@ -67,6 +68,33 @@ def check_tokenizer(folder: str | Path, policy: str, what: str = "was trained wi
     if tokenizer_hash(theirs) != tokenizer_hash(ours):
         raise UserError(f"{folder} {what} another tokenizer than the policy {policy} ({len(theirs)} vs {len(ours)} "
                         f"tokens, vocabularies differ): {why}")
+
+
+def check_lora_targets(model_path: str, targets: list[str]) -> None:
+    """Every LoRA target must name a module of the model (PEFT's rule: the name or its last dotted parts)."""
+    if targets == ["all-linear"]:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):  # module names only: no memory, no weights read
+        model = AutoModelForCausalLM.from_config(config)
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"train.lora_targets: {', '.join(missing)} not in {type(model).__name__} "
+                        f"(its linear layers: {', '.join(linear)}; or use [all-linear])")
+
+
+def check_reference(reference: str, policy: str) -> str:
+    """The resolved reference model; UserError if it reads text as other token ids than the policy."""
+    path = resolve_model(reference)
+    if path != policy:
+        check_tokenizer(path, policy, "(models.reference) has",
+                        "a DPO reference scores the policy's token ids; use a reference with the policy's tokenizer")
+    return path
 
 
 def home() -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import ipaddress
 import re
 import time
@@ -28,7 +27,6 @@ import yaml
 from selfimprove.config import Config
 from selfimprove.errors import UserError
 
-KEY_ENV = "SELFIMPROVE_API_KEY"
 # Serve logs each replica's start and each request at INFO: what went wrong is enough on a terminal.
 QUIET = {"log_level": "WARNING"}
 FOLLOW_SECONDS = 5.0  # how often a followed run folder is looked at
@@ -102,10 +100,6 @@ def loopback(host: str) -> bool:
     except ValueError:  # a name
         return host == "localhost"
 
-
-def key_digest(key: str) -> str:
-    """What a server keeps of its API key: requests' tokens are compared by this digest."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def model_args(model: str, model_id: str, cfg: Config, cpu: bool) -> dict:

@@ -35,8 +35,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfimprove.config import Config, load_config
-from selfimprove.serve import KEY_ENV, Served, serve_config
+from selfimprove.api_key import KEY_ENV
+from selfimprove.config import Config
+from selfimprove.recipes import load_config
+from selfimprove.serve import Served, serve_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.config import Config, describe, load_config, to_dict
+from selfimprove.config import Config, describe, to_dict
 from selfimprove.errors import UserError
+from selfimprove.recipes import load_config
 
 
 def write(tmp_path, text):
@@ -194,7 +195,8 @@ def test_knob_combinations_fail_at_load(overrides, message):
 
 
 def test_knob_combinations_of_a_config_built_in_code_are_checked_too():
-    from selfimprove.config import Config, TrainConfig, check
+    from selfimprove.config import Config, TrainConfig
+    from selfimprove.recipes import check
 
     check(Config(train=TrainConfig(batch_size=4, micro_batch_size=2, num_workers=2)))
     with pytest.raises(UserError, match=r"^config: train.batch_size=6 must be a multiple"):

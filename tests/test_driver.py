@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from selfimprove.cli import main
-from selfimprove.config import load_config
 from selfimprove.driver import LOCK, Redo, _stage, claim_run_dir, run, write_metrics
 from selfimprove.errors import UserError
 from selfimprove.evaluate import write_report
 from selfimprove.io import MARKER, SUCCESS, _bytes_digest, digest, is_done, success_record
 from selfimprove.precision import Machine
+from selfimprove.recipes import load_config
 from selfimprove.recipes.stages import _pairs
 from selfimprove.rollout.stage import SAMPLE_SCHEMA
 
@@ -100,7 +100,7 @@ def test_claim_accepts_an_empty_folder_and_a_run_made_before_the_marker(tmp_path
 HOLD_RUN_DIR = """
 import sys, time
 from pathlib import Path
-from selfimprove.config import load_config
+from selfimprove.recipes import load_config
 from selfimprove.driver import claim_run_dir
 lock = claim_run_dir(Path(sys.argv[1]), load_config(sys.argv[2], ["run_dir=" + sys.argv[1]]))
 print("claimed", flush=True)

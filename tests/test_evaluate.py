@@ -53,8 +53,8 @@ def test_run_eval_scores_each_extra_set_in_its_own_folder_with_a_fake_rollout(tm
     import pyarrow as pa
 
     import selfimprove.evaluate
-    from selfimprove.config import load_config
     from selfimprove.evaluate import run_eval
+    from selfimprove.recipes import load_config
 
     calls, drawn = [], []
 
@@ -126,8 +126,8 @@ def test_run_eval_of_a_code_task_counts_flagged_passes_over_both_passes_and_not_
     import pyarrow as pa
 
     import selfimprove.evaluate
-    from selfimprove.config import load_config
     from selfimprove.evaluate import run_eval
+    from selfimprove.recipes import load_config
 
     judged = {("p0", "greedy", 0): (True, ["frame"], "value"), ("p0", "sample", 0): (True, [], "value"),
               ("p0", "sample", 1): (False, ["exit"], "in_process"), ("p1", "greedy", 0): (False, [], None),
@@ -162,8 +162,8 @@ def test_run_eval_with_a_guide_scores_the_solver_and_counts_numbered_guidance_wi
     import pyarrow as pa
 
     import selfimprove.rollout.guided
-    from selfimprove.config import load_config
     from selfimprove.evaluate import run_eval
+    from selfimprove.recipes import load_config
     from selfimprove.tasks import build_task
 
     seen = {}
@@ -195,9 +195,9 @@ def test_the_report_sets_are_the_task_test_split_then_each_extra_set_on_its_test
     """eval.split val (the default): the report adds the task's test split as 'test', then eval.extra's sets, each
     on its test split; an eval.optional set whose data is not on this machine is left out with a note, and a
     set that is not optional fails on it."""
-    from selfimprove.config import load_config
     from selfimprove.errors import UserError
     from selfimprove.evaluate import extra_sets
+    from selfimprove.recipes import load_config
     from selfimprove.tasks import build_task
 
     missing = tmp_path / "absent"
@@ -226,8 +226,8 @@ def test_the_report_sets_are_the_task_test_split_then_each_extra_set_on_its_test
      "eval.optional names gsm8k, which eval.extra does not hold"),
 ])
 def test_report_set_names_that_cannot_be_meant_are_refused(overrides, message):
-    from selfimprove.config import load_config
     from selfimprove.errors import UserError
+    from selfimprove.recipes import load_config
 
     with pytest.raises(UserError) as e:
         load_config(None, overrides)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.config import load_config
+from selfimprove.recipes import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("gpu_smoke", REPO / "cluster" / "gpu_smoke.py")

@@ -2,9 +2,10 @@
 
 import pytest
 
-from selfimprove.config import Config, load_config
+from selfimprove.config import Config
 from selfimprove.errors import UserError
 from selfimprove.precision import Machine, announce, choose, cpu_flags, resolve
+from selfimprove.recipes import load_config
 
 # /proc/cpuinfo `flags` (shortened to the vector extensions and a few others) of our two kinds of 2-core box.
 AVX512_BOX = ("fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512ifma avx512cd avx512bw "

@@ -1,15 +1,15 @@
 """Recipes as declared plans: the stages each recipe plans, the knobs it sets and refuses, and a driver that
 runs whatever a plan holds (a stand-in recipe whose stages are named `fake_*`)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from selfimprove.config import load_config
 from selfimprove.errors import UserError
 from selfimprove.precision import Choice
-from selfimprove.recipes import name_of, recipe
+from selfimprove.recipes import load_config, name_of, recipe
 from selfimprove.recipes.stages import Model, Run, Stage
 
 GENERATE, TRAIN = Choice("rollout.dtype", "float32", "test"), Choice("train.precision", "fp32", "test")
@@ -91,12 +91,10 @@ def test_the_driver_progress_and_metrics_follow_the_plan_alone(tmp_path, monkeyp
                 (out / "stats.json").write_text(json.dumps({"t": t}))
         return Stage(tmp_path / "r" / f"iter_{t}" / kind, work, {"t": t})
 
-    class FakeRecipe:
-        @staticmethod
-        def plan(run):
-            return [fake_stage("eval", 0)] + [fake_stage(kind, t) for t in (1, 2) for kind in ("fake_make", "fake_check", "eval")]
+    def plan(run):
+        return [fake_stage("eval", 0)] + [fake_stage(kind, t) for t in (1, 2) for kind in ("fake_make", "fake_check", "eval")]
 
-    monkeypatch.setattr(selfimprove.driver, "recipe", lambda name: FakeRecipe)
+    monkeypatch.setattr(selfimprove.driver, "recipe_of", lambda cfg: dataclasses.replace(recipe("irpo"), plan=plan))
     monkeypatch.setattr(selfimprove.models, "resolve_model", lambda ref: "/start")
     monkeypatch.setattr(selfimprove.runtime, "init_ray", lambda: None)
     cfg = load_config(None, [f"run_dir={tmp_path / 'r'}", "task.generated_train=10", "task.generated_test=10"])

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.config import load_config
 from selfimprove.errors import UserError
 from selfimprove.labels import teacher_labels
-from selfimprove.recipes import recipe
+from selfimprove.recipes import load_config, recipe
 from selfimprove.recipes.stages import Model, Run, read_demonstrations
 from selfimprove.tasks import build_task
 from tests.test_recipes import GENERATE, TRAIN
@@ -53,7 +52,8 @@ def test_a_fixed_reference_is_read_by_the_preference_rounds_not_by_instruction_t
 def test_the_instruction_tuning_stage_passes_the_trainers_check_although_its_loss_is_not_the_recipes():
     import dataclasses
 
-    from selfimprove.config import check, check_knobs
+    from selfimprove.config import check_knobs
+    from selfimprove.recipes import check
 
     cfg = load_config(None, TEACHER)
     tuning = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss="sft"))

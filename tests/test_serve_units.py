@@ -16,10 +16,11 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from serving import fake_run
 
-from selfimprove.config import load_config
+from selfimprove.api_key import KEY_ENV
 from selfimprove.errors import UserError
 from selfimprove.precision import resolve
-from selfimprove.serve import KEY_ENV, Served, check_room, from_run, serve_config, wait_running
+from selfimprove.recipes import load_config
+from selfimprove.serve import Served, check_room, from_run, serve_config, wait_running
 
 ROOT_MODEL = "smollm2-135m-instruct"
 

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfimprove.config import load_config
 from selfimprove.errors import UserError
 from selfimprove.guidance import computed_numbers, guidance_values, kept_guidance, solver_prompt
 from selfimprove.pairs import process_pairs
-from selfimprove.recipes import recipe
+from selfimprove.recipes import load_config, recipe
 from selfimprove.recipes.guided_stages import guidance_data
 from selfimprove.recipes.stages import Model, Run
 from selfimprove.rollout.guided import solver_requests

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from selfimprove import storage
-from selfimprove.config import load_config
 from selfimprove.errors import UserError
 from selfimprove.io import SUCCESS, folder_digest
+from selfimprove.recipes import load_config
 from selfimprove.rollout.stage import write_startups
 from selfimprove.storage import STORED, fetch, publish, shared, unreachable
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from cli_helpers import assert_one_line_error, run
 
-from selfimprove.config import TrackingConfig, load_config
+from selfimprove.config import TrackingConfig
 from selfimprove.errors import UserError
 from selfimprove.io import SUCCESS
+from selfimprove.recipes import load_config
 from selfimprove.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]

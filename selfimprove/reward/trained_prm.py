@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from selfimprove.config import Config, ProcessConfig
 from selfimprove.errors import UserError
-from selfimprove.io import read_table, stage_output
+from selfimprove.io import read_table
 from selfimprove.models import check_tokenizer, tokenizer_hash
 from selfimprove.reward.mc_prm import OUTCOME, scorable_samples, write_stage
 from selfimprove.rollout.generator import SKIPPED
@@ -170,21 +170,12 @@ def read_iteration(it: Path) -> tuple[list[dict], list[dict]]:
 def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Path,
               checkpoints: Path | None = None) -> dict:
     """Train a PRM on `backbone` from the MC-scored `iterations` folders; write the model folder `out`. Returns the
-    summary. Checkpoints go where the policy trainer's go (`selfimprove.train.trainer.train`)."""
-    import ray
+    summary. Launched as the policy's training is, checkpoints and all (`selfimprove.train.launch`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from selfimprove.config import to_dict
-    from selfimprove.runtime import init_ray
-    from selfimprove.train.data import padding_id
-    from selfimprove.train.trainer import (
-        checkpoint_storage,
-        fingerprint,
-        launch,
-        release_storage,
-        whole_steps,
-        worker_resources,
-    )
+    from selfimprove.train.data import padding_id, whole_steps
+    from selfimprove.train.launch import fingerprint, launch
 
     pc, tc, out = cfg.process, cfg.train, Path(out).resolve()
     context = getattr(AutoConfig.from_pretrained(backbone), "max_position_embeddings", None)
@@ -204,25 +195,14 @@ def train_prm(cfg: Config, backbone: str, iterations: list[Path], out: str | Pat
                         "process.prm_mc_iterations")
     examples = whole_steps(examples, pc.prm_batch_size, tc.seed)
 
-    init_ray()
-    use_gpu, cores, resources = worker_resources(tc)
     settings = {k: v for k, v in to_dict(pc).items() if k.startswith("prm_")} | {"seed": tc.seed, "precision": tc.precision}
     run = "prm-" + fingerprint(backbone, settings, examples)
-    storage = checkpoint_storage(cfg.storage_path, out, checkpoints)
     worker_config = {
         "process": pc, "seed": tc.seed, "precision": tc.precision, "backbone": shared(backbone),
-        "examples": ray.put(examples), "use_gpu": use_gpu, "cores": cores,
         "pad_id": padding_id(tokenizer),
         "tokenizer_hash": tokenizer_hash(tokenizer), "counts": counts | {"unused": counts["examples"] - len(examples)},
     }
-    checkpoint = launch(prm_worker, worker_config, tc, use_gpu, resources, run, storage).checkpoint
-    with stage_output(out) as scratch:
-        if checkpoint is None:
-            raise UserError("PRM training ended without a saved model")
-        checkpoint.to_directory(str(scratch))
-        summary = json.loads((scratch / PRM_FILE).read_text())["summary"]
-    release_storage(cfg.storage_path, storage, run)
-    return summary
+    return launch(prm_worker, worker_config, examples, run, cfg, out, checkpoints, PRM_FILE, what="PRM training")
 
 
 def prm_worker(config: dict) -> None:
@@ -234,7 +214,7 @@ def prm_worker(config: dict) -> None:
     from transformers import AutoModelForTokenClassification
 
     from selfimprove.precision import concrete
-    from selfimprove.train.trainer import worker_print
+    from selfimprove.train.launch import worker_print
 
     pc: ProcessConfig = config["process"]
     precision = concrete("train.precision", config["precision"])

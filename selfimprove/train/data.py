@@ -228,3 +228,13 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def _with_eos(ids: list[int], eos: int) -> list[int]:
     return ids if ids and ids[-1] == eos else ids + [eos]
+
+
+def whole_steps(examples: list, batch_size: int, seed: int) -> list:
+    """A seeded shuffle, cut to a whole number of optimizer steps (fewer than batch_size left out, counted)."""
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    usable = len(examples) - len(examples) % batch_size
+    return [examples[i] for i in order[:usable]]

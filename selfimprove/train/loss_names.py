@@ -1,10 +1,11 @@
-"""The losses by name and which inputs each reads, without importing torch.
+"""Which inputs each loss reads, without importing torch.
 
-Loading and checking a config needs these facts before any heavy import;
-`selfimprove.train.losses.LOSSES` holds the functions under the same names.
+A recipe's checks need these facts at load, before any heavy import; `selfimprove.train.losses.LOSSES` holds the
+functions under the names of `config.LOSS_NAMES`.
 """
 
-LOSS_NAMES = ("sft", "dpo", "rpo", "orpo", "ipo")
+from selfimprove.config import LOSS_NAMES
+
 _REFERENCE_FREE = {"sft", "orpo"}
 _CHOSEN_ONLY = {"sft"}
 

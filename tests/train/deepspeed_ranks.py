@@ -21,7 +21,7 @@ def engine_facts(stage: int, folder: str, rank: int) -> dict:
 
     from selfimprove.config import TrainConfig
     from selfimprove.train.data import Example, collate
-    from selfimprove.train.trainer import (
+    from selfimprove.train.worker import (
         _load_model,
         _load_reference,
         _reference_logps,
@@ -61,7 +61,7 @@ def engine_facts(stage: int, folder: str, rank: int) -> dict:
 
 
 def run(rank: int, folder: str, out: str) -> None:
-    from selfimprove.train.trainer import init_distributed
+    from selfimprove.train.worker import init_distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)

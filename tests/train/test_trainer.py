@@ -18,23 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from selfimprove.config import Config, TrainConfig, load_config
+from selfimprove.config import Config, TrainConfig
 from selfimprove.errors import UserError
 from selfimprove.io import is_done
+from selfimprove.models import check_lora_targets
+from selfimprove.recipes import load_config
 from selfimprove.train.data import Example, collate
+from selfimprove.train.launch import checkpoint_storage, fingerprint
 from selfimprove.train.loss_names import LOSS_NAMES
 from selfimprove.train.losses import LOSSES
-from selfimprove.train.trainer import (
-    _print_row,
-    check_lora_targets,
-    checkpoint_storage,
-    deepspeed_config,
-    fingerprint,
-    learning_rate,
-    loss_kwargs,
-    sequence_logps,
-    train,
-)
+from selfimprove.train.trainer import train
+from selfimprove.train.worker import _print_row, deepspeed_config, learning_rate, loss_kwargs, sequence_logps
 
 PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -160,7 +154,7 @@ def test_adamw_is_torchs_fused_one_unless_offloaded_on_cpu_and_gpu(stage, use_gp
 
 
 def test_a_reference_engine_gets_the_training_config_without_optimizer_schedule_or_their_offload():
-    from selfimprove.train.trainer import inference_config
+    from selfimprove.train.worker import inference_config
 
     tc = TrainConfig(zero_stage=3, offload_optimizer=True, warmup_steps=5, batch_size=4, micro_batch_size=1)
     ds = deepspeed_config(tc, world=2, use_gpu=True)
@@ -329,7 +323,7 @@ def test_zero3_lora_with_a_separate_reference_trains_and_saves(extensions_dir, r
 def test_a_reference_with_another_tokenizer_is_refused_in_one_line(bundled_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from selfimprove.train.trainer import check_reference
+    from selfimprove.models import check_reference
 
     assert check_reference(bundled_model, bundled_model) == bundled_model
     other = tmp_path / "other"
@@ -399,7 +393,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(extensions_
 
 @pytest.mark.faults
 def test_workers_that_cannot_be_placed_fail_in_one_line_after_the_restarts(tmp_path):
-    """Ray Train retries a worker group it cannot start without end by default; `launch` bounds it by
+    """Ray Train retries a worker group it cannot start without end by default; `run_workers` bounds it by
     train.worker_restarts. (Ray Train's own start timeout, 60 s, is cut to 3 s here, in a process of its own.)"""
     script = textwrap.dedent(f"""
         import os
@@ -407,12 +401,12 @@ def test_workers_that_cannot_be_placed_fail_in_one_line_after_the_restarts(tmp_p
         from selfimprove.config import TrainConfig
         from selfimprove.errors import UserError
         from selfimprove.runtime import init_ray
-        from selfimprove.train.trainer import launch
+        from selfimprove.train.launch import run_workers
 
         init_ray()
         try:
-            launch(print, {{}}, TrainConfig(num_workers=1, worker_restarts=1), False, {{"CPU": 64}}, "unplaceable",
-                   {str(tmp_path)!r})
+            run_workers(print, {{}}, TrainConfig(num_workers=1, worker_restarts=1), False, {{"CPU": 64}}, "unplaceable",
+                        {str(tmp_path)!r})
         except UserError as e:
             print("refused:", e)
     """)
@@ -451,7 +445,7 @@ def test_cpu_workers_reduce_through_torch_without_building_deepspeeds_shm_op(tmp
     script = textwrap.dedent("""
         import os, torch, torch.distributed as dist
         dist.init_process_group("gloo", rank=0, world_size=1)
-        from selfimprove.train.trainer import init_distributed
+        from selfimprove.train.worker import init_distributed
         init_distributed(use_gpu=False)
         import deepspeed.comm
         t = torch.tensor([3.0])
