@@ -6,8 +6,9 @@
 1. Runs: for each seed s and each trained recipe r, `selfimprove run <r's CPU config> task.seed=s rollout.seed=s
    train.seed=s run_dir=<out>/<r>-seed<s>` plus the overrides given (`CONFIGS`: IRPO is `configs/local.yaml`, the
    CPU default, and each baseline the config measured beside it). So the generated problems,
-   the samples and the training order all change with the seed. A run already finished is read, and one
-   stopped part-way resumes where it stopped: the table can be built over several sessions.
+   the samples and the training order all change with the seed. A run that evaluated its last iteration is read
+   (its eval folders are all the table needs), and one stopped part-way resumes where it stopped: the table can
+   be built over several sessions.
 2. The base model is iteration 0 of each seed's runs (the first trained recipe's), evaluated on that seed's
    held-out problems.
 3. Per recipe and iteration, on the task's val split (`eval.split`), its test split and each `eval.extra` set
@@ -49,6 +50,9 @@ def main() -> None:
         command = [sys.executable, "-m", "selfimprove", "run", str(ROOT / "configs" / CONFIGS[recipe]),
                    f"task.seed={seed}", f"rollout.seed={seed}", f"train.seed={seed}", f"run_dir={run_dir}",
                    *args.overrides]
+        if finished(run_dir):
+            print(f"== {recipe}, seed {seed}: {run_dir} has evaluated its last iteration: read as it is", flush=True)
+            continue
         print(f"== {recipe}, seed {seed}: {' '.join(command[2:])}", flush=True)
         if subprocess.run(command, cwd=ROOT).returncode != 0:
             raise SystemExit(f"efficacy: the {recipe} run of seed {seed} failed ({run_dir}); rerun to resume it")
@@ -81,6 +85,16 @@ def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run evaluated its last iteration: then only its evals are read, so a table can be rebuilt from
+    the runs' eval folders alone (kept where the models are not)."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    last = config.is_file() and yaml.safe_load(config.read_text()).get("iterations")
+    return bool(last) and (run_dir / f"iter_{last}" / "eval" / "metrics.json").is_file()
 
 
 def outcomes(run_dir: Path, t: int) -> dict[str, list[int]]:

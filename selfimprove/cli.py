@@ -102,7 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="the model name clients ask for (serve.name)")
     s.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer API_KEY' (default: $SELFIMPROVE_API_KEY if set)")
+    key = s.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", metavar="FILE", help="require 'Authorization: Bearer KEY', KEY this file's "
+                                                            "text (default: $SELFIMPROVE_API_KEY if set)")
+    key.add_argument("--api-key", help="the same with the key itself, which other users of this machine see (ps)")
+    s.add_argument("--insecure-no-key", action="store_true", help="serve on a host other machines reach, or write a "
+                                                                  "config, without an API key")
     s.add_argument("--config", help="YAML config whose rollout (engine) and serve settings to use (default: the run "
                                      "folder's)")
     s.add_argument("--emit-config", metavar="FILE", help="write a Serve config file for `serve deploy` or a RayService "
@@ -235,7 +240,7 @@ def _serve(args) -> int:
     from selfimprove.api_key import KEY_ENV, key_digest
     from selfimprove.precision import resolve
     from selfimprove.recipes import load_config
-    from selfimprove.serve import check_fits, run_server, serve_config, what_to_serve, write_config
+    from selfimprove.serve import check_fits, loopback, run_server, serve_config, what_to_serve, write_config
 
     if args.target and "=" in args.target and not Path(args.target).exists():  # `--follow RUN a.b=1`: an override
         args.overrides, args.target = [args.target, *args.overrides], None
@@ -251,26 +256,49 @@ def _serve(args) -> int:
     config = args.config or (str(run_config) if run_config.is_file() else None)
     flags = _flag_overrides(args, *((key, f"serve.{key}") for key in ("name", "host", "port")))
     cfg, _ = resolve(load_config(config, [*flags, *args.overrides]))
-    key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV)
-    if key is not None and not key.strip():
-        raise UserError(f"serve: the API key ({'--api-key' if args.api_key is not None else KEY_ENV}) is empty")
+    key = _api_key(args)
+    digest = key_digest(key) if key else None
+    if digest is None and not loopback(cfg.serve.host) and not args.emit_config:  # checked before anything binds
+        if not args.insecure_no_key:
+            raise UserError(f"serve: serving on {cfg.serve.host} without an API key lets anyone who reaches it use it: "
+                            f"set {KEY_ENV} or --api-key-file, or pass --insecure-no-key")
+        print(f"selfimprove: warning: serving on {cfg.serve.host} without an API key (--insecure-no-key): anyone who "
+              "reaches it can use it", file=sys.stderr)
     served = what_to_serve(target, cfg.serve.name, args.iteration, args.guide)
-    digest = key_digest(key.strip()) if key else None
     if args.emit_config:
         from selfimprove.rollout.engine import on_cpu
 
-        write_config(Path(args.emit_config), serve_config(served, cfg, on_cpu(), digest))
-        print(f"wrote {args.emit_config}: `serve deploy {args.emit_config}` serves {served.name!r}")
+        write_config(Path(args.emit_config), serve_config(served, cfg, on_cpu(), digest, args.insecure_no_key))
+        needs = "" if digest or args.insecure_no_key else f" where {KEY_ENV} is set (the file holds no key)"
+        print(f"wrote {args.emit_config}: `serve deploy {args.emit_config}` serves {served.name!r}{needs}")
         return 0
-    if digest is None and cfg.serve.host not in ("127.0.0.1", "::1", "localhost"):
-        print(f"selfimprove: warning: serving on {cfg.serve.host} without an API key: anyone who reaches it can use it "
-              f"(set --api-key or {KEY_ENV})", file=sys.stderr)
     check_fits(served, cfg, follow=args.follow is not None)
     try:
         run_server(served, cfg, digest, Path(args.follow) if args.follow else None)
     except KeyboardInterrupt:
         print("selfimprove: stopped serving; the engines are freed", file=sys.stderr)
     return 0
+
+
+def _api_key(args) -> str | None:
+    """The serve API key: --api-key, the text of --api-key-file, or $SELFIMPROVE_API_KEY; None if none is given."""
+    from selfimprove.api_key import KEY_ENV
+
+    if args.api_key_file is not None:
+        source = f"--api-key-file {args.api_key_file}"
+        try:
+            key = Path(args.api_key_file).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"serve: cannot read {source}: {getattr(e, 'strerror', None) or e}") from None
+    else:
+        source = "--api-key" if args.api_key is not None else KEY_ENV
+        key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV)
+    if key is not None and not key.strip():
+        raise UserError(f"serve: the API key ({source}) is empty")
+    if args.api_key:
+        print(f"selfimprove: warning: --api-key is visible to other users of this machine (ps): give it in "
+              f"{KEY_ENV} or a file (--api-key-file)", file=sys.stderr)
+    return key.strip() if key is not None else None
 
 
 def _report(args) -> int:

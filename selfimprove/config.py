@@ -312,12 +312,20 @@ class ServeConfig:
     max_replicas: int | None = knob(None, "autoscaling: most engine replicas (none: no autoscaling)", optional(positive))
     target_ongoing_requests: int = knob(8, "autoscaling: requests per replica Serve aims for", positive)
     max_ongoing_requests: int = knob(32, "requests one replica takes at once; more wait in Serve's queue", positive)
+    max_queued_requests: int = knob(64, "requests that may wait for a model's replicas, all busy; more get a 503",
+                                    positive)
+    request_timeout_s: float | None = knob(600.0, "seconds a request may take, waiting included, before it gets a "
+                                                  "504 (none: no limit)", optional(positive))
     max_tokens: int = knob(512, "largest max_tokens a request may ask for", positive)
     max_n: int = knob(8, "largest n a request may ask for", positive)
+    max_request_tokens: int | None = knob(None, "most new tokens one request may ask for, prompts x n x max_tokens "
+                                                "(none: max_n x max_tokens, one prompt's worth)", optional(positive))
     max_prompt_tokens: int | None = knob(None, "longest prompt (tokens, chat template applied) a request may send "
                                                "(none: what the context leaves after max_tokens)", optional(positive))
     max_body_kb: int = knob(256, "largest request body, KiB", positive)
     drain_seconds: int = knob(300, "seconds a replaced or stopped replica may finish its requests in", positive)
+    promote_timeout: float = knob(600.0, "--follow: seconds a newly evaluated model may take to start before the old "
+                                         "one is kept", positive)
 
 
 @dataclass
@@ -357,6 +365,8 @@ def read_config(path: str | Path | None = None, overrides: list[str] = ()) -> tu
             parsed = yaml.safe_load(value) if value else None
         except yaml.YAMLError:
             parsed = value
+        if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
+            parsed = value  # block YAML read from one word (`serve.host=::` is a mapping): the text was meant
         _set_dotted(raw, key.strip(), parsed)
     return raw, where
 

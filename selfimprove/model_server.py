@@ -21,6 +21,13 @@ class ModelServer(LLMServer):
         await super().__init__(llm_config, **kwargs)
 
 
+def replica_resources(args: dict) -> dict[str, float]:
+    """CPU and GPU one replica of `model_app(args)` holds: the bundles of its placement group, in which Serve LLM
+    puts the replica actor and its engine."""
+    bundles = ModelServer.get_deployment_options(LLMConfig(**args["llm_config"]))["placement_group_bundles"]
+    return {r: float(sum(b.get(r, 0) for b in bundles)) for r in ("CPU", "GPU")}
+
+
 def model_app(args: dict):
     """Serve application builder: `llm_config` (LLMConfig's fields), `cores` (CPU cores per replica, 0 on GPU)."""
     return build_llm_deployment(LLMConfig(**args["llm_config"]), deployment_cls=ModelServer,

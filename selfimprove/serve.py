@@ -7,6 +7,8 @@
    `<name>` at `/`, routes requests to the newest running one.
 3. Following a run promotes each newly evaluated model: its application `<k+1>` starts beside the old one, the
    gateways move to it, then the old one is deleted, and Serve lets it finish its requests (`serve.drain_seconds`).
+   A model whose replicas the cluster has no room for now, or that does not run within `serve.promote_timeout`,
+   is not promoted: the old one goes on serving, and one line says why.
 4. The same applications, from the same builder arguments, are what `--emit-config` writes as a Serve config file
    (`serve deploy`, or a KubeRay RayService's `serveConfigV2`).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import re
 import time
 from pathlib import Path
@@ -90,12 +93,22 @@ def prefix(served: Served, role: str) -> str:
     return f"{safe(served.name)}-{role}"
 
 
+def loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return host == "localhost"
+
+
+
 def model_args(model: str, model_id: str, cfg: Config, cpu: bool) -> dict:
     """`model_server.model_app`'s arguments: the engine of `cfg.rollout`, replicas of `cfg.serve`."""
     from selfimprove.rollout.engine import cpu_engine_env, engine_args
 
     r, s = cfg.rollout, cfg.serve
-    deployment = {"max_ongoing_requests": s.max_ongoing_requests, "graceful_shutdown_timeout_s": s.drain_seconds}
+    deployment = {"max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
+                  "graceful_shutdown_timeout_s": s.drain_seconds}
     if s.max_replicas is not None and s.max_replicas > s.num_replicas:
         deployment["autoscaling_config"] = {"min_replicas": s.min_replicas, "initial_replicas": s.num_replicas,
                                             "max_replicas": s.max_replicas,
@@ -113,20 +126,23 @@ def model_args(model: str, model_id: str, cfg: Config, cpu: bool) -> dict:
     return {"llm_config": config, "cores": s.cpus_per_replica if cpu else 0}
 
 
-def gateway_args(served: Served, cfg: Config, key_sha256: str | None) -> dict:
+def gateway_args(served: Served, cfg: Config, key_sha256: str | None, insecure_no_key: bool = False) -> dict:
+    """`gateway.gateway_app`'s arguments; without `key_sha256`, the gateway hashes SELFIMPROVE_API_KEY where it is
+    built, and refuses to start without it unless `insecure_no_key`."""
     s = cfg.serve
-    limits = {k: getattr(s, k) for k in ("max_tokens", "max_n", "max_prompt_tokens", "max_body_kb")}
+    limits = {k: getattr(s, k) for k in ("max_tokens", "max_n", "max_request_tokens", "max_prompt_tokens",
+                                         "max_body_kb", "request_timeout_s")}
     tokenizer = served.models["solver" if "solver" in served.models else "model"][0]
     return {"routes": {served.name: {role: prefix(served, role) for role in served.models}}, "limits": limits,
             "tokenizer": tokenizer, "guide_max_tokens": cfg.guide.max_tokens, "drain_seconds": s.drain_seconds,
-            "key_sha256": key_sha256}
+            "key_sha256": key_sha256, "insecure_no_key": insecure_no_key}
 
 
-def serve_config(served: Served, cfg: Config, cpu: bool, key_sha256: str | None) -> dict:
+def serve_config(served: Served, cfg: Config, cpu: bool, key_sha256: str | None, insecure_no_key: bool = False) -> dict:
     """A Serve config file (`serve deploy`, KubeRay's `serveConfigV2`) for `served`: the same applications and
     arguments `run_server` deploys."""
     apps = [{"name": safe(served.name), "route_prefix": "/", "import_path": "selfimprove.gateway:gateway_app",
-             "args": gateway_args(served, cfg, key_sha256)}]
+             "args": gateway_args(served, cfg, key_sha256, insecure_no_key)}]
     for role, (model, model_id) in served.models.items():
         apps.append({"name": f"{prefix(served, role)}-0", "route_prefix": None,
                      "import_path": "selfimprove.model_server:model_app", "args": model_args(model, model_id, cfg, cpu)})
@@ -176,8 +192,9 @@ def run_server(served: Served, cfg: Config, key_sha256: str | None, follow: Path
         for role, (model, model_id) in served.models.items():
             deploy_model(prefix(served, role), 0, model_args(model, model_id, cfg, cpu))
             deployed[prefix(served, role)] = 0
-        serve.run(gateway_app(gateway_args(served, cfg, key_sha256)), name=safe(served.name), route_prefix="/",
-                  logging_config=QUIET)
+        # The command line has refused a reachable host without a key: no key here is meant.
+        serve.run(gateway_app(gateway_args(served, cfg, key_sha256, insecure_no_key=key_sha256 is None)),
+                  name=safe(served.name), route_prefix="/", logging_config=QUIET)
         say(f"serving {served.name!r} at http://{s.host}:{s.port}/v1 ("
                  + ", ".join(f"{role}: {model}" for role, (model, _) in served.models.items()) + ")")
         while True:
@@ -190,45 +207,75 @@ def run_server(served: Served, cfg: Config, key_sha256: str | None, follow: Path
 
 def promote_newer(served: Served, run_dir: Path, cfg: Config, cpu: bool, deployed: dict[str, int], say) -> Served:
     """Promote `run_dir`'s latest evaluated model if it is newer than `served`'s; the roles whose model changed get
-    a new application, started before the old one is deleted."""
+    a new application, started before the old one is deleted. If the cluster has no room for the new replicas, or
+    one does not run within `serve.promote_timeout`, the new ones are deleted and the old ones go on serving."""
     if _latest_eval(run_dir) <= (served.iteration if served.iteration is not None else -1):
         return served
+    import ray
     from ray import serve
 
     from selfimprove.gateway import POLL_SECONDS
+    from selfimprove.model_server import replica_resources
 
     newer = from_run(run_dir, served.name)
-    for role, (model, model_id) in newer.models.items():
-        if served.models.get(role, (None,))[0] == model:
-            continue
-        p, k = prefix(served, role), deployed[prefix(served, role)]
-        try:
-            deploy_model(p, k + 1, model_args(model, model_id, cfg, cpu))
-        except UserError as e:
-            say(f"not promoted to iteration {newer.iteration}: {e}")
-            return dataclasses.replace(served, iteration=newer.iteration)  # not retried: the run has moved on
-        deployed[p] = k + 1
-        time.sleep(3 * POLL_SECONDS)  # every gateway has looked at Serve's applications since the new one ran
-        serve.delete(f"{p}-{k}", _blocking=False)
+    changed = {prefix(served, role): model_args(model, model_id, cfg, cpu)
+               for role, (model, model_id) in newer.models.items() if served.models.get(role, (None,))[0] != model}
+    started = []
+    try:
+        check_room([replica_resources(args) for args in changed.values()] * cfg.serve.num_replicas,
+                   ray.available_resources())
+        for p, args in changed.items():
+            deploy_model(p, deployed[p] + 1, args, timeout=cfg.serve.promote_timeout)
+            started.append(p)
+    except UserError as e:
+        for p in started:
+            serve.delete(f"{p}-{deployed[p] + 1}", _blocking=False)
+        say(f"not promoted to iteration {newer.iteration}, still serving iteration {served.iteration}: {e}")
+        return dataclasses.replace(served, iteration=newer.iteration)  # not retried: the run has moved on
+    time.sleep(3 * POLL_SECONDS)  # every gateway has looked at Serve's applications since the new ones ran
+    for p in started:
+        serve.delete(f"{p}-{deployed[p]}", _blocking=False)
+        deployed[p] += 1
     say(f"promoted {served.name!r} to iteration {newer.iteration} ("
         + ", ".join(f"{role}: {model}" for role, (model, _) in newer.models.items()) + ")")
     return newer
 
 
-def deploy_model(p: str, k: int, args: dict) -> None:
-    """Start application `<p>-<k>` and return once it runs (Serve waits for its replicas' engines); one that
-    fails is deleted and named in a `UserError`."""
+def check_room(replicas: list[dict[str, float]], free: dict[str, float]) -> None:
+    """Refuse `replicas` (the CPU and GPU each holds) that do not fit in what the cluster has `free` now."""
+    need = {r: sum(replica.get(r, 0.0) for replica in replicas) for r in ("CPU", "GPU")}
+    if any(need[r] > free.get(r, 0.0) for r in need):
+        raise UserError(f"its {len(replicas)} replica(s) need {need['CPU']:g} CPU and {need['GPU']:g} GPU, and the "
+                        f"cluster has {free.get('CPU', 0.0):g} CPU and {free.get('GPU', 0.0):g} GPU free")
+
+
+def deploy_model(p: str, k: int, args: dict, timeout: float | None = None) -> None:
+    """Start application `<p>-<k>` and return once it runs (its replicas' engines have started), waiting at most
+    `timeout` seconds (None: as long as it takes); one that fails or is late is deleted and named in a `UserError`."""
     from ray import serve
 
     from selfimprove.model_server import model_app
 
     name = f"{p}-{k}"
+    serve.run_many([serve.RunTarget(model_app(args), name=name, route_prefix=None, logging_config=QUIET)],
+                   wait_for_applications_running=False)
     try:
-        serve.run(model_app(args), name=name, route_prefix=None, logging_config=QUIET)
-    except RuntimeError as e:  # Serve's "Deploying application ... failed", with the replica's error
+        wait_running(lambda: serve.status().applications[name], timeout)
+    except UserError as e:
         serve.delete(name, _blocking=False)
-        raise UserError(f"model {args['llm_config']['model_loading_config']['model_source']} did not start: "
-                        f"{str(e).strip().splitlines()[-1][:300]}") from None
+        raise UserError(f"model {args['llm_config']['model_loading_config']['model_source']} {e}") from None
+
+
+def wait_running(status, timeout: float | None) -> None:
+    """Return once `status()` (an application's Serve status) is RUNNING; a `UserError` if it fails, or is not
+    running after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (app := status()).status != "RUNNING":
+        if app.status == "DEPLOY_FAILED":  # its message ends with the replica's error
+            raise UserError(f"did not start: {app.message.strip().rpartition(chr(10))[2][:300]}")
+        if deadline is not None and time.monotonic() > deadline:
+            raise UserError(f"did not start within serve.promote_timeout={timeout:g} s")
+        time.sleep(1.0)
 
 
 def _latest_eval(run_dir: Path) -> int:

@@ -19,6 +19,10 @@ TINY_RUN = {
     "pairs": {"pairs_per_problem": 1, "include_gold": True},
     "train": {"batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "report_every": 1, "checkpoint_every": 0},
 }
+# Sums of numbers up to 9, which the base model gets right in some samples and wrong in others, so that process
+# pairs exist: on the default problems it got all 32 samples of the 8 wrong (an AVX-512 box), all scores 0, no pair.
+MIXED_OUTCOMES = ("task.operations=+", "task.max_value=9", "task.generated_train=64", "task.generated_val=32",
+                  "task.generated_test=32")
 
 
 def start(config, run_dir, log, *overrides, env: dict | None = None) -> subprocess.Popen:

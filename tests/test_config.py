@@ -31,6 +31,15 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.eval.k == Config().eval.k
 
 
+def test_an_override_that_reads_as_block_yaml_is_its_text():
+    """`::` and `a: b` are mappings to YAML; in a `key=value` word they are what was typed. Flow lists still parse."""
+    assert load_config(None, ["serve.host=::", "task.data=a: b"]).serve.host == "::"
+    assert load_config(None, ["task.data=a: b"]).task.data == "a: b"
+    assert load_config(None, ["train.lora_targets=[q_proj, v_proj]"]).train.lora_targets == ["q_proj", "v_proj"]
+    with pytest.raises(UserError, match=r"^defaults: 'task.step_weights' must be a list, got '- 1'$"):
+        load_config(None, ["task.step_weights=- 1"])
+
+
 def test_null_allowed_only_where_optional(tmp_path):
     assert load_config(None, ["task.test_size=null"]).task.test_size is None
     with pytest.raises(UserError, match=r"defaults: 'rollout.n' must be int, got NoneType"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from processes import TINY_RUN, checkpoint_registered, kill_when, start
+from processes import MIXED_OUTCOMES, TINY_RUN, checkpoint_registered, kill_when, start
 
 from selfimprove.io import read_table
 
@@ -27,12 +27,9 @@ pytestmark = [pytest.mark.engine, pytest.mark.faults]
 # Process pairs scored by Monte Carlo; a checkpoint after every training step, so that a kill can come after one.
 # The tiny run's few pairs fill one step of train.batch_size=2 per epoch: epochs give training its 3 steps.
 # Not drawn ahead: iteration 1's rollout samples with engines of its own, so that a kill can come mid-way in it.
-# Sums of numbers up to 9, which the base model gets right in some samples and wrong in others, so that process pairs
-# exist: on the default problems it got all 32 samples of the 8 wrong (an AVX-512 box), all scores 0, no pair.
 SIPF = ("rollout.draw_ahead=false", "pairs.source=process", "process.k=2", "process.max_steps=3",
         "process.max_tokens=48", "process.eta=0.0", "train.checkpoint_every=1", "train.epochs=3", "train.max_steps=3",
-        "task.operations=+", "task.max_value=9", "task.generated_train=64", "task.generated_val=32",
-        "task.generated_test=32")
+        *MIXED_OUTCOMES)
 STAGES = ["iter_0/eval", "iter_1/rollout", "iter_1/process", "iter_1/pairs", "iter_1/train", "iter_1/eval"]
 
 

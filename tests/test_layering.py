@@ -1,5 +1,6 @@
 """The package's layering, read from its source with `ast`: no two modules import each other (directly or round a
-longer circle), and the bottom modules (`config`, `runtime`) import nothing from `recipes` or `train`.
+longer circle), and the bottom of it (`config`, `runtime`, the `rollout` package) imports nothing from `recipes` or
+`train`.
 
 1. Imports inside functions count as module-level ones do: a lazy import is a dependency all the same.
 2. An import names the module it reaches: `from selfimprove.recipes import stages` reaches `selfimprove.recipes.stages`,
@@ -13,7 +14,7 @@ from collections import deque
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "selfimprove"
-LOW = ("config", "runtime")  # the bottom of the package ...
+LOW = ("config", "runtime", "rollout")  # the bottom of the package (a package: its modules too) ...
 HIGH = ("recipes", "train")  # ... imports nothing from these
 
 
@@ -85,13 +86,18 @@ def _shortest_path(graph: dict[str, dict[str, int]], start: str, end: str) -> li
     return None
 
 
+def within(module: str, package: str, names: tuple[str, ...]) -> bool:
+    """Whether `module` is one of `names` of `package`, or inside one."""
+    return any(module == f"{package}.{n}" or module.startswith(f"{package}.{n}.") for n in names)
+
+
 def problems(root: Path) -> list[str]:
     """What is wrong with the layering of the package at `root`, one line each, naming the modules."""
     graph, package = imports(root), root.name
     out = [f"import cycle: {' -> '.join(path)}" for path in cycles(graph)]
-    for low in (f"{package}.{name}" for name in LOW):
-        for target, line in sorted(graph.get(low, {}).items()):
-            if any(target == f"{package}.{h}" or target.startswith(f"{package}.{h}.") for h in HIGH):
+    for low in (module for module in sorted(graph) if within(module, package, LOW)):
+        for target, line in sorted(graph[low].items()):
+            if within(target, package, HIGH):
                 out.append(f"{low} imports {target} (line {line}); {', '.join(LOW)} import nothing from "
                            f"{', '.join(HIGH)}")
     return out
@@ -132,5 +138,5 @@ def test_cycles_and_upward_imports_are_named(tmp_path):
         "import cycle: pkg.a -> pkg.b -> pkg.a",
         "import cycle: pkg.c -> pkg.d -> pkg.e -> pkg.c",
         "import cycle: pkg.config -> pkg.train.loop -> pkg.config",
-        "pkg.config imports pkg.train.loop (line 5); config, runtime import nothing from recipes, train",
+        "pkg.config imports pkg.train.loop (line 5); config, runtime, rollout import nothing from recipes, train",
     ]

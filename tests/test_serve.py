@@ -1,21 +1,28 @@
-"""`selfimprove serve` as a user runs it: a real server (Ray Serve LLM over a vLLM engine) on loopback, driven with
-the official `openai` client and with raw HTTP for every bad input; it keeps serving after each."""
+"""`selfimprove serve` as a user runs it: a real server (Ray Serve LLM over a vLLM engine) on loopback, its key in a
+file, driven with the official `openai` client and with raw HTTP for every bad input and a burst past its queue; it
+keeps serving after each."""
 
 import http.client
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 from serving import SMALL, Server
 
 KEY = "test-key-0123456789"
+QUEUE = 16  # requests that may wait for the engine, beyond its serve.max_ongoing_requests (32)
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    s = Server(log, "smollm2-135m-instruct", "--name=smol", f"--api-key={KEY}", *SMALL)
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "key").write_text(KEY + "\n")
+    log = folder / "serve.log"
+    s = Server(log, "smollm2-135m-instruct", "--name=smol", f"--api-key-file={folder / 'key'}", *SMALL,
+               f"serve.max_queued_requests={QUEUE}")
     s.wait_serving()
     yield s
     assert s.stop() == 0, log.read_text()[-3000:]
@@ -98,6 +105,39 @@ def test_bad_request_gets_its_status_and_an_openai_error(server, what):
     code, answer = server.request("POST", "/v1/chat/completions", body, key=KEY)
     assert code == status, answer
     assert fragment in answer["error"]["message"] and answer["error"]["param"] == param
+
+
+@pytest.mark.parametrize("prompts, n, max_tokens, fragment", [
+    (3000, 8, 8, "prompt list length 3000 exceeds the maximum allowed count of 1024"),  # vLLM's own limit
+    (100, 4, 8, "100 prompt(s) x n=4 x max_tokens=8 = 3,200 new tokens, over this server's limit of 192 a request"),
+])
+def test_a_list_of_prompts_over_the_limit_is_a_400(server, prompts, n, max_tokens, fragment):
+    """Token prompts, to keep 3,000 within the 16 KiB body limit; the budget is max_n x max_tokens = 4 x 48."""
+    body = {"model": "smol", "prompt": [[7]] * prompts, "n": n, "max_tokens": max_tokens}
+    code, answer = server.request("POST", "/v1/completions", body, key=KEY)
+    assert code == 400 and fragment in answer["error"]["message"] and answer["error"]["param"] == "prompt", answer
+
+
+def test_a_burst_past_the_queue_gets_503s_and_leaves_the_server_serving(server, client):
+    """200 requests at once, to an engine taking 32 at a time with 16 more waiting: each is answered, or refused
+    with OpenAI's error and status 503."""
+    start = threading.Barrier(200)
+    story = [{"role": "user", "content": "Write a long story about a dragon who learns to count."}]
+
+    def ask(_):
+        start.wait()
+        return server.request("POST", "/v1/chat/completions", {"model": "smol", "messages": story, "max_tokens": 48},
+                              key=KEY)
+
+    with ThreadPoolExecutor(200) as pool:
+        answers = list(pool.map(ask, range(200)))
+    assert {code for code, _ in answers} <= {200, 503}
+    refused = [answer for code, answer in answers if code == 503]
+    assert refused and all(a["error"]["code"] == "queue_full" and a["error"]["type"] == "service_unavailable"
+                           for a in refused), refused[:1]
+    assert all(answer["choices"][0]["message"]["content"] for code, answer in answers if code == 200)
+    r = client.chat.completions.create(model="smol", messages=CHAT, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content
 
 
 def test_prompt_longer_than_the_context_is_refused_by_the_engine(server):

@@ -1,19 +1,26 @@
 """`selfimprove serve` without an engine: what it serves from a run folder, the Serve config it writes, the gateway's
-token and body checks (in-process ASGI), the choice of application after a promotion, and the command line's
-refusals (one line each, before Ray starts)."""
+token, body, deadline and request limits (in-process ASGI), the choice of application after a promotion, what a
+promotion does when the new model does not fit or start, and the command line's refusals (one line each, before Ray
+starts)."""
 
+import asyncio
+import dataclasses
 import hashlib
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from cli_helpers import assert_one_line_error, run
 from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from serving import fake_run
 
+from selfimprove.api_key import KEY_ENV
 from selfimprove.errors import UserError
+from selfimprove.precision import resolve
 from selfimprove.recipes import load_config
-from selfimprove.serve import Served, from_run, serve_config
+from selfimprove.serve import Served, check_room, from_run, serve_config, wait_running
 
 ROOT_MODEL = "smollm2-135m-instruct"
 
@@ -71,15 +78,45 @@ def test_newest_running_application_wins():
 
 @pytest.fixture(scope="module")
 def guarded():
-    """An app behind the gateway's `Guard` (key "k", 100-byte bodies) that echoes the size of what it read."""
-    from selfimprove.gateway import Guard
+    """An app behind the gateway's `Guard` (key "k", 100-byte bodies, a 0.2 s deadline) that echoes the size of what
+    it read, and routes that never answer, stop answering mid-stream, fail, or find the model's queue full."""
+    from ray.serve.exceptions import BackPressureError
+
+    from selfimprove.gateway import Guard, first_of
 
     app = FastAPI()
-    app.add_middleware(Guard, key_sha256=hashlib.sha256(b"k").hexdigest(), max_body=100)
+    app.add_middleware(Guard, key_sha256=hashlib.sha256(b"k").hexdigest(), max_body=100, timeout_s=0.2)
 
     @app.post("/echo")
     async def echo(request: Request):
         return {"read": len(await request.body())}
+
+    @app.post("/never")
+    async def never():
+        await asyncio.Event().wait()
+
+    @app.post("/stalls")
+    async def stalls():
+        async def events():
+            yield "data: {}\n\n"
+            await asyncio.Event().wait()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/fails")
+    async def fails():
+        raise RuntimeError("a bug of ours")
+
+    async def full_queue():  # a handle's stream when the model's queue is full
+        raise BackPressureError(num_queued_requests=16, max_queued_requests=16)
+        yield
+
+    @app.post("/busy")
+    async def busy():
+        await first_of(full_queue())
+
+    # What Serve gives an ingress's app (selfimprove.gateway.first_of's reason): a full queue in plain text.
+    app.add_exception_handler(BackPressureError, lambda request, e: PlainTextResponse(str(e), status_code=503))
 
     return TestClient(app)
 
@@ -103,6 +140,191 @@ def test_guard_refuses_a_body_over_the_limit_declared_or_streamed(guarded):
     assert chunked.status_code == 413
 
 
+def test_a_request_past_its_deadline_gets_a_504(guarded):
+    r = guarded.post("/never", headers={"Authorization": "Bearer k"})
+    assert r.status_code == 504 and r.json() == {"error": {
+        "message": "the request was not answered within this server's limit of 0.2 s", "type": "timeout_error",
+        "param": None, "code": "timeout"}}
+
+
+def test_a_stream_past_its_deadline_ends_with_the_error_as_its_last_event(guarded):
+    r = guarded.post("/stalls", headers={"Authorization": "Bearer k"})
+    first, last = r.text.strip().split("\n\n")
+    assert r.status_code == 200 and first == "data: {}"
+    assert last.startswith("data: ") and yaml.safe_load(last.removeprefix("data: "))["error"]["code"] == "timeout"
+
+
+def test_a_full_queue_and_a_failure_of_ours_are_json_errors(guarded):
+    busy = guarded.post("/busy", headers={"Authorization": "Bearer k"})
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+    failed = guarded.post("/fails", headers={"Authorization": "Bearer k"})
+    assert failed.status_code == 500 and failed.json()["error"] == {
+        "message": "the server failed to answer (RuntimeError); its log has the details", "type": "server_error",
+        "param": None, "code": None}
+
+
+def test_a_body_vllms_request_model_refuses_is_a_400():
+    """vLLM refuses over 1,024 prompts with an error of its own, not a validation error: no longer a bare 500."""
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    from selfimprove.gateway import Guard
+
+    app = FastAPI()
+    app.add_middleware(Guard, key_sha256=None, max_body=1 << 20)
+
+    @app.post("/v1/completions")  # as the gateway's route reads its body: with vLLM's request model
+    async def completions(body: CompletionRequest):
+        return {}
+
+    r = TestClient(app).post("/v1/completions", json={"model": "m", "prompt": ["2+2="] * 1025, "n": 8})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["message"].startswith("invalid request: prompt list length 1025 exceeds the maximum "
+                                                   "allowed count of 1024")
+
+
+LIMITS = {"max_tokens": 48, "max_n": 8, "max_request_tokens": None, "max_prompt_tokens": 400}
+
+
+def not_counted(prompt):
+    raise AssertionError("a request over its new-token budget is refused before any prompt is tokenized")
+
+
+@pytest.mark.parametrize("prompt", [["2+2="] * 1000, [[7, 8, 9]] * 1000])
+def test_a_list_of_prompts_counts_whole_in_the_new_tokens_of_a_request(prompt):
+    """1,000 prompts x n=8 x max_tokens=48 = 384,000 new tokens; the budget, none set, is max_n x max_tokens =
+    8 x 48 = 384."""
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    from selfimprove.gateway import RequestError, check_limits, prompt_list
+
+    body = CompletionRequest(model="m", prompt=prompt, n=8, max_tokens=48)
+    with pytest.raises(RequestError) as refused:
+        check_limits(body, prompt_list(body.prompt), LIMITS, not_counted)
+    assert refused.value.status_code == 400 and refused.value.param == "prompt"
+    assert str(refused.value) == ("1000 prompt(s) x n=8 x max_tokens=48 = 384,000 new tokens, over this server's "
+                                  "limit of 384 a request")
+
+
+def test_prompts_within_the_budget_pass():
+    """2 prompts x n=4 x 48 = 384: at the budget, not over it; 2 x 3 x 48 = 288 is within a set budget of 300, but
+    not 2 x 4 x 48. A chat is one prompt, and gets the server's max_tokens when it gives none: 1 x 8 x 48 = 384."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    from selfimprove.gateway import RequestError, check_limits, prompt_list
+
+    body = CompletionRequest(model="m", prompt=["a b", "c"], n=4, max_tokens=48)
+    assert check_limits(body, prompt_list(body.prompt), LIMITS, len) == body
+    three = CompletionRequest(model="m", prompt=[[1, 2], [3]], n=3, max_tokens=48)
+    assert check_limits(three, prompt_list(three.prompt), {**LIMITS, "max_request_tokens": 300}, len) == three
+    with pytest.raises(RequestError, match="= 384 new tokens, over this server's limit of 300 a request"):
+        check_limits(body, prompt_list(body.prompt), {**LIMITS, "max_request_tokens": 300}, len)
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=8)
+    assert check_limits(chat, [chat.messages], LIMITS, len).max_tokens == 48
+
+
+def test_a_completions_prompt_is_a_text_tokens_or_a_list_of_either():
+    from selfimprove.gateway import prompt_list
+
+    assert prompt_list("hi") == ["hi"] and prompt_list([1, 2]) == [[1, 2]]
+    assert prompt_list(["a", "b"]) == ["a", "b"] and prompt_list([[1], [2, 3]]) == [[1], [2, 3]]
+
+
+def test_a_gateway_without_a_key_refuses_to_start_unless_told(monkeypatch, bundled_model):
+    """What a config `--emit-config` wrote without a key does where it is deployed: SELFIMPROVE_API_KEY unset (or
+    blank), it does not start; set, or written with --insecure-no-key, it does."""
+    from selfimprove.gateway import gateway_app
+    from selfimprove.serve import gateway_args
+
+    args = gateway_args(Served("m", {"model": (bundled_model, "m")}), load_config(), key_sha256=None)
+    for unset in (None, "  "):
+        if unset is None:
+            monkeypatch.delenv(KEY_ENV, raising=False)
+        else:
+            monkeypatch.setenv(KEY_ENV, unset)
+        with pytest.raises(UserError, match=f"^no API key: {KEY_ENV} is not set where Serve builds this application"):
+            gateway_app(args)
+    assert gateway_app({**args, "insecure_no_key": True})
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    assert gateway_app(args)
+
+
+def test_there_is_room_for_replicas_that_fit_in_what_is_free():
+    check_room([{"CPU": 2.0, "GPU": 1.0}] * 2, {"CPU": 4.0, "GPU": 2.0, "memory": 1e9})
+    with pytest.raises(UserError, match="^its 2 replica\\(s\\) need 4 CPU and 2 GPU, and the cluster has 4 CPU and 1 GPU "
+                                        "free$"):
+        check_room([{"CPU": 2.0, "GPU": 1.0}] * 2, {"CPU": 4.0, "GPU": 1.0})
+    with pytest.raises(UserError, match="need 1 CPU and 0 GPU, and the cluster has 0 CPU and 0 GPU free"):
+        check_room([{"CPU": 1.0, "GPU": 0.0}], {})
+
+
+def test_waiting_for_a_model_ends_when_it_fails_or_its_time_is_up(monkeypatch):
+    monkeypatch.setattr("selfimprove.serve.time.sleep", lambda seconds: None)
+    states = iter([SimpleNamespace(status="DEPLOYING", message=""),
+                   SimpleNamespace(status="DEPLOY_FAILED", message="Traceback ...\nValueError: no config.json\n")])
+    with pytest.raises(UserError, match="^did not start: ValueError: no config.json$"):
+        wait_running(lambda: next(states), timeout=None)
+    with pytest.raises(UserError, match="^did not start within serve.promote_timeout=0.01 s$"):
+        wait_running(lambda: SimpleNamespace(status="DEPLOYING", message=""), timeout=0.01)
+    wait_running(lambda: SimpleNamespace(status="RUNNING", message=""), timeout=0.01)
+
+
+OLD = Served("myrun", {"guide": ("/g0", "myrun-guide@iter_0"), "solver": ("/s0", "myrun-solver")}, 0)
+NEW = Served("myrun", {"guide": ("/g1", "myrun-guide@iter_1"), "solver": ("/s1", "myrun-solver")}, 1)
+
+
+def promote(tmp_path, monkeypatch, free: dict, failing: str | None = None):
+    """`promote_newer` from OLD to NEW (a guide and a solver, each a 2-CPU replica) on a cluster with `free`
+    resources, where application prefix `failing` does not start in time: what it returns, deploys, deletes and
+    says, without Ray."""
+    import ray
+    from ray import serve
+
+    import selfimprove.model_server
+    import selfimprove.serve
+
+    done: list[tuple] = []
+
+    def deploy(p, k, args, timeout):
+        done.append(("deploy", f"{p}-{k}", timeout))
+        if p == failing:
+            raise UserError(f"model {args['llm_config']['model_loading_config']['model_source']} did not start "
+                            f"within serve.promote_timeout={timeout:g} s")
+
+    monkeypatch.setattr(selfimprove.serve, "from_run", lambda run_dir, name: NEW)
+    monkeypatch.setattr(selfimprove.serve, "deploy_model", deploy)
+    monkeypatch.setattr(selfimprove.serve.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(selfimprove.model_server, "replica_resources", lambda args: {"CPU": 2.0, "GPU": 0.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: free)
+    monkeypatch.setattr(serve, "delete", lambda name, _blocking: done.append(("delete", name)))
+    cfg, _ = resolve(load_config(None, ["serve.promote_timeout=30"]))
+    deployed, said = {"myrun-guide": 0, "myrun-solver": 0}, []
+    now = selfimprove.serve.promote_newer(OLD, fake_run(tmp_path, evaluated=2), cfg, True, deployed, said.append)
+    return now, deployed, done, said
+
+
+def test_a_promotion_the_cluster_has_no_room_for_keeps_the_old_model(tmp_path, monkeypatch):
+    now, deployed, done, said = promote(tmp_path, monkeypatch, {"CPU": 3.0})
+    assert now == dataclasses.replace(OLD, iteration=1) and deployed == {"myrun-guide": 0, "myrun-solver": 0}
+    assert done == [] and said == ["not promoted to iteration 1, still serving iteration 0: its 2 replica(s) need "
+                                   "4 CPU and 0 GPU, and the cluster has 3 CPU and 0 GPU free"]
+
+
+def test_a_model_late_to_start_is_deleted_with_the_others_new_and_the_old_ones_serve(tmp_path, monkeypatch):
+    now, deployed, done, said = promote(tmp_path, monkeypatch, {"CPU": 4.0}, failing="myrun-solver")
+    assert now == dataclasses.replace(OLD, iteration=1) and deployed == {"myrun-guide": 0, "myrun-solver": 0}
+    assert done == [("deploy", "myrun-guide-1", 30.0), ("deploy", "myrun-solver-1", 30.0), ("delete", "myrun-guide-1")]
+    assert said == ["not promoted to iteration 1, still serving iteration 0: model /s1 did not start within "
+                    "serve.promote_timeout=30 s"]
+
+
+def test_a_promotion_that_fits_and_starts_replaces_the_old_applications(tmp_path, monkeypatch):
+    now, deployed, done, said = promote(tmp_path, monkeypatch, {"CPU": 4.0})
+    assert now == NEW and deployed == {"myrun-guide": 1, "myrun-solver": 1}
+    assert done == [("deploy", "myrun-guide-1", 30.0), ("deploy", "myrun-solver-1", 30.0),
+                    ("delete", "myrun-guide-0"), ("delete", "myrun-solver-0")]
+    assert said == ["promoted 'myrun' to iteration 1 (guide: /g1, solver: /s1)"]
+
+
 def test_cli_needs_something_to_serve():
     assert_one_line_error(run("serve"), "give a model or run folder to serve, or --follow RUN_DIR")
 
@@ -112,10 +334,60 @@ def test_cli_refuses_follow_with_an_iteration(tmp_path):
     assert_one_line_error(done, "--follow promotes each evaluated iteration")
 
 
-def test_cli_refuses_an_empty_key_and_a_bad_port():
+def test_cli_refuses_an_empty_key_and_a_bad_port(tmp_path):
     assert_one_line_error(run("serve", ROOT_MODEL, "--api-key="), "the API key (--api-key) is empty")
     assert_one_line_error(run("serve", ROOT_MODEL, env={"SELFIMPROVE_API_KEY": " "}), "SELFIMPROVE_API_KEY) is empty")
+    (tmp_path / "key").write_text("\n")
+    assert_one_line_error(run("serve", ROOT_MODEL, f"--api-key-file={tmp_path / 'key'}"),
+                          f"the API key (--api-key-file {tmp_path / 'key'}) is empty")
+    assert_one_line_error(run("serve", ROOT_MODEL, f"--api-key-file={tmp_path / 'none'}"),
+                          f"cannot read --api-key-file {tmp_path / 'none'}: No such file or directory")
+    assert_one_line_error(run("serve", ROOT_MODEL, "--api-key=a", f"--api-key-file={tmp_path / 'key'}"),
+                          "argument --api-key-file: not allowed with argument --api-key")
     assert_one_line_error(run("serve", ROOT_MODEL, "--port=70000"), "error: --port must be a port number")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "example.com"])
+def test_cli_refuses_a_reachable_host_without_a_key_before_it_binds(host):
+    """Refused before Ray starts: nothing binds the address (no server ever runs in these tests)."""
+    done = run("serve", ROOT_MODEL, f"--host={host}", env={KEY_ENV: None})
+    assert_one_line_error(done, f"serving on {host} without an API key lets anyone who reaches it use it: set "
+                                f"{KEY_ENV} or --api-key-file, or pass --insecure-no-key")
+
+
+def test_loopback_hosts_are_this_machine_only():
+    from selfimprove.serve import loopback
+
+    assert all(map(loopback, ["127.0.0.1", "127.8.9.1", "::1", "localhost"]))
+    assert not any(map(loopback, ["0.0.0.0", "::", "192.0.2.1", "example.com", "localhost.example.com"]))
+
+
+def emitted(tmp_path, *args, env=None):
+    """The gateway's arguments in the config `serve --emit-config` writes, and what the command said on stderr."""
+    out = tmp_path / "serve.yaml"
+    done = run("serve", ROOT_MODEL, f"--emit-config={out}", *args, env={KEY_ENV: None, **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(out.read_text())["applications"][0]["args"], done.stderr
+
+
+def test_the_key_comes_from_a_file_or_the_environment_and_on_the_command_line_warns(tmp_path):
+    (tmp_path / "key").write_text("from-a-file\n")
+    digest = {key: hashlib.sha256(key.encode()).hexdigest() for key in ("from-a-file", "from-env", "typed")}
+    gateway, warned = emitted(tmp_path, f"--api-key-file={tmp_path / 'key'}")
+    assert gateway["key_sha256"] == digest["from-a-file"] and warned == ""
+    gateway, warned = emitted(tmp_path, env={KEY_ENV: "from-env"})
+    assert gateway["key_sha256"] == digest["from-env"] and warned == ""
+    gateway, warned = emitted(tmp_path, "--api-key=typed")
+    assert gateway["key_sha256"] == digest["typed"]
+    assert warned == ("selfimprove: warning: --api-key is visible to other users of this machine (ps): give it in "
+                      f"{KEY_ENV} or a file (--api-key-file)\n")
+
+
+def test_a_config_written_without_a_key_needs_one_where_it_runs_unless_told(tmp_path):
+    gateway, _ = emitted(tmp_path, "--host=0.0.0.0")
+    assert (gateway["key_sha256"], gateway["insecure_no_key"]) == (None, False)
+    gateway, _ = emitted(tmp_path, "--host=0.0.0.0", "--insecure-no-key")
+    assert (gateway["key_sha256"], gateway["insecure_no_key"]) == (None, True)
 
 
 def test_cli_refuses_a_run_with_nothing_evaluated_and_an_iteration_of_a_model(tmp_path):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import TINY_RUN, free_ports
+from processes import MIXED_OUTCOMES, TINY_RUN, free_ports
 
 from selfimprove.io import folder_digest, read_table
 from selfimprove.models import home
@@ -351,7 +351,7 @@ def test_a_sipf_run_shares_only_storage_path(cluster, tiny_config, bundled_model
     run_dir = cluster.hidden / "sipf"
     seen = run_on_both_nodes(cluster, tiny_config, run_dir, cluster.hidden / "sipf.log", "recipe=sipf",
                              "process.split=sentence", "process.k=2", "process.max_steps=3", "process.max_tokens=48",
-                             "process.eta=0.0")  # eta 0: enough pairs from 8 problems
+                             "process.eta=0.0", *MIXED_OUTCOMES)  # 1 pair from the default problems at eta 0
     check_shared_only(cluster, run_dir, (*STAGES[:2], "iter_1/process", *STAGES[2:]), bundled_model, seen)
 
 
