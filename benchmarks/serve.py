@@ -12,7 +12,7 @@ engine at once) cost. The clients, gateway and Serve's proxy run on the machine'
 3. --against-vllm: in place of raw, vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on
    loopback, with the same engine settings, its engine bound to the same cores (VLLM_CPU_OMP_THREADS_BIND, as the
    replica binds its engine; its front end, like the replica's, on any core), under the same clients and load.
-   --rounds rounds, each starting both servers in turn (ours first in even rounds, theirs first in odd ones) and
+   --rounds rounds, each starting both servers in turn (vLLM's first in even rounds, ours first in odd ones) and
    loading each with every --clients count; per count, the median of the rounds' ratios.
 
 Usage: python benchmarks/serve.py [--requests 64] [--clients 8] [--max-tokens 128] [--cores 1]
@@ -74,7 +74,7 @@ def against_vllm(chats: list[list[dict]], args) -> None:
     ratios: dict[int, list[float]] = {c: [] for c in args.clients}
     for r in range(args.rounds):
         rate = {}
-        for who in sorted(servers, reverse=r % 2 == 0):  # "ours" first in even rounds
+        for who in sorted(servers, reverse=r % 2 == 0):  # "vLLM" first in even rounds
             cmd, ready = servers[who]
             for clients, (done, wall) in with_server(cmd, ready, chats, args, args.clients).items():
                 rate[who, clients] = report(f"round {r} {who}", done, wall, clients) / wall
