@@ -18,22 +18,7 @@ class ModelServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, *, cores: int = 0, **kwargs):
         if cores:  # vLLM's CPU worker reads its binding from the environment when the engine starts
             os.environ["VLLM_CPU_OMP_THREADS_BIND"], self._cores = claim_cores(cores)
-            keep_off(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
         await super().__init__(llm_config, **kwargs)
-
-
-def keep_off(cores: str) -> None:
-    """This replica's own threads, and the engine's scheduler process it starts, on the node's other cores: only the
-    engine's worker computes on `cores`. The scheduler polls its worker without sleeping (vLLM reserves it a core of
-    its own unless told not to), and the replica streams every token: on the worker's core both took time from it.
-    Where the engine has every core, nothing moves."""
-    from vllm.utils.cpu_resource_utils import parse_id_list
-
-    from selfimprove.rollout.engine import pin_threads
-
-    others = os.sched_getaffinity(0) - set(parse_id_list(cores))
-    if others:
-        pin_threads(others)
 
 
 def replica_resources(args: dict) -> dict[str, float]:

@@ -77,17 +77,12 @@ def bind_process(cores: str) -> None:
     from vllm.utils.cpu_resource_utils import parse_id_list  # how vLLM reads VLLM_CPU_OMP_THREADS_BIND
 
     cpus = parse_id_list(cores)
-    pin_threads(cpus)
-    torch.set_num_threads(len(cpus))
-
-
-def pin_threads(cpus) -> None:
-    """Every thread of this process on `cpus` (core ids); threads and processes started later inherit it."""
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cpus)
         except ProcessLookupError:  # a thread that ended while we listed them
             pass
+    torch.set_num_threads(len(cpus))
 
 
 def engine_args(cfg: RolloutConfig, cpu: bool) -> dict:
