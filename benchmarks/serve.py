@@ -144,13 +144,12 @@ async def load(chats: list[list[dict]], port: int, clients: int, max_tokens: int
     """(per-request figures, seconds) of `clients` streaming clients sharing `chats`."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
     queue: asyncio.Queue = asyncio.Queue()
     for i, chat in enumerate(chats):
         queue.put_nowait((i, chat))
     done: list[dict] = []
 
-    async def one_client():
+    async def one_client(client):
         while not queue.empty():
             i, chat = queue.get_nowait()
             started, first = time.monotonic(), None
@@ -166,9 +165,12 @@ async def load(chats: list[list[dict]], port: int, clients: int, max_tokens: int
             done.append({"latency": end - started, "ttft": (first or end) - started,
                          "tokens": usage.completion_tokens})
 
-    started = time.monotonic()
-    await asyncio.gather(*(one_client() for _ in range(clients)))  # any failed request raises here
-    return done, time.monotonic() - started
+    # Closed in this event loop: each load runs in one of its own.
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                  timeout=600) as client:
+        started = time.monotonic()
+        await asyncio.gather(*(one_client(client) for _ in range(clients)))  # any failed request raises here
+        return done, time.monotonic() - started
 
 
 def report(who: str, done: list[dict], wall: float, clients: int) -> int:
