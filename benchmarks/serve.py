@@ -42,7 +42,8 @@ TEMPERATURE = 0.8
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64, help="chat requests in all")
-    ap.add_argument("--clients", type=int, nargs="+", default=[8], help="clients sending them at once (one load each)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[8], help="clients sending them at once: one load each "
+                    "with --against-vllm, else the first")
     ap.add_argument("--max-tokens", type=int, default=128, help="most new tokens per request")
     ap.add_argument("--cores", type=int, default=1, help="cores of the engine, served and raw")
     ap.add_argument("--port", type=int, default=8431, help="loopback port of the server")

@@ -154,7 +154,8 @@ class Guard:
 
 class Gateway:
     """The ingress deployment. `routes`: public name -> {role: application prefix}; `limits`: ServeConfig's request
-    limits; `tokenizer`: the folder whose tokenizer counts prompt tokens (against `max_prompt_tokens`); `guide_max_tokens`: a guidance's budget."""
+    limits; `tokenizer`: the folder whose tokenizer counts prompt tokens (against `max_prompt_tokens`);
+    `guide_max_tokens`: a guidance's budget."""
 
     def __init__(self, routes: dict[str, dict[str, str]], limits: dict, tokenizer: str, guide_max_tokens: int):
         from transformers import AutoTokenizer
