@@ -154,13 +154,15 @@ class Guard:
 
 class Gateway:
     """The ingress deployment. `routes`: public name -> {role: application prefix}; `limits`: ServeConfig's request
-    limits; `tokenizer`: the folder whose tokenizer counts prompt tokens; `guide_max_tokens`: a guidance's budget."""
+    limits; `tokenizer`: the folder whose tokenizer counts prompt tokens (against `max_prompt_tokens`);
+    `guide_max_tokens`: a guidance's budget."""
 
     def __init__(self, routes: dict[str, dict[str, str]], limits: dict, tokenizer: str, guide_max_tokens: int):
         from transformers import AutoTokenizer
 
         self.routes, self.limits, self.guide_max_tokens = routes, limits, guide_max_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        # Only a prompt limit counts tokens: without one, no tokenizer takes the replica's memory and start-up time.
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if limits["max_prompt_tokens"] is not None else None
         self._apps: dict[str, str | None] = {}  # application prefix -> newest running application
         self._poller = asyncio.get_event_loop().create_task(self._poll())
 
