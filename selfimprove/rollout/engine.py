@@ -70,6 +70,18 @@ def build_llm(model: str, cfg: RolloutConfig, cpu_cores: str | None = None, in_p
     return LLM(model=model, **args)
 
 
+def update_weights(llm, model_dir: str) -> None:
+    """Load a saved model folder (a full Hugging Face folder of the engine's architecture, as the trainer saves,
+    LoRA merged) into the running engine `llm`, in place, and drop its prefix cache: KV computed by the old
+    weights would otherwise be reused for prompts it has seen. Call it between `generate` calls.
+
+    On our 2-core box, in-process engine, 135M model: 0.2-2 s (file cached or not) against 7-9 s for a new engine;
+    the tied output layer follows the embeddings (issue 37)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+    if not llm.reset_prefix_cache():  # refused only while requests run, which a caller between generates has none of
+        raise RuntimeError("the engine's prefix cache was not reset after a weight update: requests still running")
+
+
 def bind_process(cores: str) -> None:
     """Every thread of this process on `cores` (e.g. "0-1" or "2,3"), and torch computing with one thread per
     core, as vLLM binds its worker process. Threads started later inherit the binding."""
